@@ -1,0 +1,206 @@
+"""Apply a recipe to a pipeline or module: validated first, all-or-nothing, layer by layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._bytes import measured_bytes
+from ._format import human_bytes
+from ._errors import AutoquantError, BackendUnavailableError
+from .backends import get_backend
+from .backends.none import NoneConfig
+from .inventory import Inventory, components_of, inventory
+from .recipe import Plan, Recipe
+
+
+@dataclasses.dataclass
+class ApplySummary:
+    """What applying a recipe did. Bytes, bits per weight and full-precision share are of the
+    Linear layers of ``scope`` (the recipe's ``components``, else all) unless named
+    ``component_bytes`` (whole components, every parameter and buffer); ``bytes_after`` is measured on the modules, ``predicted_bytes_after``
+    comes from the byte formulas."""
+
+    layers_quantized: int
+    per_method: dict[str, int]
+    scope: list[str]
+    bytes_before: int
+    bytes_after: int
+    predicted_bytes_after: int
+    weight_params: int
+    bits_per_weight: float
+    fp_share: float
+    component_bytes_before: dict[str, int]
+    component_bytes_after: dict[str, int]
+    skipped: dict[str, str]
+    device: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        lines = [
+            f"layers quantized      {self.layers_quantized}",
+            "per config            " + ", ".join(f"{k}: {v}" for k, v in self.per_method.items()),
+            f"scope                 {', '.join(c or '(module)' for c in self.scope)}",
+            f"Linear bytes          {self.bytes_before:,} -> {self.bytes_after:,} "
+            f"({self.bytes_after / max(self.bytes_before, 1):.1%}; formula {self.predicted_bytes_after:,})",
+            f"bits per weight       {self.bits_per_weight:.3f}",
+            f"full-precision share  {self.fp_share:.1%}",
+        ]
+        for comp, before in self.component_bytes_before.items():
+            after = self.component_bytes_after[comp]
+            lines.append(f"  {comp or '(module)':<20}{human_bytes(before):>12} -> {human_bytes(after)}")
+        if self.skipped:
+            lines.append(f"skipped (kept as is)  {len(self.skipped)}: "
+                         + "; ".join(f"{k} ({v})" for k, v in list(self.skipped.items())[:5])
+                         + (" ..." if len(self.skipped) > 5 else ""))
+        lines.append(f"device {self.device}, {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), child
+
+
+def _check_available(plan: Plan, device_of: dict[str, torch.device]) -> None:
+    problems = []
+    seen = set()
+    for name, cfg in plan.configs.items():
+        key = (cfg, device_of[name])
+        if key in seen:
+            continue
+        seen.add(key)
+        reason = get_backend(cfg.method).unavailable_reason(cfg, device_of[name])
+        if reason:
+            problems.append(f"{cfg.label} on {device_of[name]}: {reason}")
+    if problems:
+        raise BackendUnavailableError(
+            "cannot apply this recipe here (nothing was changed):\n  - " + "\n  - ".join(problems))
+
+
+def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device | None = None,
+                 progress: bool = True) -> ApplySummary:
+    """Quantize ``target`` (a diffusers pipeline or an ``nn.Module``) in place as ``recipe`` says.
+
+    Everything is validated before any layer is touched. Every replacement module is built first,
+    and swapped in only when all were built: on any failure the target is left exactly as it was.
+
+    ``device`` (e.g. ``"cuda"``): build each quantized layer on that device straight from the
+    (CPU) weights, one layer at a time, then move the rest of each component there -- so a GPU
+    that cannot hold the full-precision model still gets the quantized one, with peak memory near
+    the quantized size. Without ``device`` each layer is quantized where its weights are.
+    """
+    start = time.perf_counter()
+    comps = components_of(target)
+    inv = inventory(target)
+    plan = recipe.resolve(inv) if isinstance(recipe, Recipe) else recipe
+    want = torch.device(device) if device is not None else None
+    if want is not None and want.type == "cuda" and want.index is None and torch.cuda.is_available():
+        want = torch.device("cuda", torch.cuda.current_device())
+    modules = {layer.name: comps[layer.component].get_submodule(layer.path) for layer in inv}
+    device_of = {name: want or modules[name].weight.device for name in plan.configs}
+    _check_available(plan, device_of)
+
+    # Build every replacement before touching the target.
+    built: dict[str, nn.Module] = {}
+    try:
+        for name, cfg in tqdm(plan.configs.items(), desc="quantizing", unit="layer",
+                              disable=not progress or not plan.configs, leave=False):
+            try:
+                with torch.no_grad():
+                    built[name] = get_backend(cfg.method).quantize(modules[name], cfg,
+                                                                   device_of[name])
+            except Exception as e:  # any backend failure aborts the whole apply
+                raise AutoquantError(f"quantizing {name} with {cfg.label} failed: "
+                                     f"{type(e).__name__}: {e}. Nothing was changed.") from e
+    except BaseException:
+        built.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise
+
+    # Swap in, then move what remains; undo both if the move fails.
+    originals: dict[str, nn.Module] = {}
+    for layer in inv:
+        if layer.name in built and built[layer.name] is not modules[layer.name]:
+            parent, child = _parent(comps[layer.component], layer.path)
+            originals[layer.name] = modules[layer.name]
+            setattr(parent, child, built[layer.name])
+    if want is not None:
+        first_device = {c: next((p.device for p in m.parameters()), torch.device("cpu"))
+                        for c, m in comps.items()}
+        try:
+            for comp in comps.values():
+                comp.to(want)
+        except BaseException:
+            for name, original in originals.items():
+                layer = inv[name]
+                parent, child = _parent(comps[layer.component], layer.path)
+                setattr(parent, child, original)
+            for c, comp in comps.items():
+                comp.to(first_device[c])
+            raise
+
+    scope = set(recipe.components) if isinstance(recipe, Recipe) and recipe.components else None
+    summary = _summarize(inv, plan, built, comps, want, time.perf_counter() - start, scope)
+    # Remember the plan (and the full-precision model's fingerprint) so save_quantized can write it.
+    state = getattr(target, "_autoquant", None) or {"configs": {}, "fingerprint": inv.fingerprint()}
+    state["configs"].update(plan.configs)
+    if isinstance(recipe, Recipe):
+        state["recipe"] = recipe
+    try:
+        object.__setattr__(target, "_autoquant", state)
+    except Exception:  # pragma: no cover - exotic targets
+        pass
+    return summary
+
+
+def _summarize(inv: Inventory, plan: Plan, built: dict[str, nn.Module],
+               comps: dict[str, nn.Module], device: torch.device | None,
+               seconds: float, scope: set[str] | None = None) -> ApplySummary:
+    """Bytes, bits per weight and full-precision share over the Linear layers of ``scope`` (the
+    recipe's ``components``; all components when it names none); ``component_bytes`` over every
+    component."""
+    comp_before = {c: inv.components[c]["bytes"] for c in comps}
+    comp_after = dict(comp_before)
+    before = after = predicted = fp_params = weight_params = 0
+    per_method: Counter[str] = Counter()
+    for layer in inv:
+        cfg = plan.configs.get(layer.name)
+        quantized = cfg is not None and not isinstance(cfg, NoneConfig)
+        if quantized:
+            module = built[layer.name]
+            got = measured_bytes(module)
+            formula = layer.nbytes(cfg, device or next(iter(module.parameters())).device)
+            comp_after[layer.component] += got - layer.bytes
+        else:
+            got = formula = layer.bytes
+        if scope is not None and layer.component not in scope:
+            continue
+        before += layer.bytes
+        after += got
+        predicted += formula
+        weight_params += layer.weight_params
+        fp_params += 0 if quantized else layer.weight_params
+        if cfg is not None:
+            per_method[cfg.label] += 1
+    return ApplySummary(
+        layers_quantized=sum(n for k, n in per_method.items() if k != "none"),
+        scope=sorted(scope) if scope is not None else sorted(comps),
+        per_method=dict(per_method), bytes_before=before, bytes_after=after,
+        predicted_bytes_after=predicted, weight_params=weight_params,
+        bits_per_weight=8 * after / max(weight_params, 1),
+        fp_share=fp_params / max(weight_params, 1), component_bytes_before=comp_before,
+        component_bytes_after=comp_after, skipped=dict(plan.skipped),
+        device=str(device) if device is not None else "in place", seconds=seconds)

@@ -1,0 +1,106 @@
+"""What a quantization method must provide.
+
+A method is a small frozen config dataclass, validated in ``__post_init__`` (the recipe's
+``{method: ..., bits: ..., option: ...}`` mapping), plus one :class:`Backend` registered for it.
+The backend turns one ``nn.Linear`` into its quantized replacement, says in advance how many bytes
+that replacement will hold on a device (an exact formula, checked against measured bytes by the
+contract suite), and refuses clearly -- before anything is modified -- where it cannot run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._errors import ConfigError
+
+DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Base of every method's config. Subclasses are frozen dataclasses; ``method`` names them."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe form: ``{"method": ..., <every field>}``. Plain data, YAML-safe."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @property
+    def nominal_bits(self) -> float:
+        """Bits per weight code (not counting scales); full precision reports its dtype width."""
+        return float(getattr(self, "bits"))
+
+    @property
+    def label(self) -> str:
+        """Short, unique, human-readable name, e.g. ``hqq4-g64`` or ``bnb4-nf4-dq``."""
+        return self.method
+
+
+def check_int(name: str, value: Any, allowed: tuple[int, ...] | None = None, *,
+              minimum: int | None = None, method: str = "") -> None:
+    """Raise a ConfigError unless ``value`` is an int (not a bool) allowed for ``name``."""
+    where = f"{method}: " if method else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}{name} must be an integer, got {value!r}")
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{where}{name}={value} is not supported; choose one of {list(allowed)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}{name}={value} must be >= {minimum}")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[Any, ...], *, method: str = "") -> None:
+    where = f"{method}: " if method else ""
+    if isinstance(value, bool) != isinstance(allowed[0], bool) or value not in allowed:
+        raise ConfigError(f"{where}{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+class Backend(ABC):
+    """One quantization method. Stateless; one instance lives in the registry."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[QuantConfig]]
+    #: device types the method can run on at all ("cpu", "cuda"); finer checks in unavailable_reason
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    # -- feasibility: all of these are answered without touching any model -------------------
+    def unavailable_reason(self, cfg: QuantConfig, device: torch.device) -> str | None:
+        """Why ``cfg`` cannot run on ``device`` (missing package, device type, kernel), or None."""
+        if device.type not in self.devices:
+            return (f"{cfg.label} runs on {'/'.join(self.devices)} only, not on {device.type}")
+        return None
+
+    def layer_reason(self, cfg: QuantConfig, out_features: int, in_features: int,
+                     dtype: torch.dtype) -> str | None:
+        """Why a Linear of this shape and dtype cannot take ``cfg``, or None when it can."""
+        return None
+
+    @abstractmethod
+    def nbytes(self, cfg: QuantConfig, out_features: int, in_features: int, bias: bool,
+               dtype: torch.dtype, device: torch.device) -> int:
+        """Exact bytes the quantized layer holds on ``device``: codes, scales, zeros, metadata, bias."""
+
+    # -- doing it -----------------------------------------------------------------------------
+    @abstractmethod
+    def quantize(self, linear: nn.Linear, cfg: QuantConfig, device: torch.device) -> nn.Module:
+        """A new module on ``device`` replacing ``linear``; ``linear`` itself is left unchanged."""
+
+    @abstractmethod
+    def export_state(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Plain tensors and JSON-able metadata that rebuild ``module`` without re-quantizing."""
+
+    @abstractmethod
+    def import_state(self, cfg: QuantConfig, out_features: int, in_features: int, bias: bool,
+                     dtype: torch.dtype, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                     device: torch.device) -> nn.Module:
+        """Inverse of :meth:`export_state`."""
+
+    def configs(self) -> list[QuantConfig]:
+        """Representative configs (every supported bit width, default options) for the contract
+        suite, the inventory and the search spaces."""
+        return []

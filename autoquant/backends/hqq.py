@@ -1,0 +1,109 @@
+"""``hqq``: Half-Quadratic Quantization (Badri & Shaji), data-free, through ``hqq.HQQLinear``.
+
+Layout on every device (axis=1 grouping, the one HQQLinear's fast paths use): the weight is cut
+into R = out*in/group_size groups of ``group_size`` consecutive input weights; the codes are packed
+along the group axis (8 bit: 1/byte, 4 bit: 2/byte, 2 bit: 4/byte, 1 bit: 8/byte, 3 bit: 10 per
+int32 word with the group count rounded up to a multiple of 10); one scale and one zero per group
+are kept in the layer's dtype; the bias in the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+
+import torch
+from torch import nn
+
+from . import register_backend
+from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int
+
+BITS = (1, 2, 3, 4, 8)
+#: groups per packed unit along the packing axis: a group count not divisible by it would be
+#: silently truncated by hqq's packer, so such layers are refused.
+_PACK_ROWS = {8: 1, 4: 2, 3: 1, 2: 4, 1: 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class HQQConfig(QuantConfig):
+    """``{method: hqq, bits: 1|2|3|4|8, group_size: 64}``; group_size a multiple of 8."""
+
+    method = "hqq"
+    bits: int = 4
+    group_size: int = 64
+
+    def __post_init__(self):
+        check_int("bits", self.bits, BITS, method=self.method)
+        check_int("group_size", self.group_size, minimum=8, method=self.method)
+        if self.group_size % 8:
+            from .._errors import ConfigError
+            raise ConfigError(f"hqq: group_size={self.group_size} must be a multiple of 8")
+
+    @property
+    def label(self) -> str:
+        return f"hqq{self.bits}-g{self.group_size}"
+
+
+class HQQBackend(Backend):
+    name = "hqq"
+    config_cls = HQQConfig
+    devices = ("cpu", "cuda")
+
+    def unavailable_reason(self, cfg, device):
+        if importlib.util.find_spec("hqq") is None:
+            return "hqq is not installed: pip install hqq"
+        return super().unavailable_reason(cfg, device)
+
+    def layer_reason(self, cfg, out_features, in_features, dtype):
+        if dtype not in DTYPE_BYTES:
+            return f"dtype {dtype} is not a float type hqq computes in"
+        if in_features % cfg.group_size:
+            return f"in_features={in_features} is not divisible by group_size={cfg.group_size}"
+        groups = out_features * in_features // cfg.group_size
+        if groups % _PACK_ROWS[cfg.bits]:
+            return (f"{groups} groups is not divisible by {_PACK_ROWS[cfg.bits]}, "
+                    f"which {cfg.bits}-bit packing needs")
+        return None
+
+    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+        g = cfg.group_size
+        groups = out_features * in_features // g
+        if cfg.bits == 3:
+            codes = math.ceil(groups / 10) * g * 4  # 10 codes per int32, group count padded
+        else:
+            codes = groups * g * cfg.bits // 8
+        meta = 2 * groups * DTYPE_BYTES[dtype]  # one scale + one zero per group
+        return codes + meta + (out_features * DTYPE_BYTES[dtype] if bias else 0)
+
+    def quantize(self, linear, cfg, device):
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        # HQQLinear deletes the parameters of the layer it is given: hand it a throw-away shell
+        # that shares (a device copy of) the weights, so the caller's layer stays intact.
+        shell = nn.Linear(linear.in_features, linear.out_features,
+                          bias=linear.bias is not None, device="meta")
+        shell.weight = nn.Parameter(linear.weight.detach().to(device), requires_grad=False)
+        if linear.bias is not None:
+            shell.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+        qcfg = BaseQuantizeConfig(nbits=cfg.bits, group_size=cfg.group_size, axis=1)
+        return HQQLinear(shell, qcfg, del_orig=True, compute_dtype=linear.weight.dtype,
+                         device=str(device))
+
+    def export_state(self, module):
+        state = module.state_dict()  # hqq encodes its metadata as tensors for safetensors
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+    def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
+        from hqq.core.quantize import HQQLinear
+
+        layer = HQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device),
+                          initialize=False)
+        layer.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+        return layer
+
+    def configs(self):
+        return [HQQConfig(bits=b, group_size=64) for b in BITS]
+
+
+register_backend(HQQBackend())

@@ -1,0 +1,178 @@
+"""``torchao``: PyTorch's own quantized tensor subclasses, applied with ``torchao.quantize_``.
+
+Types (``{method: torchao, type: ..., bits: ..., group_size: ...}``) and what the device holds:
+- ``int8``, ``int8_dynamic`` (bits 8): int8 codes ``[out, in]`` + float32 scale and int8 zero
+  point per output row; ``int8_dynamic`` also quantizes activations per token at run time.
+- ``fp8``, ``fp8_dynamic`` (bits 8): float8 e4m3 codes + float32 scale per output row;
+  ``fp8_dynamic`` quantizes activations too and needs a CUDA GPU of compute capability >= 8.9.
+- ``intx`` (bits 1..8): codes stored **unpacked, one int8 per weight**, on every device
+  (IntxUnpackedToInt8Tensor), + a scale (layer dtype) and an int8 zero point per group. It cuts
+  error, not bytes, below 8 bits: the byte formula says so, and the search sees it.
+- ``int4`` (bits 4): tinygemm's tile-packed layout (two codes per byte + bf16 scale and zero per
+  group), CUDA and bfloat16 only; its kernel ships inside PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import torch
+from torch import nn
+
+from . import register_backend
+from .._errors import ConfigError
+from ._base import DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int
+
+TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "int4", "intx")
+_GROUPED = ("int4", "intx")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchaoConfig(QuantConfig):
+    """``{method: torchao, type: int8}``, ``{method: torchao, type: intx, bits: 3, group_size: 64}``…"""
+
+    method = "torchao"
+    type: str = "int8"
+    bits: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self):
+        check_choice("type", self.type, TYPES, method="torchao")
+        fixed = {"int8": 8, "int8_dynamic": 8, "fp8": 8, "fp8_dynamic": 8, "int4": 4}.get(self.type)
+        if self.bits is None:
+            if fixed is None:
+                raise ConfigError("torchao: type intx needs bits (1..8)")
+            object.__setattr__(self, "bits", fixed)
+        check_int("bits", self.bits, tuple(range(1, 9)) if fixed is None else (fixed,),
+                  method=f"torchao {self.type}")
+        if self.type in _GROUPED:
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", 64)
+            allowed = INT4_GROUP_SIZES if self.type == "int4" else None
+            check_int("group_size", self.group_size, allowed, minimum=1,
+                      method=f"torchao {self.type}")
+        elif self.group_size is not None:
+            raise ConfigError(f"torchao {self.type}: group_size does not apply (per-row scales)")
+
+    @property
+    def label(self) -> str:
+        if self.type in _GROUPED:
+            return f"torchao-{self.type}{self.bits if self.type == 'intx' else ''}-g{self.group_size}"
+        return f"torchao-{self.type}"
+
+
+def _torchao_config(cfg: TorchaoConfig):
+    import torchao.quantization as tq
+
+    if cfg.type == "int8":
+        return tq.Int8WeightOnlyConfig()
+    if cfg.type == "int8_dynamic":
+        return tq.Int8DynamicActivationInt8WeightConfig()
+    if cfg.type == "fp8":
+        return tq.Float8WeightOnlyConfig()
+    if cfg.type == "fp8_dynamic":
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
+    if cfg.type == "int4":
+        return tq.Int4WeightOnlyConfig(group_size=cfg.group_size,
+                                       int4_packing_format="tile_packed_to_4d")
+    # Asymmetric (min/max + zero point), like hqq and tinygemm: at 1-2 bits a symmetric grid
+    # wastes a level (int1 symmetric is {-1, 0}); the zero point is stored either way.
+    return tq.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{cfg.bits}"),
+                                   granularity=tq.PerGroup(cfg.group_size),
+                                   mapping_type=tq.MappingType.ASYMMETRIC)
+
+
+class TorchaoBackend(Backend):
+    name = "torchao"
+    config_cls = TorchaoConfig
+    devices = ("cpu", "cuda")
+
+    def unavailable_reason(self, cfg, device):
+        if importlib.util.find_spec("torchao") is None:
+            return "torchao is not installed: pip install torchao"
+        reason = super().unavailable_reason(cfg, device)
+        if reason:
+            return reason
+        if cfg.type in ("fp8_dynamic", "int4"):
+            if device.type != "cuda":
+                return f"{cfg.label} needs a CUDA GPU (its kernels are GPU-only), not {device.type}"
+            if not torch.cuda.is_available():
+                return f"{cfg.label} needs a CUDA GPU and none is visible"
+            if cfg.type == "fp8_dynamic":
+                cap = torch.cuda.get_device_capability(device)
+                if cap < (8, 9):
+                    return (f"{cfg.label} needs compute capability >= 8.9 (Ada/Hopper); "
+                            f"this GPU has {cap[0]}.{cap[1]}")
+        return None
+
+    def layer_reason(self, cfg, out_features, in_features, dtype):
+        if dtype not in DTYPE_BYTES:
+            return f"dtype {dtype} is not a float type torchao quantizes"
+        if cfg.type in _GROUPED and in_features % cfg.group_size:
+            return f"in_features={in_features} is not divisible by group_size={cfg.group_size}"
+        if cfg.type == "int4":
+            if dtype != torch.bfloat16:
+                return f"int4 (tinygemm) needs bfloat16 weights, not {dtype}"
+            if in_features % 128 or out_features % 8:
+                return "int4 (tinygemm) needs in_features % 128 == 0 and out_features % 8 == 0"
+        if cfg.type == "fp8_dynamic" and (in_features % 16 or out_features % 16):
+            return "fp8_dynamic (scaled_mm) needs in_features and out_features divisible by 16"
+        return None
+
+    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+        n = out_features * in_features
+        total = out_features * DTYPE_BYTES[dtype] if bias else 0
+        if cfg.type in ("int8", "int8_dynamic"):
+            return total + n + out_features * (4 + 1)  # codes + fp32 scale + int8 zero per row
+        if cfg.type in ("fp8", "fp8_dynamic"):
+            return total + n + out_features * 4  # codes + fp32 scale per row
+        groups = n // cfg.group_size
+        if cfg.type == "int4":
+            return total + n // 2 + groups * 2 * 2  # packed codes + bf16 (scale, zero) per group
+        return total + n + groups * (DTYPE_BYTES[dtype] + 1)  # unpacked codes + scale + int8 zero
+
+    def quantize(self, linear, cfg, device):
+        from torchao.quantization import quantize_
+
+        layer = nn.Linear(linear.in_features, linear.out_features,
+                          bias=linear.bias is not None, device=device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.requires_grad_(False)
+        quantize_(layer, _torchao_config(cfg), device=device)
+        return layer
+
+    def export_state(self, module):
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        # torchao's flattener names inner tensors "<prefix>._<name>_<field>": keys need a prefix
+        state = {"layer.weight": module.weight.detach()}
+        if module.bias is not None:
+            state["layer.bias"] = module.bias.detach()
+        tensors, metadata = flatten_tensor_state_dict(state)
+        return tensors, {"torchao": json.dumps(metadata)}
+
+    def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        metadata = json.loads(meta["torchao"])
+        state, _ = unflatten_tensor_state_dict({k: v.to(device) for k, v in tensors.items()},
+                                               metadata)
+        layer = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+        layer.weight = nn.Parameter(state["layer.weight"], requires_grad=False)
+        if bias:
+            layer.bias = nn.Parameter(state["layer.bias"], requires_grad=False)
+        return layer
+
+    def configs(self):
+        return ([TorchaoConfig(type=t) for t in ("int8", "int8_dynamic", "fp8", "fp8_dynamic")]
+                + [TorchaoConfig(type="int4", group_size=64)]
+                + [TorchaoConfig(type="intx", bits=b, group_size=64) for b in range(1, 9)])
+
+
+register_backend(TorchaoBackend())
