@@ -1,0 +1,149 @@
+"""The contract every registered method must honour, for every bit width it supports.
+
+Run on the CPU by default; ``pytest -m gpu`` runs the same suite on CUDA (through the device tool).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from autoquant._bytes import measured_bytes
+from autoquant.backends import get_backend, methods
+
+from .conftest import devices
+
+OUT, IN, TOKENS = 192, 512, 32  # divisible by every group size, tile and packing unit in use
+DTYPE = torch.bfloat16
+# Relative output error allowed at each nominal bit width (random uniform-init weights, normal
+# inputs; 1 bit is only required not to diverge).
+TOLERANCE = {1: 1.1, 2: 0.6, 3: 0.3, 4: 0.15, 5: 0.08, 6: 0.05, 7: 0.03, 8: 0.04, 16: 1e-6}
+
+CONFIGS = [cfg for m in methods() for cfg in get_backend(m).configs()]
+
+
+def _layer_and_input(device):
+    torch.manual_seed(0)
+    lin = nn.Linear(IN, OUT, bias=True).to(DTYPE).requires_grad_(False)
+    x = torch.randn(TOKENS, IN, dtype=DTYPE)
+    return lin.to(device), x.to(device)
+
+
+def _rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def _quantized(cfg, device):
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    backend = get_backend(cfg.method)
+    reason = backend.unavailable_reason(cfg, device) or backend.layer_reason(cfg, OUT, IN, DTYPE)
+    if reason:
+        pytest.skip(f"{cfg.label} on {device.type}: {reason}")
+    lin, x = _layer_and_input(device)
+    return backend, lin, x, backend.quantize(lin, cfg, device)
+
+
+_ERRORS: dict = {}
+
+
+def _error(cfg, device):
+    key = (cfg, device)
+    if key not in _ERRORS:
+        _, lin, x, q = _quantized(cfg, device)
+        with torch.no_grad():
+            _ERRORS[key] = _rel_err(q(x), lin(x))
+    return _ERRORS[key]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
+def test_output_close_to_original(cfg, device):
+    err = _error(cfg, device)
+    assert err <= TOLERANCE[int(cfg.nominal_bits)], f"{cfg.label}: relative error {err:.4f}"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
+def test_byte_formula_equals_measured_bytes(cfg, device):
+    backend, lin, x, q = _quantized(cfg, device)
+    expected = backend.nbytes(cfg, OUT, IN, True, DTYPE, torch.device(device))
+    assert measured_bytes(q) == expected, "before the first forward"
+    with torch.no_grad():
+        q(x)
+        q(x)
+    assert measured_bytes(q) == expected, "after forwards (lazy state, repacking)"
+    if cfg.method != "none":
+        assert expected < OUT * (IN + 1) * 2, "a quantized layer must be smaller than bf16"
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
+def test_quantize_leaves_the_original_layer_untouched(cfg, device):
+    torch.manual_seed(0)
+    lin = nn.Linear(IN, OUT).to(DTYPE).requires_grad_(False)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    _, lin2, _, _ = _quantized(cfg, device)  # same seed: same weights
+    assert all(torch.equal(before[k].to(v.device), v) for k, v in lin2.state_dict().items())
+    assert type(lin2) is nn.Linear
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
+def test_save_and_reload_give_identical_output(cfg, device, tmp_path):
+    backend, lin, x, q = _quantized(cfg, device)
+    with torch.no_grad():
+        y = q(x)
+    tensors, meta = backend.export_state(q)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+              str(tmp_path / "layer.safetensors"))
+    loaded = load_file(str(tmp_path / "layer.safetensors"))
+    q2 = backend.import_state(cfg, OUT, IN, True, DTYPE, loaded, meta, torch.device(device))
+    with torch.no_grad():
+        assert torch.equal(q2(x), y)
+    assert measured_bytes(q2) == backend.nbytes(cfg, OUT, IN, True, DTYPE, torch.device(device))
+
+
+def _families():
+    """Configs that differ only in bits: their error must fall as bits rise."""
+    fams = collections.defaultdict(list)
+    for cfg in CONFIGS:
+        d = cfg.to_dict()
+        d.pop("bits", None)
+        if cfg.method == "bnb":  # LLM.int8 vs NF4: one family per 4-bit type
+            d.pop("type", None)
+            if cfg.bits == 4 and (cfg.type != "nf4" or cfg.double_quant):
+                continue
+            d.pop("double_quant", None)
+        if cfg.method == "torchao" and d["type"] in ("int8", "int4"):
+            d["type"], d["group_size"] = "int4/int8", None
+        fams[tuple(sorted((k, str(v)) for k, v in d.items()))].append(cfg)
+    return [sorted(v, key=lambda c: c.bits) for v in fams.values() if len(v) > 1]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("family", _families(), ids=lambda f: "/".join(c.label for c in f))
+def test_error_falls_as_bits_rise(family, device):
+    errors = []
+    for cfg in family:
+        try:
+            errors.append((cfg.bits, _error(cfg, device)))
+        except pytest.skip.Exception:
+            continue
+    if len(errors) < 2:
+        pytest.skip("fewer than two bit widths run here")
+    for (b1, e1), (b2, e2) in zip(errors, errors[1:]):
+        assert e2 < e1, f"error at {b2} bits ({e2:.4f}) is not below {b1} bits ({e1:.4f})"
+
+
+def test_every_method_is_covered():
+    assert {"none", "hqq", "bnb", "torchao"} <= set(methods())
+    hqq_bits = {c.bits for c in CONFIGS if c.method == "hqq"}
+    assert hqq_bits == {1, 2, 3, 4, 8}
+    intx_bits = {c.bits for c in CONFIGS if c.method == "torchao" and c.type == "intx"}
+    assert intx_bits == set(range(1, 9))
