@@ -111,8 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Import-time chatter of torch/torchao/bitsandbytes/diffusers is not for CLI users
+    (set AUTOQUANT_VERBOSE=1 to see it)."""
+    import logging
+    import os
+
+    if os.environ.get("AUTOQUANT_VERBOSE"):
+        return
+    for name in ("torch.utils._pytree", "bitsandbytes", "diffusers", "transformers", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except AutoquantError as e:

@@ -163,3 +163,18 @@ def test_plain_module_uses_its_own_paths():
     summary = autoquant.apply_recipe(model, recipe, progress=False)
     assert summary.layers_quantized == 2
     assert ((model(x) - ref).norm() / ref.norm()) < 0.15
+
+
+@pytest.mark.gpu
+def test_apply_onto_the_gpu_layer_by_layer(tiny_flux_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pipe = tiny_flux_factory()  # weights on the CPU
+    summary = autoquant.apply_recipe(pipe, Recipe.from_dict(MIXED), device="cuda", progress=False)
+    assert summary.bytes_after == summary.predicted_bytes_after
+    for comp in components_of(pipe).values():
+        assert measured_bytes(comp, "cpu") == 0, "everything moved to the GPU"
+    hqq = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert hqq.W_q.is_cuda and hqq.meta["scale"].is_cuda
+    images = generate(pipe)
+    assert images.is_cuda and torch.isfinite(images).all()

@@ -9,7 +9,8 @@ Types (``{method: torchao, type: ..., bits: ..., group_size: ...}``) and what th
   (IntxUnpackedToInt8Tensor), + a scale (layer dtype) and an int8 zero point per group. It cuts
   error, not bytes, below 8 bits: the byte formula says so, and the search sees it.
 - ``int4`` (bits 4): tinygemm's tile-packed layout (two codes per byte + bf16 scale and zero per
-  group), CUDA and bfloat16 only; its kernel ships inside PyTorch.
+  group, the weight zero-padded to in_features % 1024 == 0 and out_features % 8 == 0), CUDA and
+  bfloat16 only; its kernel ships inside PyTorch.
 """
 
 from __future__ import annotations
@@ -113,11 +114,8 @@ class TorchaoBackend(Backend):
             return f"dtype {dtype} is not a float type torchao quantizes"
         if cfg.type in _GROUPED and in_features % cfg.group_size:
             return f"in_features={in_features} is not divisible by group_size={cfg.group_size}"
-        if cfg.type == "int4":
-            if dtype != torch.bfloat16:
-                return f"int4 (tinygemm) needs bfloat16 weights, not {dtype}"
-            if in_features % 128 or out_features % 8:
-                return "int4 (tinygemm) needs in_features % 128 == 0 and out_features % 8 == 0"
+        if cfg.type == "int4" and dtype != torch.bfloat16:
+            return f"int4 (tinygemm) needs bfloat16 weights, not {dtype}"
         if cfg.type == "fp8_dynamic" and (in_features % 16 or out_features % 16):
             return "fp8_dynamic (scaled_mm) needs in_features and out_features divisible by 16"
         return None
@@ -131,7 +129,9 @@ class TorchaoBackend(Backend):
             return total + n + out_features * 4  # codes + fp32 scale per row
         groups = n // cfg.group_size
         if cfg.type == "int4":
-            return total + n // 2 + groups * 2 * 2  # packed codes + bf16 (scale, zero) per group
+            # tinygemm pads in_features to a multiple of 1024 and out_features to one of 8
+            k, rows = -(-in_features // 1024) * 1024, -(-out_features // 8) * 8
+            return total + rows * k // 2 + (k // cfg.group_size) * rows * 2 * 2
         return total + n + groups * (DTYPE_BYTES[dtype] + 1)  # unpacked codes + scale + int8 zero
 
     def quantize(self, linear, cfg, device):
