@@ -11,6 +11,7 @@ time are meaningful, quality is not.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
         params = sum(p.numel() for p in model.parameters())
         fp_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         recipe = autoquant.Recipe.from_dict({"format": "autoquant-recipe/1", **RECIPES[name]})
+        gc.collect()  # the previous recipe's model must be gone before the baseline is read
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
         t_apply = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() - base
         held = torch.cuda.memory_allocated() - base
+        assert base < 64 * 2**20, f"{base} bytes were still allocated before this recipe"
         on_gpu = measured_bytes(model, device)
         rec = {"recipe": name, "params": params, "linear_layers": len(inv),
                "fp_bytes": fp_bytes, "build_s": t_build, "apply_s": t_apply,
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
                      f"{peak / on_gpu:.3f}", f"{t_apply:.1f}"])
         print(rows[-1], flush=True)
         del model, summary
+        gc.collect()
         torch.cuda.empty_cache()
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     print(table(rows, ["recipe", "params", "Linear", "bf16 size", "on GPU after",
