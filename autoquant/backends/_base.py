@@ -10,6 +10,7 @@ contract suite), and refuses clearly -- before anything is modified -- where it 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -67,10 +68,14 @@ class Backend(ABC):
     config_cls: ClassVar[type[QuantConfig]]
     #: device types the method can run on at all ("cpu", "cuda"); finer checks in unavailable_reason
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    #: the package it needs (import name, pip name), checked before anything is touched
+    package: ClassVar[tuple[str, str] | None] = None
 
     # -- feasibility: all of these are answered without touching any model -------------------
     def unavailable_reason(self, cfg: QuantConfig, device: torch.device) -> str | None:
         """Why ``cfg`` cannot run on ``device`` (missing package, device type, kernel), or None."""
+        if self.package and importlib.util.find_spec(self.package[0]) is None:
+            return f"{self.package[1]} is not installed: pip install {self.package[1]}"
         if device.type not in self.devices:
             return (f"{cfg.label} runs on {'/'.join(self.devices)} only, not on {device.type}")
         return None

@@ -13,7 +13,6 @@ holds one layout on every device and its bytes and serialized form stay what the
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 
 import torch
@@ -70,11 +69,7 @@ class BnbBackend(Backend):
     name = "bnb"
     config_cls = BnbConfig
     devices = ("cpu", "cuda")
-
-    def unavailable_reason(self, cfg, device):
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return "bitsandbytes is not installed: pip install bitsandbytes"
-        return super().unavailable_reason(cfg, device)
+    package = ('bitsandbytes', 'bitsandbytes')
 
     def layer_reason(self, cfg, out_features, in_features, dtype):
         if dtype not in DTYPE_BYTES:

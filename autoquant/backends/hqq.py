@@ -10,7 +10,6 @@ are kept in the layer's dtype; the bias in the layer's dtype.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 
 import torch
@@ -49,11 +48,7 @@ class HQQBackend(Backend):
     name = "hqq"
     config_cls = HQQConfig
     devices = ("cpu", "cuda")
-
-    def unavailable_reason(self, cfg, device):
-        if importlib.util.find_spec("hqq") is None:
-            return "hqq is not installed: pip install hqq"
-        return super().unavailable_reason(cfg, device)
+    package = ('hqq', 'hqq')
 
     def layer_reason(self, cfg, out_features, in_features, dtype):
         if dtype not in DTYPE_BYTES:

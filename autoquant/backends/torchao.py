@@ -16,7 +16,6 @@ Types (``{method: torchao, type: ..., bits: ..., group_size: ...}``) and what th
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 
 import torch
@@ -90,10 +89,9 @@ class TorchaoBackend(Backend):
     name = "torchao"
     config_cls = TorchaoConfig
     devices = ("cpu", "cuda")
+    package = ('torchao', 'torchao')
 
     def unavailable_reason(self, cfg, device):
-        if importlib.util.find_spec("torchao") is None:
-            return "torchao is not installed: pip install torchao"
         reason = super().unavailable_reason(cfg, device)
         if reason:
             return reason
