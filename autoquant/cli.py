@@ -14,7 +14,7 @@ from ._format import human_bytes, table
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="built-in name (tiny-flux, tiny-sd), local diffusers folder, or hub id")
+                   help="built-in name (demo, tiny-flux, tiny-sd), local diffusers folder, or hub id")
     p.add_argument("--dtype", default="bfloat16", help="weights dtype (default bfloat16)")
     p.add_argument("--revision", default=None, help="hub revision")
 
@@ -63,8 +63,12 @@ def cmd_apply(args) -> int:
     if args.prompt:
         import torch
 
-        kwargs = {"num_inference_steps": args.steps, "generator": torch.Generator(
-            device="cpu").manual_seed(args.seed)}
+        from .pipelines import generation_defaults
+
+        kwargs = generation_defaults(args.model)
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+        if args.steps:
+            kwargs["num_inference_steps"] = args.steps
         if args.size:
             kwargs.update(height=args.size, width=args.size)
         image = pipe(args.prompt, **kwargs).images[0]
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="save the quantized pipeline to this folder")
     p.add_argument("--prompt", default=None, help="generate one image with this prompt")
     p.add_argument("--out", default="autoquant.png", help="where the image goes")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
     p.add_argument("--size", type=int, default=None, help="image height and width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -123,6 +127,12 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,28 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 
 
 def builtin_models() -> list[str]:
-    return sorted(BUILDERS)
+    return sorted([*BUILDERS, "demo"])
+
+
+def generation_defaults(model: str) -> dict:
+    """Keyword arguments a pipeline needs to generate sensibly (built-ins know theirs; hub and
+    local pipelines use their own defaults)."""
+    if model == "demo":
+        from .zoo import DEMO_GENERATION
+
+        return dict(DEMO_GENERATION)
+    if model in BUILDERS:
+        return {"num_inference_steps": 4, "height": 32, "width": 32}
+    return {}
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers >= 0.42 takes ``dtype=`` and deprecates ``torch_dtype=``; older ones only know
+    ``torch_dtype``."""
+    import diffusers
+
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 42) else {"torch_dtype": dtype}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -39,6 +60,12 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None,
         pipe = BUILDERS[model](dtype=dtype)
         pipe._autoquant_source = {"id": model}
         return pipe
+    if model == "demo":
+        from .zoo import load_demo_pipeline
+
+        pipe = load_demo_pipeline(dtype)
+        pipe._autoquant_source = {"id": "demo"}
+        return pipe
     from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()
@@ -48,8 +75,8 @@ def load_pipeline(model: str, dtype: str | torch.dtype | None = None,
     if local and not (path / "model_index.json").is_file():
         raise AutoquantError(f"{model} has no model_index.json: not a diffusers pipeline folder")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if local else model, torch_dtype=dtype,
-                                                 revision=revision, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(str(path) if local else model,
+                                                 revision=revision, **dtype_kwargs(dtype), **kwargs)
     except Exception as e:
         where = "the local folder" if local else "the Hugging Face hub (or its cache)"
         raise AutoquantError(
