@@ -89,7 +89,8 @@ def _check_available(plan: Plan, device_of: dict[str, torch.device]) -> None:
 
 
 def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device | None = None,
-                 progress: bool = True) -> ApplySummary:
+                 progress: bool = True, keep_originals: bool = False,
+                 scope: list[str] | None = None) -> ApplySummary:
     """Quantize ``target`` (a diffusers pipeline or an ``nn.Module``) in place as ``recipe`` says.
 
     Everything is validated before any layer is touched. Every replacement module is built first,
@@ -99,6 +100,11 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     (CPU) weights, one layer at a time, then move the rest of each component there -- so a GPU
     that cannot hold the full-precision model still gets the quantized one, with peak memory near
     the quantized size. Without ``device`` each layer is quantized where its weights are.
+
+    ``keep_originals=True`` keeps the replaced layers so that :func:`revert` can put them back
+    (what evaluation and search do between candidates; it costs their memory).
+    ``scope``: the components the summary's bytes, bits per weight and full-precision share cover
+    (default: the recipe's ``components``, else all).
     """
     start = time.perf_counter()
     comps = components_of(target)
@@ -152,11 +158,18 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
                 comp.to(first_device[c])
             raise
 
-    scope = set(recipe.components) if isinstance(recipe, Recipe) and recipe.components else None
+    if scope is not None:
+        scope = set(scope)
+    elif isinstance(recipe, Recipe) and recipe.components:
+        scope = set(recipe.components)
     summary = _summarize(inv, plan, built, comps, want, time.perf_counter() - start, scope)
     # Remember the plan (and the full-precision model's fingerprint) so save_quantized can write it.
     state = getattr(target, "_autoquant", None) or {"configs": {}, "fingerprint": inv.fingerprint()}
     state["configs"].update(plan.configs)
+    if keep_originals:
+        state.setdefault("originals", {})
+        for name, original in originals.items():
+            state["originals"].setdefault(name, original)
     if isinstance(recipe, Recipe):
         state["recipe"] = recipe
     try:
@@ -164,6 +177,27 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     except Exception:  # pragma: no cover - exotic targets
         pass
     return summary
+
+
+def revert(target: Any) -> None:
+    """Undo every :func:`apply_recipe` made with ``keep_originals=True`` on ``target``."""
+    state = getattr(target, "_autoquant", None)
+    if not state or "originals" not in state:
+        raise AutoquantError("nothing to revert: apply_recipe(..., keep_originals=True) first")
+    comps = components_of(target)
+    for name, original in state["originals"].items():
+        comp, path = _split(name, comps)
+        parent, child = _parent(comps[comp], path)
+        setattr(parent, child, original)
+    object.__delattr__(target, "_autoquant")
+
+
+def _split(name: str, comps: dict[str, nn.Module]) -> tuple[str, str]:
+    """``component.path`` -> (component, path); a bare module has the component ""."""
+    if "" in comps:
+        return "", name
+    comp, _, path = name.partition(".")
+    return comp, path
 
 
 def _summarize(inv: Inventory, plan: Plan, built: dict[str, nn.Module],

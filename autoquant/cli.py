@@ -1,4 +1,4 @@
-"""``autoquant`` command line: ``inspect`` and ``apply`` (search, evaluate, baseline and report
+"""``autoquant`` command line: ``inspect``, ``apply``, ``evaluate``, ``baseline`` (search and report
 arrive with their features)."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 from ._errors import AutoquantError
 from ._format import human_bytes, table
@@ -87,6 +89,117 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def _settings(args):
+    from .settings import EvalSettings
+
+    return EvalSettings.for_model(args.model, args.prompt_set, args.prompts, args.seeds,
+                                  args.steps, args.guidance, args.size, args.batch_size)
+
+
+def _clip(args, device):
+    if args.no_clip:
+        return None
+    from .clip import load_clip
+
+    spec = args.clip or ("demo" if args.model == "demo" else None)
+    if spec is None:
+        raise AutoquantError(f"no default CLIP for {args.model}: pass --clip ARCH/TAG (e.g. "
+                             f"ViT-B-32/laion2b_s34b_b79k), a local ARCH/checkpoint, or --no-clip")
+    return load_clip(spec, device)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluator import Evaluator
+    from .pipelines import load_pipeline
+    from .recipe import load_recipe
+    from .references import ReferenceCache
+
+    recipe = load_recipe(args.recipe) if args.recipe else None  # validated before loading
+    settings = _settings(args)
+    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
+    if args.device:
+        pipe.to(args.device)
+    clip = _clip(args, args.device or "cpu")
+    evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
+                          cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
+                          progress=not args.json)
+    label = Path(args.recipe).stem if args.recipe else "full precision"
+    result = evaluator.evaluate(recipe, label=label)
+    if args.json:
+        out = result.to_dict()
+        out["settings"] = settings.to_dict()
+        out["references_generated"] = evaluator.references_generated
+        print(json.dumps(out, indent=1))
+    else:
+        print(result.table())
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from .backends import config_from_dict
+    from .baseline import baseline_recipe
+    from .evaluator import default_components
+    from .inventory import inventory
+    from .pipelines import load_pipeline
+
+    entry = {"method": args.method}
+    if args.bits is not None:
+        entry["bits"] = args.bits
+    for option in args.options or []:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise AutoquantError(f"--options takes key=value pairs, got {option!r}")
+        entry[key] = yaml.safe_load(value)
+    try:
+        config = config_from_dict(entry)
+    except Exception as e:
+        raise AutoquantError(str(e)) from e
+    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
+    inv = inventory(pipe)
+    components = args.components or default_components(pipe)
+    recipe = baseline_recipe(inv, config, components, args.protect,
+                             model=getattr(pipe, "_autoquant_source", None))
+    plan = recipe.resolve(inv)
+    path = recipe.save(args.out)
+    layers = [l for l in inv if l.component in components]
+    fp = sum(l.weight_params for l in layers if l.name not in plan.configs
+             or plan.configs[l.name].method == "none")
+    total = sum(l.weight_params for l in layers)
+    info = {"recipe": str(path), "config": config.to_dict(), "components": components,
+            "layers": len(layers), "protected": sum(1 for c in plan.configs.values()
+                                                    if c.method == "none"),
+            "skipped": plan.skipped, "fp_share": fp / total,
+            "predicted_bytes": sum(l.nbytes(plan.configs[l.name]) if l.name in plan.configs
+                                   else l.bytes for l in layers)}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"wrote {path}: {config.label} on {len(layers)} layers of {', '.join(components)}; "
+              f"{info['protected']} protected, {len(plan.skipped)} cannot take it; "
+              f"full-precision share {info['fp_share']:.1%}; Linear bytes "
+              f"{human_bytes(info['predicted_bytes'])}")
+    return 0
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default=None, help="prompts file, one per line")
+    p.add_argument("--prompt-set", default="holdout", choices=["search", "holdout"],
+                   help="built-in prompt set when --prompts is not given (default holdout)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--size", type=int, default=None, help="image height and width")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip", default=None,
+                   help="CLIP for fidelity: demo, ARCH/TAG or ARCH/checkpoint (default: the model's)")
+    p.add_argument("--no-clip", action="store_true", help="skip the CLIP metrics")
+    p.add_argument("--device", default=None, help="evaluate on this device (e.g. cuda)")
+    p.add_argument("--components", nargs="+", default=None,
+                   help="components whose bytes count (default: the denoiser)")
+    p.add_argument("--cache-dir", default=None,
+                   help="reference image cache (default $AUTOQUANT_CACHE/references)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoquant",
@@ -112,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("evaluate", help="score a recipe's images against full precision")
+    _add_model(p)
+    p.add_argument("--recipe", default=None, help="recipe to evaluate (default: full precision)")
+    _add_eval_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("baseline", help="write a uniform recipe (one config for every layer)")
+    _add_model(p)
+    p.add_argument("--method", required=True)
+    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--options", nargs="*", default=None,
+                   help="method options as key=value (group_size=128 type=fp4 ...)")
+    p.add_argument("--protect", default="none", choices=["none", "default"],
+                   help="default: keep embedders and the final projection in full precision")
+    p.add_argument("--components", nargs="+", default=None, help="default: the denoiser")
+    p.add_argument("--out", required=True, help="where the recipe goes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_baseline)
     return parser
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._errors import AutoquantError
-from .apply import _parent
+from .apply import _parent, _split
 from .backends import config_from_dict, get_backend
 from .backends.none import NoneConfig
 from .inventory import components_of, inventory
@@ -43,7 +43,7 @@ def save_quantized(target: Any, directory: str | Path) -> Path:
     for name, cfg in state["configs"].items():
         if isinstance(cfg, NoneConfig):
             continue
-        comp, _, path = name.partition(".") if "" not in comps else ("", "", name)
+        comp, path = _split(name, comps)
         module = comps[comp].get_submodule(path)
         layer_tensors, meta = get_backend(cfg.method).export_state(module)
         for key, value in layer_tensors.items():

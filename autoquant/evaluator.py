@@ -1,0 +1,181 @@
+"""Judge a quantization plan by the images it makes, against cached full-precision references.
+
+An :class:`Evaluator` holds one pipeline for its whole life: references are generated (or read
+from the cache) once, the CLIP features of the references and prompts once; each
+:meth:`Evaluator.evaluate` applies a recipe in place, generates, scores, and puts the
+full-precision layers back -- the pipeline is never reloaded between candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._bytes import measured_bytes
+from ._errors import AutoquantError
+from ._format import human_bytes, table
+from .apply import apply_recipe, revert
+from .inventory import DENOISERS, components_of, inventory
+from .metrics import aggregate, clip_features, clip_metrics, pixel_metrics
+from .recipe import Recipe
+from .references import ReferenceCache, model_key
+from .settings import EvalSettings
+
+
+def default_components(pipe: Any) -> list[str]:
+    """The components a search and its byte counts cover by default: the denoiser."""
+    comps = components_of(pipe)
+    found = [c for c in DENOISERS if c in comps]
+    return found[:1] or list(comps)
+
+
+def generate_images(pipe: Any, settings: EvalSettings, pairs: list[tuple[str, int]],
+                    progress: bool = False, desc: str = "generating") -> torch.Tensor:
+    """Images in [0, 1], ``[N, 3, H, W]`` on the CPU; each with a CPU generator seeded with its seed
+    (so its noise does not depend on the batch it is in, nor on the device)."""
+    out = []
+    kwargs = settings.pipeline_kwargs()
+    chunks = range(0, len(pairs), settings.batch_size)
+    for i in tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False):
+        chunk = pairs[i:i + settings.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        images = pipe([p for p, _ in chunk], generator=gens, output_type="pt", **kwargs).images
+        if not torch.is_tensor(images):
+            raise AutoquantError(f"{type(pipe).__name__} did not return tensors for output_type='pt'")
+        out.append(images.float().cpu())
+    return torch.cat(out)
+
+
+@dataclasses.dataclass
+class EvalResult:
+    label: str
+    metrics: dict[str, dict[str, float]]
+    per_image: list[dict[str, Any]]
+    bytes: int
+    pipeline_bytes: int
+    fp_bytes: int
+    bits_per_weight: float
+    fp_share: float
+    latency_s: float
+    timing: dict[str, float]
+    images: int
+    components: list[str]
+    summary: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name, agg in self.metrics.items():  # flat keys for machines: psnr, ssim, ...
+            d[name] = agg["mean"]
+            d[f"{name}_worst"] = agg["worst"]
+        return d
+
+    def row(self) -> list[str]:
+        m = self.metrics
+        get = lambda k, f: f.format(m[k]["mean"]) if k in m else "-"  # noqa: E731
+        return [self.label, human_bytes(self.bytes), f"{self.bits_per_weight:.2f}",
+                get("psnr", "{:.2f}"), f"{m['psnr']['worst']:.2f}", get("ssim", "{:.4f}"),
+                get("clip_fidelity", "{:.4f}"), get("clip_score", "{:.2f}"),
+                get("clip_score_delta", "{:+.2f}"), f"{self.latency_s:.3f}"]
+
+    HEADER = ["plan", "bytes", "bits/w", "PSNR", "PSNR worst", "SSIM", "CLIP fid", "CLIP score",
+              "d score", "s/image"]
+
+    def table(self) -> str:
+        t = self.timing
+        return (table([self.row()], self.HEADER) +
+                f"\n{self.images} images; components {', '.join(self.components)}: "
+                f"{human_bytes(self.bytes)} of {human_bytes(self.fp_bytes)} in full precision; "
+                f"pipeline {human_bytes(self.pipeline_bytes)}; full-precision share "
+                f"{self.fp_share:.1%}\ntime: generation {t['generation_s']:.2f} s, metrics "
+                f"{t['metrics_s']:.2f} s, apply {t['apply_s']:.2f} s, overhead "
+                f"{t['overhead_s']:.2f} s, total {t['total_s']:.2f} s")
+
+
+class Evaluator:
+    def __init__(self, pipe: Any, settings: EvalSettings, clip: Any = None,
+                 components: list[str] | None = None, cache: ReferenceCache | None = None,
+                 progress: bool = True):
+        """``clip``: a :class:`autoquant.clip.Clip`, or None for no CLIP metrics."""
+        start = time.perf_counter()
+        self.pipe, self.settings, self.clip, self.progress = pipe, settings, clip, progress
+        self.components = components or default_components(pipe)
+        missing = set(self.components) - set(components_of(pipe))
+        if missing:
+            raise AutoquantError(f"no component(s) {sorted(missing)} in this pipeline; it has "
+                                 f"{sorted(components_of(pipe))}")
+        self.inventory = inventory(pipe)
+        self.cache = cache or ReferenceCache()
+        self.model_key = model_key(pipe)
+        self.pairs = settings.pairs()
+        self.references, self.references_generated = self._references()
+        self.fp_component_bytes = self._component_bytes()
+        self.ref_feats = self.text_feats = None
+        if clip is not None:
+            self.ref_feats = clip_features(clip, self.references)
+            self.text_feats = clip.text_features([p for p, _ in self.pairs]).cpu()
+        self.setup_s = time.perf_counter() - start
+
+    def _references(self) -> tuple[torch.Tensor, int]:
+        found = {i: self.cache.load(self.model_key, self.settings, p, s)
+                 for i, (p, s) in enumerate(self.pairs)}
+        todo = [i for i, img in found.items() if img is None]
+        if todo:
+            images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in todo],
+                                     self.progress, desc="full-precision references")
+            for i, img in zip(todo, images):
+                self.cache.save(self.model_key, self.settings, *self.pairs[i], img)
+                found[i] = img
+        return torch.stack([found[i] for i in range(len(self.pairs))]), len(todo)
+
+    def _component_bytes(self) -> int:
+        comps = components_of(self.pipe)
+        return sum(measured_bytes(comps[c]) for c in self.components)
+
+    def evaluate(self, recipe: Recipe | None = None, label: str | None = None) -> EvalResult:
+        """Score ``recipe`` (None: full precision). The pipeline is back in full precision after."""
+        t0 = time.perf_counter()
+        summary = None
+        if recipe is not None:
+            summary = apply_recipe(self.pipe, recipe, progress=False, keep_originals=True,
+                                   scope=self.components)
+        t_apply = time.perf_counter() - t0
+        try:
+            comps = components_of(self.pipe)
+            comp_bytes = sum(measured_bytes(comps[c]) for c in self.components)
+            pipe_bytes = sum(measured_bytes(m) for m in comps.values())
+            t1 = time.perf_counter()
+            images = generate_images(self.pipe, self.settings, self.pairs, self.progress)
+            t_gen = time.perf_counter() - t1
+        finally:
+            if recipe is not None:
+                revert(self.pipe)
+        t2 = time.perf_counter()
+        if not torch.isfinite(images).all():
+            raise AutoquantError("the quantized pipeline produced non-finite images (NaN/inf)")
+        per = pixel_metrics(images, self.references)
+        if self.clip is not None:
+            per.update(clip_metrics(clip_features(self.clip, images), self.ref_feats,
+                                    self.text_feats))
+        t_metrics = time.perf_counter() - t2
+        total = time.perf_counter() - t0
+        per_image = [{"prompt": p, "seed": s, **{k: v[i].item() for k, v in per.items()}}
+                     for i, (p, s) in enumerate(self.pairs)]
+        weight_params = sum(l.weight_params for l in self.inventory
+                            if l.component in self.components)
+        linear_fp = sum(l.bytes for l in self.inventory if l.component in self.components)
+        return EvalResult(
+            label=label or ("full precision" if recipe is None else "recipe"),
+            metrics=aggregate(per), per_image=per_image, bytes=comp_bytes,
+            pipeline_bytes=pipe_bytes, fp_bytes=self.fp_component_bytes,
+            bits_per_weight=(summary.bits_per_weight if summary else 8 * linear_fp / weight_params),
+            fp_share=summary.fp_share if summary else 1.0,
+            latency_s=t_gen / len(self.pairs),
+            timing={"generation_s": t_gen, "metrics_s": t_metrics, "apply_s": t_apply,
+                    "overhead_s": total - t_gen - t_metrics - t_apply, "total_s": total,
+                    "setup_s": self.setup_s},
+            images=len(self.pairs), components=list(self.components),
+            summary=summary.to_dict() if summary else None)

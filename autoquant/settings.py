@@ -1,0 +1,103 @@
+"""Evaluation settings: which prompts and seeds, at which resolution, steps, guidance and batch.
+
+Each built-in model ships two prompt sets -- ``search`` (what a search scores candidates on) and
+``holdout`` (never used while searching; for reporting) -- and default seeds for each. Other
+models use the generic sets (``autoquant/prompts/generic-*.txt``). Users pass their own with a
+prompts file (one prompt per line) and ``--seeds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ._errors import AutoquantError
+
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+DEFAULT_SEEDS = {"search": (0, 1), "holdout": (1000, 1001)}
+
+
+def read_prompts(path: str | Path) -> tuple[str, ...]:
+    path = Path(path)
+    if not path.is_file():
+        raise AutoquantError(f"no prompts file at {path} (one prompt per line)")
+    prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not prompts:
+        raise AutoquantError(f"{path} holds no prompts (one prompt per line)")
+    return prompts
+
+
+def prompt_set(model: str, name: str) -> tuple[str, ...]:
+    if name not in DEFAULT_SEEDS:
+        raise AutoquantError(f"prompt set {name!r}: choose 'search' or 'holdout'")
+    family = "demo" if model == "demo" else "generic"
+    return read_prompts(PROMPTS_DIR / f"{family}-{name}.txt")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Everything that decides which images are made. Images are (prompt, seed) pairs: every
+    prompt with every seed, each with its own generator, so batching never changes an image."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+    #: further pipeline keyword arguments (e.g. the demo's ``use_resolution_binning=False``)
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise AutoquantError("evaluation needs at least one prompt")
+        if not self.seeds:
+            raise AutoquantError("evaluation needs at least one seed")
+        if self.batch_size < 1:
+            raise AutoquantError("batch_size must be >= 1")
+
+    @classmethod
+    def for_model(cls, model: str, prompt_set_name: str = "search",
+                  prompts_file: str | None = None, seeds=None, steps=None, guidance=None,
+                  size=None, batch_size: int = 8) -> "EvalSettings":
+        from .pipelines import generation_defaults
+
+        defaults = generation_defaults(model)
+        prompts = read_prompts(prompts_file) if prompts_file else prompt_set(model, prompt_set_name)
+        extra = {k: v for k, v in defaults.items()
+                 if k not in ("num_inference_steps", "guidance_scale", "height", "width")}
+        return cls(prompts=prompts,
+                   seeds=tuple(seeds) if seeds else DEFAULT_SEEDS[prompt_set_name],
+                   steps=steps or defaults.get("num_inference_steps"),
+                   guidance=guidance if guidance is not None else defaults.get("guidance_scale"),
+                   height=size or defaults.get("height"), width=size or defaults.get("width"),
+                   batch_size=batch_size, extra=tuple(sorted(extra.items())))
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return [(p, s) for s in self.seeds for p in self.prompts]
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(self.extra)
+        if self.steps is not None:
+            kw["num_inference_steps"] = self.steps
+        if self.guidance is not None:
+            kw["guidance_scale"] = self.guidance
+        if self.height is not None:
+            kw["height"] = self.height
+        if self.width is not None:
+            kw["width"] = self.width
+        return kw
+
+    def image_key(self) -> str:
+        """Hash of everything but prompts, seeds and batch size (which do not change an image)."""
+        return hashlib.sha256(json.dumps(self.pipeline_kwargs(), sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extra"] = dict(self.extra)
+        return d
