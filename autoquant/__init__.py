@@ -11,6 +11,9 @@ Public surface::
 from ._errors import AutoquantError, BackendUnavailableError, ConfigError, RecipeError
 from .apply import ApplySummary, apply_recipe
 from .backends import QuantConfig, config_from_dict, get_backend, methods
+from .clip import Clip, load_clip
+from .evaluator import EvalResult, Evaluator
+from .settings import EvalSettings
 from .inventory import Inventory, LayerInfo, inventory
 from .persist import load_quantized, save_quantized
 from .pipelines import load_pipeline
@@ -21,7 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoquantError", "BackendUnavailableError", "ConfigError", "RecipeError",
-    "ApplySummary", "apply_recipe", "QuantConfig", "config_from_dict", "get_backend", "methods",
+    "ApplySummary", "apply_recipe", "Clip", "load_clip", "EvalResult", "Evaluator",
+    "EvalSettings", "QuantConfig", "config_from_dict", "get_backend", "methods",
     "Inventory", "LayerInfo", "inventory", "load_quantized", "save_quantized", "load_pipeline",
     "RECIPE_FORMAT", "Plan", "Recipe", "load_recipe", "__version__",
 ]

@@ -27,7 +27,9 @@ def model_key(pipe: Any) -> str:
     h = hashlib.sha256(type(pipe).__name__.encode())
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is not None:
-        h.update(json.dumps(dict(scheduler.config), sort_keys=True, default=str).encode())
+        # private keys (``_use_default_values``: a list in set order) vary from run to run
+        config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, module in components_of(pipe).items():
         for key, t in module.state_dict().items():
             if not isinstance(t, torch.Tensor):
