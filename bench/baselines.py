@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -82,8 +83,9 @@ def main(argv=None) -> int:
     if text is not None:
         clip.model._text = text
     settings = EvalSettings.for_model("demo", args.prompt_set, seeds=args.seeds)
-    ev = Evaluator(pipe, settings, clip=clip, progress=False,
-                   cache=ReferenceCache(Path(args.json).parent / "refs") if args.random_text_encoder and args.json else None)
+    # random text-encoder weights must never land in the shared reference cache
+    cache = ReferenceCache(tempfile.mkdtemp()) if args.random_text_encoder else None
+    ev = Evaluator(pipe, settings, clip=clip, progress=False, cache=cache)
     inv = autoquant.inventory(pipe)
     names = args.only.split(",") if args.only else list(BASELINES)
     runs = [(n, "none") for n in names]

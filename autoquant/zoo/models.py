@@ -50,10 +50,11 @@ def encode_captions(captions: list[str], tokenizer, encoder, batch: int = 256):
     """MiniLM hidden states [N, MAX_TOKENS, 384], attention masks [N, MAX_TOKENS] and
     mean-pooled sentence embeddings [N, 384] (the sentence-transformers pooling)."""
     states, masks, pooled = [], [], []
+    device = next(encoder.parameters()).device
     for i in range(0, len(captions), batch):
         tok = tokenizer(captions[i:i + batch], padding="max_length", max_length=MAX_TOKENS,
-                        truncation=True, return_tensors="pt")
-        h = encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
+                        truncation=True, return_tensors="pt").to(device)
+        h = encoder(tok.input_ids, attention_mask=tok.attention_mask)[0].float()
         m = tok.attention_mask
         states.append(h)
         masks.append(m)
