@@ -181,6 +181,43 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .pipelines import load_pipeline
+    from .search import Search, SearchConfig, run_search
+    from .settings import EvalSettings
+    from .space import load_space, parse_budget
+
+    parse_budget(args.budget)  # a malformed budget fails before anything loads
+    space = load_space(args.space, allow_fp_cap_above_default=args.allow_fp_cap)
+    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
+    settings = EvalSettings.for_model(args.model, "search", args.prompts, args.seeds, args.steps,
+                                      args.guidance, args.size, args.batch_size)
+    clip = _clip(args, args.device or "cpu")
+    cfg = SearchConfig(model=args.model, budget=args.budget, space=space, trials=args.trials,
+                       timeout=args.timeout, storage=args.storage, study=args.study,
+                       out=Path(args.out), device=args.device, resume=args.resume,
+                       seed=args.seed, settings=settings, clip=clip, progress=not args.json)
+    search = Search(cfg, pipe)
+    report = run_search(search)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1, default=str))
+        return 0
+    print(f"budget {args.budget} = {human_bytes(search.budget_bytes)} of the searched components "
+          f"({', '.join(search.groups.components)}; full precision {human_bytes(search.fp_bytes)});"
+          f" {len(search.groups.groups)} groups; trials {report['trials']}")
+    print(report["table"])
+    if "best" in report:
+        b = report["best"]
+        print(f"\nbest within budget: trial {b['trial']}, {human_bytes(b['bytes'])} "
+              f"(whole pipeline {human_bytes(b['pipeline_bytes'])}), PSNR {b['psnr']:.2f} dB, "
+              f"CLIP fidelity {b['clip_fidelity']:.4f}")
+        print(f"recipe: {b['recipe']}\napply it: autoquant apply --model {args.model} "
+              f"--recipe {b['recipe']} --prompt \"...\" --out image.png")
+    else:
+        print("no trial finished within the budget")
+    return 0
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="prompts file, one per line")
     p.add_argument("--prompt-set", default="holdout", choices=["search", "holdout"],
@@ -232,6 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("search", help="search per-layer plans under a memory budget")
+    _add_model(p)
+    p.add_argument("--budget", required=True,
+                   help="bytes of the searched components (6GB, 5.5GiB), a share of full "
+                        "precision (35%%) or bits per weight (4.25bpw)")
+    p.add_argument("--space", default="default",
+                   help="search space: a name in search_spaces/ or a YAML path")
+    p.add_argument("--allow-fp-cap", action="store_true",
+                   help="allow a space's fp_cap above 0.20")
+    p.add_argument("--trials", type=int, default=30, help="trials in the study (in total)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default: sqlite in --out)")
+    p.add_argument("--study", default=None, help="study name")
+    p.add_argument("--out", default="autoquant-search")
+    p.add_argument("--resume", action="store_true", help="continue an existing study")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", default=None, help="search prompts file (default: built-in set)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--clip", default=None)
+    p.add_argument("--no-clip", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("baseline", help="write a uniform recipe (one config for every layer)")
     _add_model(p)

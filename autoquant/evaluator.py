@@ -135,6 +135,22 @@ class Evaluator:
         comps = components_of(self.pipe)
         return sum(measured_bytes(comps[c]) for c in self.components)
 
+    def score(self, subset: list[int] | None = None) -> tuple[dict, float, float]:
+        """Generate the pipeline as it stands (``subset``: indices into the pairs) and score it
+        against the references: ``(aggregated metrics, generation s, metrics s)``. Raises on
+        non-finite images."""
+        idx = list(range(len(self.pairs))) if subset is None else list(subset)
+        t0 = time.perf_counter()
+        images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in idx])
+        t_gen = time.perf_counter() - t0
+        if not torch.isfinite(images).all():
+            raise AutoquantError("the quantized pipeline produced non-finite images (NaN/inf)")
+        per = pixel_metrics(images, self.references[idx])
+        if self.clip is not None:
+            per.update(clip_metrics(clip_features(self.clip, images), self.ref_feats[idx],
+                                    self.text_feats[idx]))
+        return aggregate(per), t_gen, time.perf_counter() - t0 - t_gen
+
     def evaluate(self, recipe: Recipe | None = None, label: str | None = None) -> EvalResult:
         """Score ``recipe`` (None: full precision). The pipeline is back in full precision after."""
         t0 = time.perf_counter()

@@ -1,0 +1,203 @@
+"""What a search knows before it generates a single candidate image.
+
+- :class:`Groups`: the search's decision units (a layer, or layers tied by the space) with the
+  candidates each can take, and the layers fixed in full precision (protected, or fitting none).
+- :class:`LayerCache`: every (layer, config) quantized once, kept, and swapped in on demand, so a
+  trial *assembles* its model instead of quantizing it.
+- :func:`capture_denoiser_inputs` + :func:`measure_sensitivity`: the denoiser's real inputs from a
+  few full-precision generations (early, middle and late steps), replayed with one group at a
+  time quantized to each candidate; the relative output error is the additive proxy the
+  allocator minimizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .apply import _parent
+from .backends import QuantConfig, config_from_dict, get_backend
+from .backends.none import NoneConfig
+from .inventory import Inventory, LayerInfo, components_of
+from .space import SearchSpace
+
+NONE = config_from_dict({"method": "none"})
+
+
+@dataclasses.dataclass
+class Group:
+    name: str
+    layers: list[LayerInfo]
+    options: list[QuantConfig]
+
+    @property
+    def weight_params(self) -> int:
+        return sum(l.weight_params for l in self.layers)
+
+    def nbytes(self, cfg: QuantConfig, device: torch.device) -> int:
+        return sum(l.nbytes(cfg, device) if not isinstance(cfg, NoneConfig) else l.bytes
+                   for l in self.layers)
+
+
+@dataclasses.dataclass
+class Groups:
+    groups: list[Group]
+    fixed: list[LayerInfo]  # kept in full precision whatever the plan
+    components: list[str]
+
+    @classmethod
+    def build(cls, inv: Inventory, space: SearchSpace, components: list[str]) -> "Groups":
+        layers = [l for l in inv if l.component in components]
+        protect = [re.compile(p[3:] if p.startswith("re:") else re.escape(p)) for p in space.protect]
+        ties = [re.compile(t) for t in space.tie]
+        fixed, by_key = [], {}
+        for layer in layers:
+            if any(rx.fullmatch(layer.name) for rx in protect):
+                fixed.append(layer)
+                continue
+            key = layer.name
+            for rx in ties:
+                m = rx.fullmatch(layer.name)
+                if m:
+                    key = "tie:" + (m.group(1) if m.groups() else m.group(0))
+                    break
+            by_key.setdefault(key, []).append(layer)
+        groups = []
+        for key, members in by_key.items():
+            options = [c for c in space.candidates
+                       if all(l.fits(c) is None for l in members)]
+            if any(not isinstance(c, NoneConfig) for c in options):
+                groups.append(Group(key, members, options))
+            else:
+                fixed.extend(members)  # nothing but full precision fits
+        return cls(groups, fixed, list(components))
+
+    def plan(self, choice: list[int]) -> dict[str, QuantConfig]:
+        out = {l.name: NONE for l in self.fixed}
+        for g, k in zip(self.groups, choice):
+            for l in g.layers:
+                out[l.name] = g.options[k]
+        return out
+
+
+class LayerCache:
+    """Quantized replacements of the searched layers, each built once; swapped into the pipeline."""
+
+    def __init__(self, pipe: Any, inv: Inventory, device: torch.device):
+        self.comps = components_of(pipe)
+        self.inv = inv
+        self.device = device
+        self.originals = {l.name: self.comps[l.component].get_submodule(l.path) for l in inv}
+        self.built: dict[tuple[str, QuantConfig], nn.Module] = {}
+        self.quantize_s = 0.0
+
+    def module(self, name: str, cfg: QuantConfig) -> nn.Module:
+        if isinstance(cfg, NoneConfig):
+            return self.originals[name]
+        key = (name, cfg)
+        if key not in self.built:
+            t = time.perf_counter()
+            with torch.no_grad():
+                self.built[key] = get_backend(cfg.method).quantize(self.originals[name], cfg,
+                                                                   self.device)
+            self.quantize_s += time.perf_counter() - t
+        return self.built[key]
+
+    def _set(self, name: str, module: nn.Module) -> None:
+        layer = self.inv[name]
+        parent, child = _parent(self.comps[layer.component], layer.path)
+        setattr(parent, child, module)
+
+    def assemble(self, plan: dict[str, QuantConfig]) -> None:
+        """Put ``plan``'s modules in place (layers not in ``plan`` get their originals)."""
+        for name in self.originals:
+            self._set(name, self.module(name, plan[name]) if name in plan else self.originals[name])
+
+    def restore(self) -> None:
+        for name, module in self.originals.items():
+            self._set(name, module)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]
+
+
+def _to(obj: Any, fn) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, fn) for v in obj)
+    return obj
+
+
+def capture_denoiser_inputs(pipe: Any, component: str, run, fractions=(0.1, 0.5, 0.9)) -> list:
+    """Run ``run()`` (full-precision generation) and keep the denoiser's call arguments at the
+    given fractions of its calls (early, middle, late steps)."""
+    module = components_of(pipe)[component]
+    calls: list = []
+
+    def hook(_, args, kwargs):
+        calls.append(_to((args, kwargs), lambda t: t.detach().clone()))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    if not calls:
+        raise RuntimeError(f"the pipeline never called {component}")
+    keep = sorted({min(len(calls) - 1, int(f * len(calls))) for f in fractions})
+    return [calls[i] for i in keep]
+
+
+@torch.no_grad()
+def denoiser_outputs(pipe: Any, component: str, inputs: list) -> list[torch.Tensor]:
+    module = components_of(pipe)[component]
+    return [_first_tensor(module(*args, **kwargs)).float() for args, kwargs in inputs]
+
+
+@torch.no_grad()
+def output_error(pipe, component, inputs, refs) -> float:
+    """Relative squared error of the denoiser's outputs against full precision."""
+    outs = denoiser_outputs(pipe, component, inputs)
+    num = sum((o - r).pow(2).sum().item() for o, r in zip(outs, refs))
+    den = sum(r.pow(2).sum().item() for r in refs)
+    return num / den if torch.isfinite(torch.tensor(num)) else float("inf")
+
+
+def measure_sensitivity(pipe, cache: LayerCache, groups: Groups, component: str, inputs,
+                        refs, progress: bool = True) -> list[list[float]]:
+    """``error[g][k]``: relative output error with only group g at option k (others in full
+    precision)."""
+    table = []
+    base = {l.name: NONE for l in cache.inv if l.component in groups.components}
+    total = sum(len(g.options) for g in groups.groups)
+    bar = tqdm(total=total, desc="sensitivity", unit="cfg", disable=not progress, leave=False,
+               mininterval=1)
+    for g in groups.groups:
+        row = []
+        for cfg in g.options:
+            if isinstance(cfg, NoneConfig):
+                row.append(0.0)
+            else:
+                plan = dict(base)
+                plan.update({l.name: cfg for l in g.layers})
+                cache.assemble(plan)
+                row.append(output_error(pipe, component, inputs, refs))
+            bar.update()
+        table.append(row)
+    cache.restore()
+    bar.close()
+    return table
