@@ -299,7 +299,9 @@ def _run_trial(search: Search, study, trial, cfg: SearchConfig) -> None:
     choice = _choice(search, trial.params)
     cons = search.constraints(choice)
     trial.set_user_attr("constraints", cons)
-    study._storage.set_trial_system_attr(trial._trial_id, "constraints", cons)
+    # Optuna's own constraint record (what constraints-aware samplers and dashboards read)
+    trial.set_constraint("bytes_over_budget", cons[0])
+    trial.set_constraint("fp_weights_over_cap", cons[1])
     trial.set_user_attr("predicted_bytes", search.plan_bytes(choice))
     trial.set_user_attr("proxy_error_additive", search.proxy(choice))
     if max(cons) > 0:  # infeasible: costs no generation

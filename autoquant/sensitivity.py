@@ -159,7 +159,43 @@ def capture_denoiser_inputs(pipe: Any, component: str, run, fractions=(0.1, 0.5,
     if not calls:
         raise RuntimeError(f"the pipeline never called {component}")
     keep = sorted({min(len(calls) - 1, int(f * len(calls))) for f in fractions})
-    return [calls[i] for i in keep]
+    return stack_inputs([calls[i] for i in keep])
+
+
+def _cat(values: list, batch: int) -> Any:
+    """Concatenate per-sample tensors (leading dim == batch); everything else must be equal
+    across the calls (e.g. Flux's position ids, which carry no batch dimension)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() > 0 and first.shape[0] == batch and all(v.shape == first.shape
+                                                               for v in values):
+            return torch.cat(values)
+        if all(v.shape == first.shape and torch.equal(v, first) for v in values):
+            return first
+        raise ValueError("not stackable")
+    if isinstance(first, dict):
+        return {k: _cat([v[k] for v in values], batch) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat([v[i] for v in values], batch) for i in range(len(first)))
+    if any(v != first for v in values):
+        raise ValueError("not stackable")
+    return first
+
+
+def _batch_size(call) -> int:
+    args, kwargs = call
+    main = args[0] if args else next(v for k, v in kwargs.items()
+                                     if k in ("hidden_states", "sample", "x"))
+    return main.shape[0]
+
+
+def stack_inputs(inputs: list) -> list:
+    """The captured calls as one batched call when their shapes allow (one forward instead of
+    three per sensitivity probe), else as they are."""
+    try:
+        return [_cat(inputs, _batch_size(inputs[0]))]
+    except (ValueError, TypeError, RuntimeError, StopIteration, AttributeError):
+        return inputs
 
 
 @torch.no_grad()

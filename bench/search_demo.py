@@ -1,0 +1,165 @@
+"""The Search issue's measurements on the demo model, scored on the held-out prompts and seeds:
+
+1. at the bytes of uniform hqq 4-bit: best.yaml vs uniform hqq4, bnb nf4, torchao int-x 4;
+2. at the bytes of uniform hqq 3-bit: best.yaml vs uniform 3-bit (and the 4-bit baselines);
+3. plain Optuna TPE (one categorical per layer, no seeding, no cache, constraints_func) with the
+   same trial count at the hqq4 budget: best PSNR within budget and wall time, side by side;
+4. per-trial time split (assembly, proxy, generation, metrics) and trial / generation time.
+
+    python bench/search_demo.py [--trials 24] [--json bench/results/search_demo.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import autoquant  # noqa: E402
+from autoquant._format import human_bytes, table  # noqa: E402
+from autoquant.backends import config_from_dict  # noqa: E402
+from autoquant.baseline import baseline_recipe  # noqa: E402
+from autoquant.evaluator import Evaluator  # noqa: E402
+from autoquant.recipe import Recipe  # noqa: E402
+from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
+from autoquant.settings import EvalSettings  # noqa: E402
+from autoquant.space import load_space  # noqa: E402
+
+BASELINES = {"hqq4": {"method": "hqq", "bits": 4}, "bnb-nf4": {"method": "bnb", "bits": 4},
+             "torchao-intx4": {"method": "torchao", "type": "intx", "bits": 4},
+             "hqq3": {"method": "hqq", "bits": 3}}
+
+
+def plain_tpe(pipe, space, budget_bytes, trials, seed, search_settings, clip):
+    """What a user gets from Optuna alone: one categorical per layer, TPE, constraints_func."""
+    ev = Evaluator(pipe, search_settings, clip=clip, components=["transformer"], progress=False)
+    inv = autoquant.inventory(pipe)
+    layers = [l for l in inv if l.component == "transformer"]
+    other = ev.fp_component_bytes - sum(l.bytes for l in layers)
+    total_w = sum(l.weight_params for l in layers)
+    options = {l.name: [c for c in space.candidates if l.fits(c) is None] for l in layers}
+
+    def constraints(trial):
+        return trial.user_attrs["constraints"]
+
+    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints)
+    study = optuna.create_study(directions=["minimize", "maximize", "maximize"], sampler=sampler)
+    start = time.perf_counter()
+    for _ in range(trials):
+        trial = study.ask()
+        plan = {}
+        for l in layers:
+            labels = [c.label for c in options[l.name]]
+            plan[l.name] = options[l.name][labels.index(trial.suggest_categorical(l.name, labels))]
+        nbytes = other + sum(l.nbytes(c) if c.method != "none" else l.bytes
+                             for l, c in ((l, plan[l.name]) for l in layers))
+        fp = sum(l.weight_params for l in layers if plan[l.name].method == "none")
+        trial.set_user_attr("constraints", [nbytes - budget_bytes, fp - space.fp_cap * total_w])
+        recipe = Recipe(layers=plan, components=["transformer"])
+        r = ev.evaluate(recipe)  # re-quantizes every layer: no cache
+        study.tell(trial, [r.bytes, r.metrics["psnr"]["mean"], r.metrics["clip_fidelity"]["mean"]])
+    wall = time.perf_counter() - start
+    feasible = [t for t in study.trials if t.values and max(t.user_attrs["constraints"]) <= 0]
+    best = max(feasible, key=lambda t: t.values[1], default=None)
+    best_recipe = None
+    if best is not None:
+        best_recipe = Recipe(layers={l.name: options[l.name][[c.label for c in options[l.name]]
+                                                             .index(best.params[l.name])]
+                                     for l in layers}, components=["transformer"])
+    return {"wall_s": wall, "feasible_trials": len(feasible), "trials": trials,
+            "best_search_psnr": best.values[1] if best else None,
+            "best_bytes": best.values[0] if best else None}, best_recipe
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--space", default="default")
+    ap.add_argument("--json", default="bench/results/search_demo.json")
+    args = ap.parse_args(argv)
+    pipe = autoquant.load_pipeline("demo")
+    clip = autoquant.load_clip("demo")
+    holdout = Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip, progress=False)
+    inv = autoquant.inventory(pipe)
+    base = {name: holdout.evaluate(baseline_recipe(inv, config_from_dict(c), ["transformer"]), name)
+            for name, c in BASELINES.items()}
+    space = load_space(args.space)
+    search_settings = EvalSettings.for_model("demo", "search", seeds=[0], batch_size=20)
+    out: dict = {"baselines": {k: {"bytes": r.bytes, "psnr": r.metrics["psnr"]["mean"],
+                                   "clip_fidelity": r.metrics["clip_fidelity"]["mean"]}
+                               for k, r in base.items()}, "searches": {}}
+    rows = []
+    for target, compare in (("hqq4", ["hqq4", "bnb-nf4", "torchao-intx4"]), ("hqq3", ["hqq3"])):
+        budget = base[target].bytes
+        folder = Path(tempfile.mkdtemp(prefix=f"search-{target}-"))
+        t0 = time.perf_counter()
+        search = Search(SearchConfig(model="demo", budget=str(budget), space=space,
+                                     trials=args.trials, out=folder, settings=search_settings,
+                                     clip=clip, progress=False), pipe)
+        report = run_search(search)
+        wall = time.perf_counter() - t0
+        best = holdout.evaluate(autoquant.load_recipe(folder / "best.yaml"), f"autoquant@{target}")
+        timings = [t for t in report["trial_timing"] if t["state"] == "COMPLETE"]
+        ratio = statistics.mean(t["total_s"] / t["generation_s"] for t in timings)
+        entry = {"budget_bytes": budget, "wall_s": wall, "trials": report["trials"],
+                 "sensitivity_s": report["timing"]["sensitivity_s"],
+                 "quantize_s": report["quantize_s"],
+                 "best_search_psnr": report["best"]["psnr"],
+                 "holdout": {"bytes": best.bytes, "psnr": best.metrics["psnr"]["mean"],
+                             "psnr_worst": best.metrics["psnr"]["worst"],
+                             "clip_fidelity": best.metrics["clip_fidelity"]["mean"]},
+                 "best_baseline_psnr": max(base[c].metrics["psnr"]["mean"] for c in compare),
+                 "trial_time_split_mean": {k: statistics.mean(t[k] for t in timings)
+                                           for k in ("assemble_s", "proxy_s", "generation_s",
+                                                     "metrics_s", "total_s")},
+                 "trial_over_generation": ratio}
+        if target == "hqq4":
+            tpe, tpe_recipe = plain_tpe(pipe, space, budget, args.trials, 0, search_settings, clip)
+            if tpe_recipe is not None:
+                r = holdout.evaluate(tpe_recipe, "plain TPE")
+                tpe["holdout_psnr"] = r.metrics["psnr"]["mean"]
+            entry["plain_tpe"] = tpe
+        out["searches"][target] = entry
+        shutil.copy(folder / "best.yaml", Path(args.json).parent / f"search_demo_best_{target}.yaml")
+        for name in compare:
+            r = base[name]
+            rows.append([f"@{target}", f"uniform {name}", human_bytes(r.bytes),
+                         f"{r.metrics['psnr']['mean']:.2f}", f"{r.metrics['clip_fidelity']['mean']:.4f}"])
+        rows.append([f"@{target}", "autoquant best.yaml", human_bytes(best.bytes),
+                     f"{best.metrics['psnr']['mean']:.2f}",
+                     f"{best.metrics['clip_fidelity']['mean']:.4f}"])
+    print(table(rows, ["budget", "plan", "bytes", "PSNR (holdout)", "CLIP fid (holdout)"]))
+    s4 = out["searches"]["hqq4"]
+    print(f"\nat hqq4 bytes: autoquant {s4['holdout']['psnr']:.2f} dB vs best baseline "
+          f"{s4['best_baseline_psnr']:.2f} dB ({s4['holdout']['psnr'] - s4['best_baseline_psnr']:+.2f} dB; target +2)")
+    s3 = out["searches"]["hqq3"]
+    best4 = max(base[n].metrics["psnr"]["mean"] for n in ("hqq4", "bnb-nf4"))
+    print(f"at hqq3 bytes: autoquant {s3['holdout']['psnr']:.2f} dB vs uniform 4-bit "
+          f"{best4:.2f} dB (target: at least that)")
+    t = s4["plain_tpe"]
+    print(f"\nsame budget, {args.trials} trials: autoquant best search-set PSNR "
+          f"{s4['best_search_psnr']:.2f} dB in {s4['wall_s']:.0f} s (sensitivity "
+          f"{s4['sensitivity_s']:.0f} s included); plain TPE {t['best_search_psnr']} dB "
+          f"({t['feasible_trials']} feasible of {t['trials']}) in {t['wall_s']:.0f} s; "
+          f"held-out: {s4['holdout']['psnr']:.2f} vs {t.get('holdout_psnr')}")
+    split = s4["trial_time_split_mean"]
+    print(f"trial time split (mean, s): assemble {split['assemble_s']:.3f}, proxy "
+          f"{split['proxy_s']:.3f}, generation {split['generation_s']:.3f}, metrics "
+          f"{split['metrics_s']:.3f}, total {split['total_s']:.3f}; trial/generation "
+          f"{s4['trial_over_generation']:.3f} (target <= 1.2)")
+    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

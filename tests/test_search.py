@@ -1,0 +1,136 @@
+"""The search: budgets, spaces, constraints, outputs, resume, failures (on tiny-flux, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import yaml
+
+import autoquant
+from autoquant import AutoquantError
+from autoquant.cli import main
+from autoquant.search import Search, SearchConfig, run_search
+from autoquant.settings import EvalSettings
+from autoquant.space import SearchSpace, SpaceError, load_space, parse_budget
+
+SPACE = {"format": "autoquant-space/1",
+         "candidates": [{"method": "hqq", "bits": 2, "group_size": 32},
+                        {"method": "hqq", "bits": 4, "group_size": 32},
+                        {"method": "hqq", "bits": 8, "group_size": 32},
+                        {"method": "none"}],
+         "tie": ["(transformer\\.(?:single_)?transformer_blocks\\.\\d+\\.attn)\\.to_[qkv]"],
+         "fp_cap": 0.2}
+
+
+def make_search(tmp_path, budget="40%", trials=6, resume=False, space=None):
+    pipe = autoquant.load_pipeline("tiny-flux")
+    settings = EvalSettings.for_model("tiny-flux", "search", seeds=[0], batch_size=8)
+    cfg = SearchConfig(model="tiny-flux", budget=budget, space=space or SearchSpace.from_dict(SPACE),
+                       trials=trials, out=tmp_path / "out", resume=resume, settings=settings,
+                       clip=None, progress=False)
+    return Search(cfg, pipe)
+
+
+def test_parse_budget():
+    assert parse_budget("6GB") == ("bytes", 6e9)
+    assert parse_budget("5.5GiB") == ("bytes", 5.5 * 2**30)
+    assert parse_budget("35%") == ("share", 0.35)
+    assert parse_budget("4.25bpw") == ("bpw", 4.25)
+    assert parse_budget("123456") == ("bytes", 123456)
+    for bad in ("six GB", "0%", "120%", "4bits"):
+        with pytest.raises(AutoquantError):
+            parse_budget(bad)
+
+
+def test_every_shipped_space_loads_and_bad_spaces_are_refused():
+    for name in ("default", "hqq-only", "low-bit", "flux", "sd3", "sdxl"):
+        space = load_space(name)
+        assert space.candidates and space.fp_cap <= 0.20
+    assert load_space("low-bit").max_bits_per_weight == 3.5
+    bad = dict(SPACE, fp_cap=0.3, extra=1, candidates=[{"method": "hqq", "bits": 5}], tie=["("])
+    with pytest.raises(SpaceError) as info:
+        SearchSpace.from_dict(bad)
+    text = str(info.value)
+    for part in ("fp_cap=0.3 is above 0.2", "unknown key(s) ['extra']", "candidates[0]",
+                 "bad regex"):
+        assert part in text
+    assert SearchSpace.from_dict(dict(SPACE, fp_cap=0.3), allow_fp_cap_above_default=True).fp_cap == 0.3
+
+
+def test_a_budget_no_plan_meets_is_refused_with_the_smallest_size(tmp_path):
+    with pytest.raises(AutoquantError, match=r"below the smallest plan this space allows: .* bpw"):
+        make_search(tmp_path, budget="1%")
+
+
+def test_search_writes_pareto_recipes_best_and_report(tmp_path):
+    search = make_search(tmp_path, trials=8)
+    tied = [g for g in search.groups.groups if g.name.startswith("tie:")]
+    assert tied and all(len(g.layers) == 3 for g in tied)
+    report = run_search(search)
+    out = tmp_path / "out"
+    assert (out / "study.db").is_file() and (out / "report.json").is_file()
+    assert report["trials"]["complete"] + report["trials"]["pruned"] == 8
+    best = autoquant.load_recipe(out / "best.yaml")
+    pipe = autoquant.load_pipeline("tiny-flux")
+    inv = autoquant.inventory(pipe)
+    plan = best.resolve(inv)  # the exported recipe applies to the model
+    assert best.metrics["bytes"] <= search.budget_bytes
+    summary = autoquant.apply_recipe(pipe, best, progress=False)
+    assert summary.fp_share <= 0.20 + 1e-9
+    # the byte formulas agree with the measured bytes of the applied plan
+    assert summary.bytes_after + search.other_bytes == best.metrics["bytes"]
+    # tied layers got one config
+    for g in tied:
+        assert len({plan.configs[l.name] for l in g.layers}) == 1
+    pareto = sorted((out / "pareto").glob("*.yaml"))
+    assert pareto and all(autoquant.load_recipe(p).provenance["study"] for p in pareto)
+    # every uniform baseline that fits was tried, so the front is never worse than them
+    sources = {t.user_attrs["source"] for t in optuna.load_study(
+        study_name=report["study"], storage=f"sqlite:///{out / 'study.db'}").trials}
+    assert any(s.startswith("solver@") for s in sources)
+    assert "uniform hqq4-g32" in sources or search.constraints(
+        [g.options.index(search.cfg.space.candidates[1]) for g in search.groups.groups])[0] > 0
+
+
+def test_resume_continues_without_repeating_finished_trials(tmp_path):
+    run_search(make_search(tmp_path, trials=4))
+    with pytest.raises(AutoquantError, match="pass --resume"):
+        run_search(make_search(tmp_path, trials=6))
+    report = run_search(make_search(tmp_path, trials=7, resume=True))
+    assert report["trials"]["complete"] + report["trials"]["pruned"] == 7
+    study = optuna.load_study(study_name=report["study"],
+                              storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    keys = [tuple(sorted(t.params.items())) for t in study.trials if t.state.is_finished()]
+    assert len(keys) == len(set(keys))
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    search = make_search(tmp_path, trials=4)
+    real = search.evaluator.score
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(search.evaluator, "score", flaky)
+    report = run_search(search)
+    assert report["trials"]["fail"] == 1
+    assert "out of memory" in report["failed"][0]["reason"]
+    assert report["trials"]["complete"] + report["trials"]["pruned"] == 3
+
+
+def test_cli_search_json(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    code = main(["search", "--model", "tiny-flux", "--budget", "45%", "--space", str(space),
+                 "--trials", "3", "--seeds", "0", "--no-clip", "--out", str(tmp_path / "o"),
+                 "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["best"]["bytes"] <= report["budget_bytes"]
+    assert main(["search", "--model", "tiny-flux", "--budget", "lots", "--no-clip"]) == 2
