@@ -60,6 +60,7 @@ from . import none as _none  # noqa: E402
 from . import hqq as _hqq  # noqa: E402
 from . import bnb as _bnb  # noqa: E402
 from . import torchao as _torchao  # noqa: E402
+from . import higgs as _higgs  # noqa: E402
 
 __all__ = ["Backend", "QuantConfig", "register_backend", "get_backend", "methods",
            "backend_for", "config_from_dict"]

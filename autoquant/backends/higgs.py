@@ -1,0 +1,121 @@
+"""``higgs``: data-free Hadamard rotation + Gaussian MSE-optimal grids (HIGGS), 2-4 bits.
+
+``{method: higgs, bits: 2|3|4, p: 1|2, group_size: 64, seed: 0}`` -- p=1 codes each weight on a
+scalar Lloyd-Max grid, p=2 codes pairs on a 2-D grid (2**(2*bits) points), which is more accurate
+at the same bits. What the device holds: the codes bit-packed into int32 words along the input
+dimension (k = bits*p bits per code, 32//k codes per word, rows padded to whole words), one scale
+per group in the layer dtype, the grid (float32), the rotation's int64 seed and its sign vector
+(int8, group_size entries, derived from the seed) -- never the rotation matrix -- and the bias.
+Forward: the activations are rotated with the same transform (fast Walsh-Hadamard, O(g log g) per
+group) and multiplied by the still-rotated weight -- on CUDA (bf16) by one Triton kernel that
+decodes the codes in registers, elsewhere by dequantizing in PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from . import register_backend
+from . import _higgs_core as core
+from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int
+
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class HiggsConfig(QuantConfig):
+    method = "higgs"
+    bits: int = 4
+    p: int = 2
+    group_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        check_int("bits", self.bits, (2, 3, 4), method="higgs")
+        check_int("p", self.p, (1, 2), method="higgs")
+        check_int("group_size", self.group_size, GROUP_SIZES, method="higgs")
+        check_int("seed", self.seed, minimum=0, method="higgs")
+
+    @property
+    def label(self) -> str:
+        return f"higgs{self.bits}-p{self.p}-g{self.group_size}"
+
+
+class HiggsLinear(nn.Module):
+    def __init__(self, in_features, out_features, bits, p, group_size, codes, scales, grid, seed,
+                 bias):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.p, self.group_size = bits, p, group_size
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("grid", grid)
+        self.register_buffer("seed", seed)
+        self.register_buffer("signs", core.signs(group_size, int(seed)).to(
+            device=codes.device, dtype=torch.int8), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, p={self.p}, group_size={self.group_size}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_rot = core.rotate(x, self.signs, self.group_size)
+        from . import _higgs_triton as tri
+
+        if tri.available(x_rot):
+            return tri.matmul(x_rot, self.codes, self.grid, self.scales, self.bias, self.bits,
+                              self.p, self.group_size, self.out_features)
+        w = core.dequantize_rotated(self.codes, self.scales, self.grid, self.bits, self.p,
+                                    self.group_size, self.in_features, x.dtype)
+        out = x_rot @ w.t()
+        return out + self.bias if self.bias is not None else out
+
+
+class HiggsBackend(Backend):
+    name = "higgs"
+    config_cls = HiggsConfig
+    devices = ("cpu", "cuda")
+
+    def layer_reason(self, cfg, out_features, in_features, dtype):
+        if dtype not in DTYPE_BYTES:
+            return f"dtype {dtype} is not a float type"
+        if in_features % cfg.group_size:
+            return f"in_features={in_features} is not divisible by group_size={cfg.group_size}"
+        return None
+
+    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+        k = cfg.bits * cfg.p
+        words = -(-(in_features // cfg.p) // (32 // k))
+        groups = in_features // cfg.group_size
+        return (out_features * words * 4 + out_features * groups * DTYPE_BYTES[dtype]
+                + 2 ** k * cfg.p * 4 + 8 + cfg.group_size
+                + (out_features * DTYPE_BYTES[dtype] if bias else 0))
+
+    def quantize(self, linear, cfg, device):
+        w = linear.weight.detach().to(device)
+        codes, scales, grid = core.quantize(w, cfg.bits, cfg.p, cfg.group_size, cfg.seed)
+        bias = None if linear.bias is None else linear.bias.detach().to(device).clone()
+        return HiggsLinear(linear.in_features, linear.out_features, cfg.bits, cfg.p,
+                           cfg.group_size, codes, scales.to(w.dtype), grid.to(device),
+                           torch.tensor(cfg.seed, dtype=torch.int64, device=device), bias)
+
+    def export_state(self, module):
+        tensors = {k: getattr(module, k).detach() for k in ("codes", "scales", "grid", "seed")}
+        if module.bias is not None:
+            tensors["bias"] = module.bias.detach()
+        return tensors, {}
+
+    def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
+        t = {k: v.to(device) for k, v in tensors.items()}
+        return HiggsLinear(in_features, out_features, cfg.bits, cfg.p, cfg.group_size,
+                           t["codes"], t["scales"], t["grid"], t["seed"], t.get("bias"))
+
+    def configs(self):
+        return [HiggsConfig(bits=b, p=p, group_size=64) for p in (1, 2) for b in (2, 3, 4)]
+
+
+register_backend(HiggsBackend())
