@@ -175,3 +175,21 @@ def test_higgs_rotation_is_orthogonal_and_stores_only_a_seed():
     q = get_backend("higgs").quantize(nn.Linear(128, 16), cfg, torch.device("cpu"))
     assert {n for n, _ in q.named_buffers()} == {"codes", "scales", "grid", "seed", "signs"}
     assert q.codes.dtype == torch.int32 and q.signs.numel() == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [8, 512])
+def test_higgs_triton_paths_match_pytorch(tokens):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from autoquant.backends import _higgs_core as core
+
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 192).to(torch.bfloat16).cuda()
+    for cfg in get_backend("higgs").configs():
+        q = get_backend("higgs").quantize(lin, cfg, torch.device("cuda"))
+        x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+        w = core.dequantize_rotated(q.codes, q.scales, q.grid, cfg.bits, cfg.p, cfg.group_size,
+                                    512, torch.float32)
+        ref = core.rotate(x.float(), q.signs, cfg.group_size) @ w.t() + q.bias.float()
+        assert _rel_err(q(x), ref) < 0.02, cfg.label

@@ -80,11 +80,23 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return (y.reshape(shape) / math.sqrt(g))
 
 
+@functools.lru_cache(maxsize=64)
+def _rotation_matrix(group_size: int, sign_bytes: bytes, device: str, dtype: torch.dtype):
+    sign = torch.frombuffer(bytearray(sign_bytes), dtype=torch.int8).float()
+    h = fwht(torch.eye(group_size)) * sign[None, :]  # H · diag(sign)
+    return h.t().contiguous().to(device=device, dtype=dtype)  # rows @ R^T
+
+
 def rotate(x: torch.Tensor, sign: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per group of ``group_size`` along the last dim: H · diag(sign) · x."""
+    """Per group of ``group_size`` along the last dim: H · diag(sign) · x.
+
+    Done as one small matmul per group with the g x g matrix H·diag(sign) (built from the signs,
+    cached per group size, seed, device and dtype -- 8 KB at g=64 in bf16, shared by every layer
+    with that seed): faster than a butterfly on both CPU and GPU."""
     shape = x.shape
-    y = x.reshape(*shape[:-1], shape[-1] // group_size, group_size) * sign.to(x.dtype)
-    return fwht(y).reshape(shape)
+    rot = _rotation_matrix(group_size, sign.to(torch.int8).cpu().numpy().tobytes(),
+                           str(x.device), x.dtype)
+    return (x.reshape(-1, group_size) @ rot).reshape(shape)
 
 
 def codes_per_word(bits: int, p: int) -> int:
