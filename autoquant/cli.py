@@ -1,5 +1,4 @@
-"""``autoquant`` command line: ``inspect``, ``apply``, ``evaluate``, ``baseline`` (search and report
-arrive with their features)."""
+"""``autoquant`` command line: ``inspect``, ``apply``, ``evaluate``, ``baseline`` ``search``, ``report``."""
 
 from __future__ import annotations
 
@@ -218,6 +217,15 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from . import explore
+
+    view = explore.open_study(args.out, args.storage, args.study, args.artifacts)
+    path = explore.write_report(view, args.html or Path(args.out or ".") / "report.html")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, self-contained: opens offline)")
+    return 0
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="prompts file, one per line")
     p.add_argument("--prompt-set", default="holdout", choices=["search", "holdout"],
@@ -298,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a search")
+    p.add_argument("--out", default=None, help="the search's --out folder")
+    p.add_argument("--storage", default=None, help="or an Optuna storage URL ...")
+    p.add_argument("--study", default=None, help="... and the study name")
+    p.add_argument("--artifacts", default=None, help="artifact folder (default OUT/artifacts)")
+    p.add_argument("--html", default=None, help="where the report goes (default OUT/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("baseline", help="write a uniform recipe (one config for every layer)")
     _add_model(p)

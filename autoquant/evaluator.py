@@ -145,6 +145,7 @@ class Evaluator:
         t_gen = time.perf_counter() - t0
         if not torch.isfinite(images).all():
             raise AutoquantError("the quantized pipeline produced non-finite images (NaN/inf)")
+        self.last_images = images  # kept for whoever wants to look (the search stores a grid)
         per = pixel_metrics(images, self.references[idx])
         if self.clip is not None:
             per.update(clip_metrics(clip_features(self.clip, images), self.ref_feats[idx],

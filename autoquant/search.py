@@ -241,6 +241,18 @@ def run_search(search: Search) -> dict[str, Any]:
         study.set_metric_names(["bytes", "psnr", "clip_fidelity"])
     dists = {g.name: optuna.distributions.CategoricalDistribution([c.label for c in g.options])
              for g in search.groups.groups}
+    # what the explorer needs to draw the study without the model: groups, budget, sizes
+    study.set_user_attr("autoquant", {
+        "model": cfg.model, "budget": str(cfg.budget), "budget_bytes": search.budget_bytes,
+        "fp_bytes": search.fp_bytes, "space": cfg.space.name, "fp_cap": cfg.space.fp_cap,
+        "components": search.groups.components,
+        "groups": {g.name: [l.name for l in g.layers] for g in search.groups.groups},
+        "fixed": [l.name for l in search.groups.fixed],
+        "prompts": [p for p, _ in search.evaluator.pairs], "seeds": list(search.settings.seeds)})
+    store = optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(out)))
+    if not study.user_attrs.get("reference_artifact"):
+        study.set_user_attr("reference_artifact", _upload_grid(
+            study, store, search.evaluator.references, Path("references.png")))
     # an interrupted run leaves RUNNING trials: record them as failed, then redo their plans
     done: dict[tuple, int] = {}
     redo = []
@@ -281,7 +293,7 @@ def run_search(search: Search) -> dict[str, Any]:
             study.enqueue_trial(params, skip_if_exists=False)
             trial = study.ask(dists)
             trial.set_user_attr("source", source)
-            _run_trial(search, study, trial, cfg)
+            _run_trial(search, study, trial, cfg, store, out)
             done[key] = trial.number
             finished += 1
             best = _best(study, search.budget_bytes)
@@ -295,7 +307,32 @@ def run_search(search: Search) -> dict[str, Any]:
     return write_outputs(search, study, out, interrupted=stop["flag"])
 
 
-def _run_trial(search: Search, study, trial, cfg: SearchConfig) -> None:
+def _artifact_dir(out: Path) -> Path:
+    path = out / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+GRID_IMAGES = 8
+
+
+def _upload_grid(study_or_trial, store, images: torch.Tensor, path: Path) -> str:
+    """A PNG grid of the first images, stored as an Optuna artifact (optuna-dashboard shows it)."""
+    import torchvision
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / path.name
+        torchvision.utils.save_image(images[:GRID_IMAGES].float(), file, nrow=GRID_IMAGES,
+                                     padding=1)
+        return optuna.artifacts.upload_artifact(study_or_trial=study_or_trial,
+                                                file_path=str(file), artifact_store=store,
+                                                mimetype="image/png")
+
+
+def _run_trial(search: Search, study, trial, cfg: SearchConfig, store=None,
+               out: Path | None = None) -> None:
     choice = _choice(search, trial.params)
     cons = search.constraints(choice)
     trial.set_user_attr("constraints", cons)
@@ -322,6 +359,7 @@ def _run_trial(search: Search, study, trial, cfg: SearchConfig) -> None:
         best = _best(study, search.budget_bytes)
         if k < n:
             m, gen, met = ev.score(list(range(k)))
+            first = ev.last_images
             trial.set_user_attr("stage1_psnr", m["psnr"]["mean"])
             best_stage = best.user_attrs.get("stage1_psnr") if best is not None else None
             if best_stage is not None and m["psnr"]["mean"] < best_stage - cfg.stage_margin_db:
@@ -332,8 +370,13 @@ def _run_trial(search: Search, study, trial, cfg: SearchConfig) -> None:
             rest, g_s, m_s = ev.score(list(range(k, n)))
             gen, met = gen + g_s, met + m_s
             metrics = _merge(m, k, rest, n - k)
+            images = torch.cat([first, ev.last_images])
         else:
             metrics, gen, met = ev.score()
+            images = ev.last_images
+        if store is not None:
+            trial.set_user_attr("images_artifact", _upload_grid(
+                trial, store, images, Path(f"trial-{trial.number}.png")))
         _timing(trial, t_assemble, t_proxy, gen, met, t0)
         trial.set_user_attr("metrics", metrics)
         study.tell(trial, [search.plan_bytes(choice), metrics["psnr"]["mean"],

@@ -1,0 +1,76 @@
+"""Exploring a finished search: the notebook runs headless, the HTML report is self-contained."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import autoquant
+from autoquant import AutoquantError, explore
+from autoquant.cli import main
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_explorer.ipynb"
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    assert main(["search", "--model", "tiny-flux", "--budget", "45%", "--trials", "5", "--seeds",
+                 "0", "--no-clip", "--out", str(out), "--json"]) == 0
+    return out
+
+
+def test_committed_notebook_has_no_outputs():
+    nb = json.loads(NOTEBOOK.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
+def test_notebook_runs_top_to_bottom_on_a_fresh_study(study_dir, tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    monkeypatch.setenv("AUTOQUANT_OUT", str(study_dir))
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    kinds = [k for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             for k in o.get("data", {})]
+    assert kinds.count("application/vnd.plotly.v1+json") == 2  # the front and the bit map
+    assert kinds.count("image/png") == 2  # full precision and the candidate
+    assert "text/html" in kinds  # the trials table
+    assert list(tmp_path.glob("trial-*.yaml"))  # the exported recipe
+    exported = autoquant.load_recipe(next(tmp_path.glob("trial-*.yaml")))
+    exported.resolve(autoquant.inventory(autoquant.load_pipeline("tiny-flux")))
+
+
+def test_report_html_is_self_contained(study_dir, capsys):
+    assert main(["report", "--out", str(study_dir)]) == 0
+    html = (study_dir / "report.html").read_text()
+    import re
+
+    assert "Plotly.newPlot" in html
+    # nothing is fetched: no external scripts, stylesheets or images
+    assert not re.search(r"<script[^>]+src=", html)
+    assert not re.search(r"<link[^>]+href=['\"]https?:", html)
+    assert not re.search(r"<img[^>]+src=['\"]https?:", html)
+    assert html.count("data:image/png;base64,") >= 2
+
+
+def test_view_of_the_study(study_dir):
+    view = explore.open_study(study_dir)
+    assert view.best is not None and view.best.bytes <= view.budget
+    configs = view.layer_configs(view.best)
+    assert len(configs) == sum(1 for l in autoquant.inventory(
+        autoquant.load_pipeline("tiny-flux")) if l.component == "transformer")
+    assert explore.config_bits("hqq3-g64") == 3 and explore.config_bits("none") == 16
+    assert explore.images_png(view, None)[:4] == b"\x89PNG"
+
+
+def test_open_study_errors(tmp_path):
+    with pytest.raises(AutoquantError, match="holds no study.db"):
+        explore.open_study(tmp_path)
