@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import optuna
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -56,11 +56,11 @@ def config_from_dict(entry: Mapping[str, Any]) -> QuantConfig:
 
 
 # Registration order is the order of `methods()`, of the inventory's columns and of search spaces.
-from . import none as _none  # noqa: E402
-from . import hqq as _hqq  # noqa: E402
-from . import bnb as _bnb  # noqa: E402
-from . import torchao as _torchao  # noqa: E402
-from . import higgs as _higgs  # noqa: E402
+from . import none as _none  # noqa: E402, F401  (registers the backend)
+from . import hqq as _hqq  # noqa: E402, F401  (registers the backend)
+from . import bnb as _bnb  # noqa: E402, F401  (registers the backend)
+from . import torchao as _torchao  # noqa: E402, F401  (registers the backend)
+from . import higgs as _higgs  # noqa: E402, F401  (registers the backend)
 
 __all__ = ["Backend", "QuantConfig", "register_backend", "get_backend", "methods",
            "backend_for", "config_from_dict"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 from torch import nn
 
 from . import register_backend
