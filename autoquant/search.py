@@ -362,7 +362,10 @@ def _run_trial(search: Search, study, trial, cfg: SearchConfig, store=None,
             first = ev.last_images
             trial.set_user_attr("stage1_psnr", m["psnr"]["mean"])
             best_stage = best.user_attrs.get("stage1_psnr") if best is not None else None
-            if best_stage is not None and m["psnr"]["mean"] < best_stage - cfg.stage_margin_db:
+            # uniform baselines always get the full set: they are drawn next to the front
+            baseline = trial.user_attrs.get("source", "").startswith("uniform")
+            if (not baseline and best_stage is not None
+                    and m["psnr"]["mean"] < best_stage - cfg.stage_margin_db):
                 trial.set_user_attr("pruned_at", f"stage 1 ({k} of {n} images)")
                 _timing(trial, t_assemble, t_proxy, gen, met, t0)
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
