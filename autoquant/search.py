@@ -114,6 +114,14 @@ class Search:
         self.timing = {"setup_s": t1 - t0, "sensitivity_s": time.perf_counter() - t1}
 
     # -- budget --------------------------------------------------------------------------------
+    def retarget(self, budget: str, out: Path, study: str | None = None) -> None:
+        """Search again at another budget, reusing the sensitivity table, the layer cache and the
+        references (what a sweep over budgets needs)."""
+        self.cfg = dataclasses.replace(self.cfg, budget=budget, out=Path(out), study=study,
+                                       resume=False)
+        self.budget_bytes = self._budget_bytes(budget)
+        self._check_feasible()
+
     def _budget_bytes(self, text: str) -> float:
         kind, value = parse_budget(text)
         if kind == "bytes":

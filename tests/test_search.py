@@ -134,3 +134,16 @@ def test_cli_search_json(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["best"]["bytes"] <= report["budget_bytes"]
     assert main(["search", "--model", "tiny-flux", "--budget", "lots", "--no-clip"]) == 2
+
+
+def test_retarget_reuses_the_sensitivity_for_another_budget(tmp_path):
+    search = make_search(tmp_path, budget="45%", trials=3)
+    table = search.error
+    first = run_search(search)
+    search.retarget("35%", tmp_path / "second")
+    assert search.error is table
+    second = run_search(search)
+    assert second["budget_bytes"] < first["budget_bytes"]
+    assert second["best"]["bytes"] <= second["budget_bytes"]
+    with pytest.raises(AutoquantError, match="below the smallest plan"):
+        search.retarget("1%", tmp_path / "third")
