@@ -64,7 +64,12 @@ def main(argv=None) -> int:
     for name, r in base.items():
         folder = tmp / name
         t = time.perf_counter()
-        search.retarget(str(r.bytes), folder)
+        try:
+            search.retarget(str(r.bytes), folder)
+        except autoquant.AutoquantError as e:  # reported, not fatal
+            print(f"{name}: {e}", flush=True)
+            out["rows"].append({"baseline": name, "bytes": r.bytes, "error": str(e)})
+            continue
         report = run_search(search)
         ours = holdout.evaluate(autoquant.load_recipe(folder / "best.yaml"), f"autoquant@{name}")
         row = {"baseline": name, "bytes": r.bytes, "psnr": r.metrics["psnr"]["mean"],

@@ -178,3 +178,18 @@ def test_apply_onto_the_gpu_layer_by_layer(tiny_flux_factory):
     assert hqq.W_q.is_cuda and hqq.meta["scale"].is_cuda
     images = generate(pipe)
     assert images.is_cuda and torch.isfinite(images).all()
+
+
+def test_component_bytes_are_what_the_formulas_say_for_every_method(tiny_flux_factory):
+    """Per-layer formulas must add up to the component's measured bytes: no storage shared
+    between layers that a formula counts per layer (HIGGS grids once were)."""
+    for entry in ({"method": "higgs", "bits": 2, "p": 2, "group_size": 16},
+                  {"method": "hqq", "bits": 3, "group_size": 16},
+                  {"method": "bnb", "bits": 4, "double_quant": True},
+                  {"method": "torchao", "type": "intx", "bits": 4, "group_size": 16}):
+        pipe = tiny_flux_factory()
+        summary = autoquant.apply_recipe(pipe, Recipe.from_dict(
+            {"format": "autoquant-recipe/1", "components": ["transformer"], "default": entry}),
+            progress=False)
+        assert summary.component_bytes_after["transformer"] == measured_bytes(pipe.transformer)
+        assert summary.bytes_after == summary.predicted_bytes_after, entry

@@ -100,7 +100,8 @@ class HiggsBackend(Backend):
         codes, scales, grid = core.quantize(w, cfg.bits, cfg.p, cfg.group_size, cfg.seed)
         bias = None if linear.bias is None else linear.bias.detach().to(device).clone()
         return HiggsLinear(linear.in_features, linear.out_features, cfg.bits, cfg.p,
-                           cfg.group_size, codes, scales.to(w.dtype), grid.to(device),
+                           cfg.group_size, codes, scales.to(w.dtype),
+                           grid.to(device).clone(),  # each layer holds its grid, as counted
                            torch.tensor(cfg.seed, dtype=torch.int64, device=device), bias)
 
     def export_state(self, module):
