@@ -39,6 +39,9 @@ BASELINES = {
     "torchao-intx3": {"method": "torchao", "type": "intx", "bits": 3},
     "torchao-intx2": {"method": "torchao", "type": "intx", "bits": 2},
 }
+HIGGS = {"higgs4": {"method": "higgs", "bits": 4, "p": 2},
+         "higgs3": {"method": "higgs", "bits": 3, "p": 2},
+         "higgs2": {"method": "higgs", "bits": 2, "p": 2}}
 
 
 def random_text_encoder_demo(carry: Path):

@@ -24,19 +24,10 @@ from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
 from autoquant.settings import EvalSettings  # noqa: E402
 from autoquant.space import load_space  # noqa: E402
 
-BASELINES = {
-    "hqq8": {"method": "hqq", "bits": 8}, "hqq4": {"method": "hqq", "bits": 4},
-    "hqq3": {"method": "hqq", "bits": 3}, "hqq2": {"method": "hqq", "bits": 2},
-    "bnb-int8": {"method": "bnb", "bits": 8}, "bnb-nf4": {"method": "bnb", "bits": 4},
-    "bnb-fp4": {"method": "bnb", "bits": 4, "type": "fp4"},
-    "torchao-int8": {"method": "torchao", "type": "int8"},
-    "torchao-fp8": {"method": "torchao", "type": "fp8"},
-    "torchao-intx4": {"method": "torchao", "type": "intx", "bits": 4},
-    "torchao-intx3": {"method": "torchao", "type": "intx", "bits": 3},
-    "torchao-intx2": {"method": "torchao", "type": "intx", "bits": 2},
-    "higgs4": {"method": "higgs", "bits": 4, "p": 2}, "higgs3": {"method": "higgs", "bits": 3, "p": 2},
-    "higgs2": {"method": "higgs", "bits": 2, "p": 2},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import BASELINES as UNIFORM, HIGGS  # noqa: E402
+
+BASELINES = {**UNIFORM, **HIGGS}
 
 
 def main(argv=None) -> int:
