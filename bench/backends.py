@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                                  f"{predicted / fp16_bytes:.3f}",
                                  "yes" if predicted == measured else f"NO ({measured})",
                                  f"{t * 1e3:.3f}", f"{t / t_bf16:.2f}x"])
-                    del q
+                    q = None  # free the layer before the next one
                 except Exception as e:  # report, keep going
                     rec["error"] = f"{type(e).__name__}: {e}"[:300]
                     rows.append([label, f"{cfg.nominal_bits:g}", "-", "-", "-", "-",
