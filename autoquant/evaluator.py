@@ -135,13 +135,11 @@ class Evaluator:
         comps = components_of(self.pipe)
         return sum(measured_bytes(comps[c]) for c in self.components)
 
-    def score(self, subset: list[int] | None = None) -> tuple[dict, float, float]:
-        """Generate the pipeline as it stands (``subset``: indices into the pairs) and score it
-        against the references: ``(aggregated metrics, generation s, metrics s)``. Raises on
-        non-finite images."""
-        idx = list(range(len(self.pairs))) if subset is None else list(subset)
+    def _measure(self, idx: list[int], progress: bool = False) -> tuple[dict, float, float]:
+        """Generate the pairs ``idx`` with the pipeline as it stands and score them against the
+        references: ``(per-image metrics, generation s, metrics s)``. Raises on NaN/inf images."""
         t0 = time.perf_counter()
-        images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in idx])
+        images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in idx], progress)
         t_gen = time.perf_counter() - t0
         if not torch.isfinite(images).all():
             raise AutoquantError("the quantized pipeline produced non-finite images (NaN/inf)")
@@ -150,7 +148,14 @@ class Evaluator:
         if self.clip is not None:
             per.update(clip_metrics(clip_features(self.clip, images), self.ref_feats[idx],
                                     self.text_feats[idx]))
-        return aggregate(per), t_gen, time.perf_counter() - t0 - t_gen
+        return per, t_gen, time.perf_counter() - t0 - t_gen
+
+    def score(self, subset: list[int] | None = None) -> tuple[dict, float, float]:
+        """Aggregated metrics of the pipeline as it stands on ``subset`` (indices into the pairs;
+        default all): ``(metrics, generation s, metrics s)``."""
+        per, t_gen, t_met = self._measure(list(range(len(self.pairs))) if subset is None
+                                          else list(subset))
+        return aggregate(per), t_gen, t_met
 
     def evaluate(self, recipe: Recipe | None = None, label: str | None = None) -> EvalResult:
         """Score ``recipe`` (None: full precision). The pipeline is back in full precision after."""
@@ -164,20 +169,10 @@ class Evaluator:
             comps = components_of(self.pipe)
             comp_bytes = sum(measured_bytes(comps[c]) for c in self.components)
             pipe_bytes = sum(measured_bytes(m) for m in comps.values())
-            t1 = time.perf_counter()
-            images = generate_images(self.pipe, self.settings, self.pairs, self.progress)
-            t_gen = time.perf_counter() - t1
+            per, t_gen, t_metrics = self._measure(list(range(len(self.pairs))), self.progress)
         finally:
             if recipe is not None:
                 revert(self.pipe)
-        t2 = time.perf_counter()
-        if not torch.isfinite(images).all():
-            raise AutoquantError("the quantized pipeline produced non-finite images (NaN/inf)")
-        per = pixel_metrics(images, self.references)
-        if self.clip is not None:
-            per.update(clip_metrics(clip_features(self.clip, images), self.ref_feats,
-                                    self.text_feats))
-        t_metrics = time.perf_counter() - t2
         total = time.perf_counter() - t0
         per_image = [{"prompt": p, "seed": s, **{k: v[i].item() for k, v in per.items()}}
                      for i, (p, s) in enumerate(self.pairs)]

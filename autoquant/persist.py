@@ -48,8 +48,7 @@ def save_quantized(target: Any, directory: str | Path) -> Path:
         layer_tensors, meta = get_backend(cfg.method).export_state(module)
         for key, value in layer_tensors.items():
             tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous().clone()
-        weight = _shape_of(module)
-        header[name] = {"config": cfg.to_dict(), "meta": meta, **weight}
+        header[name] = {"config": cfg.to_dict(), "meta": meta}
     save_file(tensors, str(directory / TENSORS),
               metadata={"autoquant": json.dumps(header), "format": "autoquant-quantized/1"})
     recipe: Recipe = state.get("recipe") or Recipe(layers=dict(state["configs"]))
@@ -59,16 +58,6 @@ def save_quantized(target: Any, directory: str | Path) -> Path:
                                  "fingerprint": state["fingerprint"]}})
     recipe.save(directory / RECIPE)
     return directory
-
-
-def _shape_of(module) -> dict[str, Any]:
-    out_f = getattr(module, "out_features", None)
-    in_f = getattr(module, "in_features", None)
-    bias = getattr(module, "bias", None) is not None
-    dtype = (getattr(module, "compute_dtype", None) or
-             getattr(getattr(module, "bias", None), "dtype", None))
-    return {"out_features": out_f, "in_features": in_f, "bias": bias,
-            "dtype": str(dtype).replace("torch.", "") if dtype is not None else None}
 
 
 def load_quantized(directory: str | Path, base: Any = None, device: str | torch.device = "cpu"):

@@ -30,14 +30,10 @@ def dequantized_weight(module, cfg, layer) -> torch.Tensor:
     """The weight a quantized layer multiplies with (through its own forward on the identity)."""
     eye = torch.eye(layer.in_features, dtype=torch.float32)
     with torch.no_grad():
-        out = module(eye.to(module_dtype(layer)))
+        out = module(eye.to(layer.dtype))
         if getattr(module, "bias", None) is not None:
             out = out - module.bias.to(out.dtype)
     return out.float().t()
-
-
-def module_dtype(layer):
-    return layer.dtype
 
 
 def weight_mse(modules: dict, inv, cfg) -> tuple[float, float]:
