@@ -195,7 +195,8 @@ def cmd_search(args) -> int:
     cfg = SearchConfig(model=args.model, budget=args.budget, space=space, trials=args.trials,
                        timeout=args.timeout, storage=args.storage, study=args.study,
                        out=Path(args.out), device=args.device, resume=args.resume,
-                       seed=args.seed, settings=settings, clip=clip, progress=not args.json)
+                       seed=args.seed, settings=settings, clip=clip, progress=not args.json,
+                       cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30)
     search = Search(cfg, pipe)
     report = run_search(search)
     if args.json:
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None)
     p.add_argument("--no-clip", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--cache-gib", type=float, default=None,
+                   help="GiB the quantized-layer cache may hold (default: half the free memory)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 
@@ -351,6 +354,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Quantized layers are many mid-sized tensors; the default CUDA allocator hands out whole
+    # blocks when the remainder is < 1 MiB, which costs 2-4% over the bytes the tensors hold
+    # (bench/flux_scale.py). Expandable segments split at 512 B. A user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:

@@ -104,6 +104,9 @@ def load_clip(spec: str = "demo", device: str | torch.device = "cpu") -> Clip:
         clip = _demo_clip()
     elif "/" in spec:
         arch, _, pretrained = spec.partition("/")
+        if not arch or not pretrained:  # open_clip would silently build random weights
+            raise AutoquantError(f"CLIP spec {spec!r}: name both the architecture and the "
+                                 f"weights, ARCH/TAG or ARCH/path/to/checkpoint")
         clip = _open_clip(arch, pretrained)
     else:
         raise AutoquantError(f"CLIP spec {spec!r}: use 'demo', 'ARCH/TAG' "

@@ -71,6 +71,8 @@ class SearchConfig:
     progress: bool = True
     stage_fraction: float = 0.25
     stage_margin_db: float = 3.0
+    #: bytes the layer cache may hold; None: half of the device's free memory at the start
+    cache_bytes: float | None = None
 
 
 class Search:
@@ -79,6 +81,8 @@ class Search:
         self.cfg, self.pipe = cfg, pipe
         self.device = torch.device(cfg.device) if cfg.device else next(
             components_of(pipe)[default_components(pipe)[0]].parameters()).device
+        if cfg.cache_bytes is not None and cfg.cache_bytes <= 0:
+            raise AutoquantError(f"the layer cache needs a positive size, got {cfg.cache_bytes}")
         if cfg.device:
             pipe.to(self.device)
         self.inv = inventory(pipe)
@@ -102,7 +106,9 @@ class Search:
         self.settings = cfg.settings or EvalSettings.for_model(cfg.model, "search", seeds=[0])
         self.evaluator = Evaluator(pipe, self.settings, clip=cfg.clip, components=comps,
                                    progress=cfg.progress)
-        self.cache = LayerCache(pipe, self.inv, self.device)
+        self.cache = LayerCache(pipe, self.inv, self.device,
+                                max_bytes=cfg.cache_bytes if cfg.cache_bytes is not None
+                                else default_cache_bytes(self.device))
         t1 = time.perf_counter()
         few = self.evaluator.pairs[:2]  # two prompts x 3 steps (x2 with guidance) suffice
         self.inputs = capture_denoiser_inputs(
@@ -216,6 +222,15 @@ class Search:
                         "diffusers": diffusers.__version__, "torch": str(torch.__version__),
                         "study": study, "trial": trial, "space": self.cfg.space.name,
                         "prompts_sha256": prompts_hash, "seeds": list(self.settings.seeds)})
+
+
+def default_cache_bytes(device: torch.device) -> float:
+    """Half of what the device has free now: the rest is for generation and the references."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
 
 
 def _params(search: Search, choice: list[int]) -> dict[str, str]:
@@ -446,6 +461,8 @@ def write_outputs(search: Search, study, out: Path, interrupted: bool = False) -
                    for s in optuna.trial.TrialState},
         "interrupted": interrupted, "pareto": front, "timing": search.timing,
         "quantize_s": search.cache.quantize_s,
+        "cache": {"max_bytes": search.cache.max_bytes, "builds": search.cache.builds,
+                  "evictions": search.cache.evictions},
         "failed": [{"trial": t.number, "reason": t.user_attrs.get("fail_reason")}
                    for t in study.trials if t.state == optuna.trial.TrialState.FAIL],
         "trial_timing": [dict(trial=t.number, state=t.state.name, **t.user_attrs.get("timing", {}))

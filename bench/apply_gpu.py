@@ -25,9 +25,9 @@ import autoquant  # noqa: E402
 from autoquant._bytes import measured_bytes  # noqa: E402
 from autoquant._format import human_bytes, table  # noqa: E402
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _flux import flux_transformer  # noqa: E402
+
 RECIPES = {
     "hqq4": {"default": {"method": "hqq", "bits": 4, "group_size": 64}},
     "bnb-nf4": {"default": {"method": "bnb", "bits": 4, "type": "nf4"}},
@@ -42,26 +42,6 @@ RECIPES = {
 }
 
 
-def build(config: dict) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # allocate bf16 directly: never a 48 GB fp32 copy
-    try:
-        with torch.device("meta"):
-            model = FluxTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(default)
-    model = model.to_empty(device="cpu")
-    # Random N(0, 0.02) weights drawn on the GPU (fast) and copied into the CPU tensors.
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, device="cuda", dtype=p.dtype, generator=gen) * 0.02)
-    torch.cuda.synchronize()
-    return model.eval().requires_grad_(False)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", default="hqq4,bnb-nf4,mixed")
@@ -69,14 +49,12 @@ def main(argv=None) -> int:
                     help="small: 2 + 4 blocks, for a quick check")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    config = dict(FLUX_DEV)
-    if args.layers == "small":
-        config.update(num_layers=2, num_single_layers=4)
+    config = dict(num_layers=2, num_single_layers=4) if args.layers == "small" else {}
     device = torch.device("cuda")
     rows, records = [], []
     for name in args.recipes.split(","):
         t0 = time.perf_counter()
-        model = build(config)
+        model = flux_transformer("cpu", **config)  # on the CPU: applied from there
         t_build = time.perf_counter() - t0
         inv = autoquant.inventory(model)
         params = sum(p.numel() for p in model.parameters())

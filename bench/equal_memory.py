@@ -1,18 +1,27 @@
-"""Quality at equal memory (the Benchmarks issue, part 1): for every uniform baseline, the plan
-autoquant finds at that baseline's bytes, both scored on the demo's held-out prompts.
-One sensitivity pass serves every budget (``Search.retarget``).
+"""Quality at equal memory (the Benchmarks issue, part 1), demo model, held-out prompts and seeds.
 
-    python bench/equal_memory.py [--trials 12] [--json bench/results/equal_memory.json]
+For every uniform baseline: the plan autoquant finds at that baseline's bytes (Δ PSNR, Δ CLIP
+fidelity), and the bytes autoquant needs to equal the baseline's PSNR. The second is read off a
+curve: autoquant searched at every baseline's bytes plus a ladder of budgets between the smallest
+plan the space allows and the largest baseline; each best.yaml is scored on the held-out set, and
+"bytes to match" is the smallest searched budget whose plan reaches the baseline's PSNR (so it is
+an upper bound at the ladder's resolution). One sensitivity pass serves every budget
+(``Search.retarget``).
+
+    python bench/equal_memory.py [--trials 12] [--ladder 8] [--json bench/results/equal_memory.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,13 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import BASELINES as UNIFORM, HIGGS  # noqa: E402
 
 BASELINES = {**UNIFORM, **HIGGS}
+TARGET_DB = 2.0  # the goal: at least +2 dB at the 4-bit baselines' bytes, never worse elsewhere
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--trials", type=int, default=12, help="trials per budget")
+    ap.add_argument("--ladder", type=int, default=8, help="extra budgets for bytes-to-match")
+    ap.add_argument("--space", default="default")
     ap.add_argument("--json", default="bench/results/equal_memory.json")
     args = ap.parse_args(argv)
+    torch.manual_seed(0)
     pipe = autoquant.load_pipeline("demo")
     clip = autoquant.load_clip("demo")
     holdout = autoquant.Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip,
@@ -45,36 +58,63 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="equal-memory-"))
     t0 = time.perf_counter()
     search = Search(SearchConfig(model="demo", budget=str(base["hqq4"].bytes),
-                                 space=load_space("default"), trials=args.trials, out=tmp / "x",
+                                 space=load_space(args.space), trials=args.trials, out=tmp / "x",
                                  settings=EvalSettings.for_model("demo", "search", seeds=[0],
                                                                  batch_size=20),
                                  clip=clip, progress=False), pipe)
     setup = time.perf_counter() - t0
-    rows, out = [], {"trials_per_budget": args.trials, "sensitivity_s": setup, "rows": []}
-    # the plan autoquant finds at each baseline's bytes, and the bytes it needs to equal it
-    for name, r in base.items():
-        folder = tmp / name
+    lo, hi = search.smallest_bytes(), max(r.bytes for r in base.values())
+    ladder = {int(lo * (hi / lo) ** (i / args.ladder)) + 1 for i in range(args.ladder + 1)}
+    budgets = sorted({r.bytes for r in base.values()} | ladder)
+    curve: dict[int, dict] = {}
+    for b in budgets:  # autoquant's held-out PSNR against its budget
         t = time.perf_counter()
         try:
-            search.retarget(str(r.bytes), folder)
-        except autoquant.AutoquantError as e:  # reported, not fatal
-            print(f"{name}: {e}", flush=True)
-            out["rows"].append({"baseline": name, "bytes": r.bytes, "error": str(e)})
+            search.retarget(str(b), tmp / f"b{b}")
+        except autoquant.AutoquantError as e:  # below the smallest plan: reported, not fatal
+            curve[b] = {"error": str(e)}
+            print(f"budget {human_bytes(b)}: {e}", flush=True)
             continue
         report = run_search(search)
-        ours = holdout.evaluate(autoquant.load_recipe(folder / "best.yaml"), f"autoquant@{name}")
-        row = {"baseline": name, "bytes": r.bytes, "psnr": r.metrics["psnr"]["mean"],
-               "clip_fidelity": r.metrics["clip_fidelity"]["mean"], "autoquant_bytes": ours.bytes,
-               "autoquant_psnr": ours.metrics["psnr"]["mean"],
-               "autoquant_clip_fidelity": ours.metrics["clip_fidelity"]["mean"],
-               "search_s": time.perf_counter() - t, "trials": report["trials"]}
-        out["rows"].append(row)
-        rows.append([name, human_bytes(r.bytes), f"{row['psnr']:.2f}",
-                     f"{row['autoquant_psnr']:.2f}", f"{row['autoquant_psnr'] - row['psnr']:+.2f}",
-                     f"{row['autoquant_clip_fidelity'] - row['clip_fidelity']:+.4f}"])
-        print(rows[-1], flush=True)
-    print(table(rows, ["baseline", "bytes", "baseline PSNR", "autoquant PSNR", "d PSNR",
-                       "d CLIP fid"]))
+        ours = holdout.evaluate(autoquant.load_recipe(tmp / f"b{b}" / "best.yaml"), "autoquant")
+        curve[b] = {"bytes": ours.bytes, "psnr": ours.metrics["psnr"]["mean"],
+                    "clip_fidelity": ours.metrics["clip_fidelity"]["mean"],
+                    "search_psnr": report["best"]["psnr"], "trials": report["trials"],
+                    "search_s": time.perf_counter() - t}
+        print(f"budget {human_bytes(b)}: {curve[b]['psnr']:.2f} dB held-out "
+              f"({curve[b]['search_s']:.0f} s)", flush=True)
+    ok = {b: c for b, c in curve.items() if "psnr" in c}
+    rows, records = [], []
+    for name, r in base.items():
+        psnr, fid = r.metrics["psnr"]["mean"], r.metrics["clip_fidelity"]["mean"]
+        at = curve[r.bytes]
+        match = min((c["bytes"] for c in ok.values() if c["psnr"] >= psnr), default=None)
+        rec = {"baseline": name, "config": BASELINES[name], "bytes": r.bytes, "psnr": psnr,
+               "clip_fidelity": fid, "autoquant": at, "bytes_to_match": match}
+        if "psnr" in at:
+            rec["d_psnr"], rec["d_clip_fidelity"] = at["psnr"] - psnr, at["clip_fidelity"] - fid
+        records.append(rec)
+        rows.append([name, human_bytes(r.bytes), f"{psnr:.2f}",
+                     f"{at['psnr']:.2f}" if "psnr" in at else "-",
+                     f"{rec['d_psnr']:+.2f}" if "d_psnr" in rec else "-",
+                     f"{rec['d_clip_fidelity']:+.4f}" if "d_psnr" in rec else "-",
+                     human_bytes(match) if match else "-",
+                     f"{match / r.bytes:.0%}" if match else "-"])
+    print(table(rows, ["baseline", "bytes", "PSNR", "autoquant PSNR", "Δ PSNR", "Δ CLIP fid",
+                       "autoquant bytes to match", "of baseline"]))
+    four = [r for r in records if r["config"].get("bits") == 4 or r["baseline"] in
+            ("bnb-nf4", "bnb-fp4")]
+    worst4 = min(r.get("d_psnr", float("-inf")) for r in four)
+    worse = [r["baseline"] for r in records if r.get("d_psnr", 0) < -0.5]
+    print(f"target: >= +{TARGET_DB} dB at every 4-bit baseline's bytes -> worst {worst4:+.2f} dB: "
+          f"{'met' if worst4 >= TARGET_DB else 'NOT met'}; no baseline beaten by > 0.5 dB at "
+          f"its own bytes: {'met' if not worse else 'NOT met (' + ', '.join(worse) + ')'}")
+    out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "space": args.space,
+           "trials_per_budget": args.trials, "sensitivity_s": setup,
+           "curve": [{"budget": b, **c} for b, c in sorted(curve.items())], "rows": records,
+           "target": {"d_psnr_4bit_min": worst4, "met": worst4 >= TARGET_DB,
+                      "worse_than_baseline": worse}}
     Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     return 0
 

@@ -84,6 +84,8 @@ def test_clip_specs_that_cannot_load_say_so():
         load_clip("NoSuchArch/foo")
     with pytest.raises(AutoquantError, match="(?s)could not load CLIP ViT-B-32.*--no-clip"):
         load_clip("ViT-B-32/laion2b_s34b_b79k")  # offline in tests: no weights anywhere
+    with pytest.raises(AutoquantError, match="name both the architecture and the weights"):
+        load_clip("ViT-B-32/")  # open_clip alone would hand back random weights
 
 
 def test_quantizing_the_demo_denoiser_costs_quality(demo):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import optuna
@@ -147,3 +148,41 @@ def test_retarget_reuses_the_sensitivity_for_another_budget(tmp_path):
     assert second["best"]["bytes"] <= second["budget_bytes"]
     with pytest.raises(AutoquantError, match="below the smallest plan"):
         search.retarget("1%", tmp_path / "third")
+
+
+def test_a_capped_layer_cache_evicts_but_never_changes_what_a_plan_computes(tmp_path):
+    from autoquant.sensitivity import LayerCache
+
+    search = make_search(tmp_path, trials=1)
+    unlimited = search.cache
+    assert unlimited.evictions == 0 and unlimited.builds > 0
+    layers = [l for l in search.inv if l.component == "transformer"]
+    biggest = max(l.nbytes(search.groups.groups[0].options[0]) for l in layers)
+    capped = LayerCache(search.pipe, search.inv, search.device, max_bytes=3 * biggest)
+    # the sensitivity pass under a cap of three layers: same table, bounded cache
+    from autoquant.sensitivity import measure_sensitivity
+
+    table = measure_sensitivity(search.pipe, capped, search.groups, search.component,
+                                search.inputs, search.ref_outputs, progress=False)
+    assert table == search.error
+    assert capped.evictions > 0 and capped.nbytes <= 3 * biggest
+    # a whole plan is larger than the cap: it is still assembled (installed layers stay), and
+    # its output equals the unlimited cache's
+    from autoquant.sensitivity import denoiser_outputs
+
+    plan = search.groups.plan(search.seeds()[0][1])
+    capped.assemble(plan)
+    assert capped.nbytes > 3 * biggest
+    out_capped = denoiser_outputs(search.pipe, search.component, search.inputs)
+    capped.restore()
+    unlimited.assemble(plan)
+    out_unlimited = denoiser_outputs(search.pipe, search.component, search.inputs)
+    unlimited.restore()
+    assert all(a.equal(b) for a, b in zip(out_capped, out_unlimited))
+    # a later, different plan evicts what the first one no longer uses
+    before = capped.evictions
+    capped.assemble(search.groups.plan(search.seeds()[-1][1]))
+    capped.restore()
+    assert capped.evictions > before
+    with pytest.raises(AutoquantError, match="positive size"):
+        Search(dataclasses.replace(search.cfg, cache_bytes=0), search.pipe)

@@ -13,6 +13,7 @@ holds one layout on every device and its bytes and serialized form stay what the
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 from torch import nn
@@ -22,6 +23,17 @@ from .._errors import ConfigError
 from ._base import DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int
 
 BLOCKSIZES = (64, 128, 256)
+
+
+class _QuietInt8Cast(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" on *every* LLM.int8 forward of a
+    bf16 model (hundreds per image); it is how the kernel always works, so it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_QuietInt8Cast())
 
 
 @dataclasses.dataclass(frozen=True)
