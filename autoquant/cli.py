@@ -196,7 +196,8 @@ def cmd_search(args) -> int:
                        timeout=args.timeout, storage=args.storage, study=args.study,
                        out=Path(args.out), device=args.device, resume=args.resume,
                        seed=args.seed, settings=settings, clip=clip, progress=not args.json,
-                       cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30)
+                       cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30,
+                       sensitivity=args.sensitivity)
     search = Search(cfg, pipe)
     report = run_search(search)
     if args.json:
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None)
     p.add_argument("--no-clip", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--sensitivity", default="auto", choices=["auto", "full", "anchored"],
+                   help="full: replay the denoiser for every (layer group, config); anchored: "
+                        "once per group (large models); auto: full if it takes <= 10 min")
     p.add_argument("--cache-gib", type=float, default=None,
                    help="GiB the quantized-layer cache may hold (default: half the free memory)")
     p.add_argument("--json", action="store_true")

@@ -45,12 +45,14 @@ from .backends.none import NoneConfig
 from .evaluator import Evaluator, default_components, generate_images
 from .inventory import components_of, inventory
 from .recipe import Recipe
-from .sensitivity import (Groups, LayerCache, capture_denoiser_inputs, denoiser_outputs,
-                          measure_sensitivity, output_error)
+from .sensitivity import (Groups, LayerCache, anchored_sensitivity, capture_denoiser_inputs,
+                          denoiser_outputs, measure_sensitivity, output_error)
 from .settings import EvalSettings
 from .space import SearchSpace, parse_budget
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SENSITIVITY_MODES = ("auto", "full", "anchored")
 
 
 @dataclasses.dataclass
@@ -73,6 +75,10 @@ class SearchConfig:
     stage_margin_db: float = 3.0
     #: bytes the layer cache may hold; None: half of the device's free memory at the start
     cache_bytes: float | None = None
+    #: "full": one replay per (group, config); "anchored": one per group (see sensitivity.py);
+    #: "auto": full unless one replay x the number of replays would exceed ``full_sensitivity_s``
+    sensitivity: str = "auto"
+    full_sensitivity_s: float = 600.0
 
 
 class Search:
@@ -81,6 +87,9 @@ class Search:
         self.cfg, self.pipe = cfg, pipe
         self.device = torch.device(cfg.device) if cfg.device else next(
             components_of(pipe)[default_components(pipe)[0]].parameters()).device
+        if cfg.sensitivity not in SENSITIVITY_MODES:
+            raise AutoquantError(f"sensitivity {cfg.sensitivity!r}: choose one of "
+                                 f"{', '.join(SENSITIVITY_MODES)}")
         if cfg.cache_bytes is not None and cfg.cache_bytes <= 0:
             raise AutoquantError(f"the layer cache needs a positive size, got {cfg.cache_bytes}")
         if cfg.device:
@@ -115,9 +124,33 @@ class Search:
             pipe, self.component,
             lambda: generate_images(pipe, dataclasses.replace(self.settings, batch_size=len(few)), few))
         self.ref_outputs = denoiser_outputs(pipe, self.component, self.inputs)
-        self.error = measure_sensitivity(pipe, self.cache, self.groups, self.component,
-                                         self.inputs, self.ref_outputs, cfg.progress)
-        self.timing = {"setup_s": t1 - t0, "sensitivity_s": time.perf_counter() - t1}
+        self.sensitivity_mode, probe_s = self._sensitivity_mode()
+        measure = anchored_sensitivity if self.sensitivity_mode == "anchored" else measure_sensitivity
+        self.error = measure(pipe, self.cache, self.groups, self.component, self.inputs,
+                             self.ref_outputs, cfg.progress)
+        self.timing = {"setup_s": t1 - t0, "sensitivity_s": time.perf_counter() - t1,
+                       "sensitivity_mode": self.sensitivity_mode, "replay_s": probe_s}
+
+    def _sensitivity_mode(self) -> tuple[str, float | None]:
+        """``auto``: time one replay; the full table if it costs at most ``full_sensitivity_s``."""
+        if self.cfg.sensitivity != "auto":
+            return self.cfg.sensitivity, None
+        g = self.groups.groups[0]
+        cfg = next(c for c in g.options if not isinstance(c, NoneConfig))
+        self.cache.assemble({l.name: cfg for l in g.layers})
+        output_error(self.pipe, self.component, self.inputs, self.ref_outputs)  # warm-up
+        t = time.perf_counter()
+        output_error(self.pipe, self.component, self.inputs, self.ref_outputs)
+        probe_s = time.perf_counter() - t
+        self.cache.restore()
+        replays = sum(sum(not isinstance(c, NoneConfig) for c in g.options)
+                      for g in self.groups.groups)
+        full = probe_s * replays <= self.cfg.full_sensitivity_s
+        if not full and self.cfg.progress:
+            print(f"sensitivity: {replays} replays x {probe_s:.2f} s would take "
+                  f"{probe_s * replays / 60:.0f} min; measuring {len(self.groups.groups)} anchors "
+                  f"instead (--sensitivity full to insist)", flush=True)
+        return ("full" if full else "anchored"), probe_s
 
     # -- budget --------------------------------------------------------------------------------
     def retarget(self, budget: str, out: Path, study: str | None = None) -> None:

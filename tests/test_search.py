@@ -186,3 +186,30 @@ def test_a_capped_layer_cache_evicts_but_never_changes_what_a_plan_computes(tmp_
     assert capped.evictions > before
     with pytest.raises(AutoquantError, match="positive size"):
         Search(dataclasses.replace(search.cfg, cache_bytes=0), search.pipe)
+
+
+def test_anchored_sensitivity_matches_the_full_table_at_each_anchor_and_in_order(tmp_path):
+    from scipy.stats import spearmanr
+
+    from autoquant.sensitivity import anchored_sensitivity
+
+    search = make_search(tmp_path, trials=1)
+    assert search.sensitivity_mode == "full"  # auto: a tiny model is measured in full
+    full = search.error
+    anchored = anchored_sensitivity(search.pipe, search.cache, search.groups, search.component,
+                                    search.inputs, search.ref_outputs, progress=False)
+    assert len(anchored) == len(full)
+    pairs = []
+    for g, a, f in zip(search.groups.groups, anchored, full):
+        quantized = [k for k, c in enumerate(g.options) if c.method != "none"]
+        assert all(a[k] == 0.0 for k in range(len(g.options)) if k not in quantized)
+        # the anchor (median local error) is replayed: its value is the full table's
+        assert any(a[k] == pytest.approx(f[k], rel=1e-6) for k in quantized)
+        pairs += [(a[k], f[k]) for k in quantized]
+    rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
+    assert rho > 0.8, rho
+    with pytest.raises(AutoquantError, match="sensitivity 'fast'"):
+        Search(dataclasses.replace(search.cfg, sensitivity="fast"), search.pipe)
+    forced = Search(dataclasses.replace(search.cfg, sensitivity="anchored"), search.pipe)
+    assert forced.sensitivity_mode == "anchored" and forced.timing["sensitivity_mode"] == "anchored"
+    assert [v for r in forced.error for v in r] == pytest.approx([v for r in anchored for v in r])
