@@ -27,13 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoquant  # noqa: E402
 from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.backends import config_from_dict  # noqa: E402
-from autoquant.baseline import baseline_recipe  # noqa: E402
 from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.settings import EvalSettings  # noqa: E402
 from autoquant.space import load_space  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _demo import demo_bench, search_settings  # noqa: E402
 from baselines import BASELINES as UNIFORM, HIGGS  # noqa: E402
 
 BASELINES = {**UNIFORM, **HIGGS}
@@ -47,20 +45,12 @@ def main(argv=None) -> int:
     ap.add_argument("--space", default="default")
     ap.add_argument("--json", default="bench/results/equal_memory.json")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    pipe = autoquant.load_pipeline("demo")
-    clip = autoquant.load_clip("demo")
-    holdout = autoquant.Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip,
-                                  progress=False)
-    inv = autoquant.inventory(pipe)
-    base = {n: holdout.evaluate(baseline_recipe(inv, config_from_dict(c), ["transformer"]), n)
-            for n, c in BASELINES.items()}
+    pipe, clip, holdout, base = demo_bench(BASELINES)
     tmp = Path(tempfile.mkdtemp(prefix="equal-memory-"))
     t0 = time.perf_counter()
     search = Search(SearchConfig(model="demo", budget=str(base["hqq4"].bytes),
                                  space=load_space(args.space), trials=args.trials, out=tmp / "x",
-                                 settings=EvalSettings.for_model("demo", "search", seeds=[0],
-                                                                 batch_size=20),
+                                 settings=search_settings(),
                                  clip=clip, progress=False), pipe)
     setup = time.perf_counter() - t0
     lo, hi = search.smallest_bytes(), max(r.bytes for r in base.values())

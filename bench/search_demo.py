@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoquant  # noqa: E402
 from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.backends import config_from_dict  # noqa: E402
-from autoquant.baseline import baseline_recipe  # noqa: E402
 from autoquant.evaluator import Evaluator  # noqa: E402
 from autoquant.recipe import Recipe  # noqa: E402
 from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.settings import EvalSettings  # noqa: E402
 from autoquant.space import load_space  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _demo import demo_bench, search_settings as demo_search_settings  # noqa: E402
 
 BASELINES = {"hqq4": {"method": "hqq", "bits": 4}, "bnb-nf4": {"method": "bnb", "bits": 4},
              "torchao-intx4": {"method": "torchao", "type": "intx", "bits": 4},
@@ -86,14 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--space", default="default")
     ap.add_argument("--json", default="bench/results/search_demo.json")
     args = ap.parse_args(argv)
-    pipe = autoquant.load_pipeline("demo")
-    clip = autoquant.load_clip("demo")
-    holdout = Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip, progress=False)
-    inv = autoquant.inventory(pipe)
-    base = {name: holdout.evaluate(baseline_recipe(inv, config_from_dict(c), ["transformer"]), name)
-            for name, c in BASELINES.items()}
+    pipe, clip, holdout, base = demo_bench(BASELINES)
     space = load_space(args.space)
-    search_settings = EvalSettings.for_model("demo", "search", seeds=[0], batch_size=20)
+    search_settings = demo_search_settings()
     out: dict = {"baselines": {k: {"bytes": r.bytes, "psnr": r.metrics["psnr"]["mean"],
                                    "clip_fidelity": r.metrics["clip_fidelity"]["mean"]}
                                for k, r in base.items()}, "searches": {}}

@@ -16,7 +16,7 @@ within the budget (reference point: the budget, 0 dB), against trials and agains
 the final best plans are also scored on the held-out prompts. A figure shows the four curves.
 
     pip install -e ".[bench]"
-    python bench/search_efficiency.py [--trials 32] [--seeds 0 1] [--budgets hqq4,1.4xhqq4]
+    python bench/search_efficiency.py [--trials 40] [--seeds 0 1 2] [--budgets hqq4,1.4xhqq4]
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ from autoquant.baseline import baseline_recipe  # noqa: E402
 from autoquant.evaluator import Evaluator  # noqa: E402
 from autoquant.recipe import Recipe  # noqa: E402
 from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.settings import EvalSettings  # noqa: E402
 from autoquant.space import load_space  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _demo import demo_bench, search_settings  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -168,21 +170,18 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=32)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                     help="seeds of TPE and random (autoquant runs with the first)")
     ap.add_argument("--budgets", default="hqq4,1.4xhqq4",
                     help="comma-separated: hqq4 (uniform hqq 4-bit's bytes), FxBASE, or bytes")
     ap.add_argument("--json", default="bench/results/search_efficiency.json")
     ap.add_argument("--plot", default="bench/results/search_efficiency.png")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    pipe = autoquant.load_pipeline("demo")
-    clip = autoquant.load_clip("demo")
+    pipe, clip, holdout, _ = demo_bench({})
     space = load_space("default")
-    settings = EvalSettings.for_model("demo", "search", seeds=[0], batch_size=20)
+    settings = search_settings()
     search_ev = Evaluator(pipe, settings, clip=clip, progress=False)  # references made once
-    holdout = Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip, progress=False)
     inv = autoquant.inventory(pipe)
     uniform = {n: baseline_recipe(inv, config_from_dict(c), ["transformer"]) for n, c in
                {"hqq4": {"method": "hqq", "bits": 4}, "bnb-nf4": {"method": "bnb", "bits": 4},

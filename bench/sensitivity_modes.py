@@ -19,20 +19,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoquant  # noqa: E402
 from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.backends import config_from_dict  # noqa: E402
 from autoquant.backends.none import NoneConfig  # noqa: E402
-from autoquant.baseline import baseline_recipe  # noqa: E402
 from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
 from autoquant.sensitivity import anchored_sensitivity  # noqa: E402
-from autoquant.settings import EvalSettings  # noqa: E402
 from autoquant.space import load_space  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _demo import demo_bench, search_settings  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,20 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--json", default="bench/results/sensitivity_modes.json")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
-    pipe = autoquant.load_pipeline("demo")
-    clip = autoquant.load_clip("demo")
-    holdout = autoquant.Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip,
-                                  progress=False)
-    inv = autoquant.inventory(pipe)
-    base = {n: holdout.evaluate(baseline_recipe(inv, config_from_dict({"method": "hqq", "bits": b}),
-                                                ["transformer"]), n)
-            for n, b in (("hqq4", 4), ("hqq3", 3))}
+    pipe, clip, holdout, base = demo_bench({"hqq4": {"method": "hqq", "bits": 4},
+                                            "hqq3": {"method": "hqq", "bits": 3}})
     tmp = Path(tempfile.mkdtemp(prefix="sensitivity-modes-"))
     search = Search(SearchConfig(model="demo", budget=str(base["hqq4"].bytes),
                                  space=load_space("default"), trials=args.trials, out=tmp / "x",
-                                 settings=EvalSettings.for_model("demo", "search", seeds=[0],
-                                                                 batch_size=20),
+                                 settings=search_settings(),
                                  clip=clip, progress=False, sensitivity="full"), pipe)
     full, full_s = search.error, search.timing["sensitivity_s"]
     search.cache.clear()  # the anchored pass quantizes every (layer, config) itself, as alone

@@ -1,0 +1,29 @@
+"""What the demo benchmarks share: the pipeline, its CLIP, the held-out evaluator, the search
+settings and the uniform baselines scored on the held-out set."""
+
+from __future__ import annotations
+
+import torch
+
+import autoquant
+from autoquant.backends import config_from_dict
+from autoquant.baseline import baseline_recipe
+from autoquant.settings import EvalSettings
+
+
+def search_settings() -> EvalSettings:
+    """The demo's 20 search prompts x seed 0, in one batch."""
+    return EvalSettings.for_model("demo", "search", seeds=[0], batch_size=20)
+
+
+def demo_bench(baselines: dict[str, dict]):
+    """``(pipe, clip, holdout evaluator, {name: held-out EvalResult of the uniform baseline})``."""
+    torch.manual_seed(0)
+    pipe = autoquant.load_pipeline("demo")
+    clip = autoquant.load_clip("demo")
+    holdout = autoquant.Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip,
+                                  progress=False)
+    inv = autoquant.inventory(pipe)
+    base = {name: holdout.evaluate(baseline_recipe(inv, config_from_dict(c), ["transformer"]), name)
+            for name, c in baselines.items()}
+    return pipe, clip, holdout, base
