@@ -158,12 +158,14 @@ def plot(results: dict, path: Path) -> None:
                 axes[row][col].set_xlabel("trials" if x == "trial" else "wall time (s)")
                 axes[row][col].set_ylabel("best PSNR in budget (dB)" if y == "best_psnr"
                                           else "hypervolume (MiB x dB)")
-        for name, value in entry["baselines"].items():
+        for (name, value), ls in zip(entry["baselines"].items(), (":", "--", "-.")):
             for col in (0, 1):
-                axes[row][col].axhline(value, ls=":", color="k", lw=0.8)
-                axes[row][col].annotate(name, (0, value), fontsize=7, va="bottom")
+                axes[row][col].axhline(value, ls=ls, color="k", lw=0.8,
+                                       label=f"{name}: {value:.2f} dB" if col == 0 else None)
         axes[row][0].set_title(f"budget {entry['label']} ({human_bytes(entry['budget_bytes'])})")
-        axes[row][0].legend(fontsize=7)
+        handles, labels = axes[row][0].get_legend_handles_labels()
+        axes[row][2].legend(handles, labels, fontsize=7, loc="center right",
+                            bbox_to_anchor=(1.0, 0.64))  # above the others, below autoquant
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -177,7 +179,11 @@ def main(argv=None) -> int:
                     help="comma-separated: hqq4 (uniform hqq 4-bit's bytes), FxBASE, or bytes")
     ap.add_argument("--json", default="bench/results/search_efficiency.json")
     ap.add_argument("--plot", default="bench/results/search_efficiency.png")
+    ap.add_argument("--replot", action="store_true", help="only redraw the figure from --json")
     args = ap.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.json).read_text())["results"], Path(args.plot))
+        return 0
     pipe, clip, holdout, _ = demo_bench({})
     space = load_space("default")
     settings = search_settings()
