@@ -22,6 +22,17 @@ from .._errors import ConfigError
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
+def float_and_group_reason(dtype: torch.dtype, in_features: int, group_size: int | None,
+                           computes: str = "") -> str | None:
+    """The checks every method starts its ``layer_reason`` with: a float weight, and (for grouped
+    formats) ``in_features`` a multiple of the group size."""
+    if dtype not in DTYPE_BYTES:
+        return f"dtype {dtype} is not a float type{' ' + computes if computes else ''}"
+    if group_size and in_features % group_size:
+        return f"in_features={in_features} is not divisible by group_size={group_size}"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """Base of every method's config. Subclasses are frozen dataclasses; ``method`` names them."""

@@ -20,7 +20,8 @@ from torch import nn
 
 from . import register_backend
 from .._errors import ConfigError
-from ._base import DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int
+from ._base import (DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int,
+                    float_and_group_reason)
 
 BLOCKSIZES = (64, 128, 256)
 
@@ -83,8 +84,9 @@ class BnbBackend(Backend):
     package = ('bitsandbytes', 'bitsandbytes')
 
     def layer_reason(self, cfg, out_features, in_features, dtype):
-        if dtype not in DTYPE_BYTES:
-            return f"dtype {dtype} is not a float type bitsandbytes computes in"
+        reason = float_and_group_reason(dtype, in_features, None, "bitsandbytes computes in")
+        if reason:
+            return reason
         if cfg.bits == 4 and (out_features * in_features) % 2:
             return "an odd number of weights cannot be packed two per byte"
         return None

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import register_backend
 from . import _higgs_core as core
-from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int
+from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int, float_and_group_reason
 
 GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -81,11 +81,7 @@ class HiggsBackend(Backend):
     devices = ("cpu", "cuda")
 
     def layer_reason(self, cfg, out_features, in_features, dtype):
-        if dtype not in DTYPE_BYTES:
-            return f"dtype {dtype} is not a float type"
-        if in_features % cfg.group_size:
-            return f"in_features={in_features} is not divisible by group_size={cfg.group_size}"
-        return None
+        return float_and_group_reason(dtype, in_features, cfg.group_size)
 
     def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
         k = cfg.bits * cfg.p

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import register_backend
-from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int
+from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int, float_and_group_reason
 
 BITS = (1, 2, 3, 4, 8)
 #: groups per packed unit along the packing axis: a group count not divisible by it would be
@@ -51,10 +51,9 @@ class HQQBackend(Backend):
     package = ('hqq', 'hqq')
 
     def layer_reason(self, cfg, out_features, in_features, dtype):
-        if dtype not in DTYPE_BYTES:
-            return f"dtype {dtype} is not a float type hqq computes in"
-        if in_features % cfg.group_size:
-            return f"in_features={in_features} is not divisible by group_size={cfg.group_size}"
+        reason = float_and_group_reason(dtype, in_features, cfg.group_size, "hqq computes in")
+        if reason:
+            return reason
         groups = out_features * in_features // cfg.group_size
         if groups % _PACK_ROWS[cfg.bits]:
             return (f"{groups} groups is not divisible by {_PACK_ROWS[cfg.bits]}, "

@@ -23,7 +23,8 @@ from torch import nn
 
 from . import register_backend
 from .._errors import ConfigError
-from ._base import DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int
+from ._base import (DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int,
+                    float_and_group_reason)
 
 TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "int4", "intx")
 _GROUPED = ("int4", "intx")
@@ -108,10 +109,11 @@ class TorchaoBackend(Backend):
         return None
 
     def layer_reason(self, cfg, out_features, in_features, dtype):
-        if dtype not in DTYPE_BYTES:
-            return f"dtype {dtype} is not a float type torchao quantizes"
-        if cfg.type in _GROUPED and in_features % cfg.group_size:
-            return f"in_features={in_features} is not divisible by group_size={cfg.group_size}"
+        reason = float_and_group_reason(dtype, in_features,
+                                        cfg.group_size if cfg.type in _GROUPED else None,
+                                        "torchao quantizes")
+        if reason:
+            return reason
         if cfg.type == "int4" and dtype != torch.bfloat16:
             return f"int4 (tinygemm) needs bfloat16 weights, not {dtype}"
         if cfg.type == "fp8_dynamic" and (in_features % 16 or out_features % 16):
