@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import signal
 import time
@@ -261,8 +262,6 @@ def default_cache_bytes(device: torch.device) -> float:
     """Half of what the device has free now: the rest is for generation and the references."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
 
 

@@ -110,14 +110,11 @@ class LayerCache:
         self.originals = {l.name: self.comps[l.component].get_submodule(l.path) for l in inv}
         self.built: OrderedDict[tuple[str, QuantConfig], nn.Module] = OrderedDict()
         self.sizes: dict[tuple[str, QuantConfig], int] = {}
+        self.nbytes = 0  # sum of ``sizes``, kept as it changes
         self.installed: dict[str, tuple[str, QuantConfig] | None] = {}
         self.quantize_s = 0.0
         self.builds = 0
         self.evictions = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self.sizes.values())
 
     def module(self, name: str, cfg: QuantConfig) -> nn.Module:
         if isinstance(cfg, NoneConfig):
@@ -134,6 +131,7 @@ class LayerCache:
                                                                self.device)
         self.quantize_s += time.perf_counter() - t
         self.sizes[key] = size
+        self.nbytes += size
         self.builds += 1
         return self.built[key]
 
@@ -146,7 +144,7 @@ class LayerCache:
                 break
             if key not in in_use:
                 del self.built[key]
-                del self.sizes[key]
+                self.nbytes -= self.sizes.pop(key)
                 self.evictions += 1
 
     def clear(self) -> None:
@@ -154,6 +152,7 @@ class LayerCache:
         self.restore()
         self.built.clear()
         self.sizes.clear()
+        self.nbytes = 0
 
     def _set(self, name: str, module: nn.Module) -> None:
         layer = self.inv[name]
