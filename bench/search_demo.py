@@ -2,7 +2,7 @@
 
 1. at the bytes of uniform hqq 4-bit: best.yaml vs uniform hqq4, bnb nf4, torchao int-x 4;
 2. at the bytes of uniform hqq 3-bit: best.yaml vs uniform 3-bit (and the 4-bit baselines);
-3. plain Optuna TPE (one categorical per layer, no seeding, no cache, constraints_func) with the
+3. plain Optuna TPE (one categorical per layer, no seeding, no cache, trial constraints) with the
    same trial count at the hqq4 budget: best PSNR within budget and wall time, side by side;
 4. per-trial time split (assembly, proxy, generation, metrics) and trial / generation time.
 
@@ -20,19 +20,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoquant  # noqa: E402
 from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.evaluator import Evaluator  # noqa: E402
-from autoquant.recipe import Recipe  # noqa: E402
 from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
 from autoquant.space import load_space  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo import demo_bench, search_settings as demo_search_settings  # noqa: E402
+from search_efficiency import run_optuna  # noqa: E402
 
 BASELINES = {"hqq4": {"method": "hqq", "bits": 4}, "bnb-nf4": {"method": "bnb", "bits": 4},
              "torchao-intx4": {"method": "torchao", "type": "intx", "bits": 4},
@@ -40,44 +38,15 @@ BASELINES = {"hqq4": {"method": "hqq", "bits": 4}, "bnb-nf4": {"method": "bnb", 
 
 
 def plain_tpe(pipe, space, budget_bytes, trials, seed, search_settings, clip):
-    """What a user gets from Optuna alone: one categorical per layer, TPE, constraints_func."""
-    ev = Evaluator(pipe, search_settings, clip=clip, components=["transformer"], progress=False)
-    inv = autoquant.inventory(pipe)
-    layers = [l for l in inv if l.component == "transformer"]
-    other = ev.fp_component_bytes - sum(l.bytes for l in layers)
-    total_w = sum(l.weight_params for l in layers)
-    options = {l.name: [c for c in space.candidates if l.fits(c) is None] for l in layers}
-
-    def constraints(trial):
-        return trial.user_attrs["constraints"]
-
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints)
-    study = optuna.create_study(directions=["minimize", "maximize", "maximize"], sampler=sampler)
-    start = time.perf_counter()
-    for _ in range(trials):
-        trial = study.ask()
-        plan = {}
-        for l in layers:
-            labels = [c.label for c in options[l.name]]
-            plan[l.name] = options[l.name][labels.index(trial.suggest_categorical(l.name, labels))]
-        nbytes = other + sum(l.nbytes(c) if c.method != "none" else l.bytes
-                             for l, c in ((l, plan[l.name]) for l in layers))
-        fp = sum(l.weight_params for l in layers if plan[l.name].method == "none")
-        trial.set_user_attr("constraints", [nbytes - budget_bytes, fp - space.fp_cap * total_w])
-        recipe = Recipe(layers=plan, components=["transformer"])
-        r = ev.evaluate(recipe)  # re-quantizes every layer: no cache
-        study.tell(trial, [r.bytes, r.metrics["psnr"]["mean"], r.metrics["clip_fidelity"]["mean"]])
-    wall = time.perf_counter() - start
-    feasible = [t for t in study.trials if t.values and max(t.user_attrs["constraints"]) <= 0]
-    best = max(feasible, key=lambda t: t.values[1], default=None)
-    best_recipe = None
-    if best is not None:
-        best_recipe = Recipe(layers={l.name: options[l.name][[c.label for c in options[l.name]]
-                                                             .index(best.params[l.name])]
-                                     for l in layers}, components=["transformer"])
-    return {"wall_s": wall, "feasible_trials": len(feasible), "trials": trials,
-            "best_search_psnr": best.values[1] if best else None,
-            "best_bytes": best.values[0] if best else None}, best_recipe
+    """What a user gets from Optuna alone: one categorical per layer, TPE, the constraints set on
+    each trial, every candidate generated and scored (no seeding, no cache)."""
+    records, recipe, _ = run_optuna(pipe, clip, search_settings, space, budget_bytes, trials,
+                                    seed, "tpe", generate_infeasible=True)
+    feasible = [r for r in records if r["psnr"] is not None]
+    best = max(feasible, key=lambda r: r["psnr"], default=None)
+    return {"wall_s": records[-1]["elapsed_s"], "feasible_trials": len(feasible),
+            "trials": trials, "best_search_psnr": best["psnr"] if best else None,
+            "best_bytes": best["bytes"] if best else None}, recipe
 
 
 def main(argv=None) -> int:

@@ -95,8 +95,11 @@ def run_autoquant(pipe, clip, settings, budget, trials, seed):
         "sensitivity_s": search.timing["sensitivity_s"]}
 
 
-def run_optuna(pipe, clip, settings, space, budget, trials, seed, sampler_name):
-    """One categorical per layer; what Optuna alone gives."""
+def run_optuna(pipe, clip, settings, space, budget, trials, seed, sampler_name,
+               generate_infeasible=False):
+    """One categorical per layer; what Optuna alone gives. ``generate_infeasible``: score every
+    candidate, as a user who lets the constraints only steer the sampler would (the time is
+    spent; an infeasible plan's PSNR is still not counted)."""
     ev = Evaluator(pipe, settings, clip=clip, components=["transformer"], progress=False)
     layers = [l for l in autoquant.inventory(pipe) if l.component == "transformer"]
     other = ev.fp_component_bytes - sum(l.bytes for l in layers)
@@ -120,15 +123,17 @@ def run_optuna(pipe, clip, settings, space, budget, trials, seed, sampler_name):
         cons = [nbytes - budget, fp - space.fp_cap * total_w]
         trial.set_constraint("bytes_over_budget", cons[0])
         trial.set_constraint("fp_weights_over_cap", cons[1])
-        psnr = None
-        if max(cons) > 0:  # no image for a plan that breaks the budget or the cap
+        psnr, feasible = None, max(cons) <= 0
+        if not (feasible or generate_infeasible):  # no image for a plan breaking budget or cap
             study.tell(trial, [nbytes, 0.0, 0.0])
         else:
             r = ev.evaluate(Recipe(layers=plan, components=["transformer"]))  # no cache
-            psnr = r.metrics["psnr"]["mean"]
-            study.tell(trial, [nbytes, psnr, r.metrics["clip_fidelity"]["mean"]])
-            if best is None or psnr > best[0]:
-                best = (psnr, plan)
+            study.tell(trial, [nbytes, r.metrics["psnr"]["mean"],
+                               r.metrics["clip_fidelity"]["mean"]])
+            if feasible:
+                psnr = r.metrics["psnr"]["mean"]
+                if best is None or psnr > best[0]:
+                    best = (psnr, plan)
         records.append({"bytes": nbytes, "psnr": psnr, "elapsed_s": time.time() - start})
     recipe = Recipe(layers=best[1], components=["transformer"]) if best else None
     return records, recipe, {}
