@@ -13,11 +13,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._bytes import measured_bytes
+from ._errors import AutoquantError, BackendError, BackendUnavailableError
 from ._format import human_bytes
-from ._errors import AutoquantError, BackendUnavailableError
-from .backends import get_backend
-from .backends.none import NoneConfig
-from .inventory import Inventory, components_of, inventory
+from ._modules import swap_module
+from ._state import AppliedState, applied_state, set_applied
+from .backends import get_backend, quantize_layer
+from ._inventory import Inventory, components_of, inventory
 from .recipe import Plan, Recipe
 
 
@@ -67,11 +68,6 @@ class ApplySummary:
         return "\n".join(lines)
 
 
-def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent_path, _, child = path.rpartition(".")
-    return (root.get_submodule(parent_path) if parent_path else root), child
-
-
 def _check_available(plan: Plan, device_of: dict[str, torch.device]) -> None:
     problems = []
     seen = set()
@@ -117,18 +113,16 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     device_of = {name: want or modules[name].weight.device for name in plan.configs}
     _check_available(plan, device_of)
 
-    # Build every replacement before touching the target.
+    # Build every replacement before touching the target: any failure (a library's, a bug,
+    # Ctrl-C) leaves it exactly as it was.
     built: dict[str, nn.Module] = {}
     try:
         for name, cfg in tqdm(plan.configs.items(), desc="quantizing", unit="layer",
                               disable=not progress or not plan.configs, leave=False):
             try:
-                with torch.no_grad():
-                    built[name] = get_backend(cfg.method).quantize(modules[name], cfg,
-                                                                   device_of[name])
-            except Exception as e:  # any backend failure aborts the whole apply
-                raise AutoquantError(f"quantizing {name} with {cfg.label} failed: "
-                                     f"{type(e).__name__}: {e}. Nothing was changed.") from e
+                built[name] = quantize_layer(modules[name], cfg, device_of[name], name)
+            except BackendError as e:
+                raise BackendError(f"{e}. Nothing was changed.") from e
     except BaseException:
         built.clear()
         gc.collect()
@@ -140,9 +134,8 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     originals: dict[str, nn.Module] = {}
     for layer in inv:
         if layer.name in built and built[layer.name] is not modules[layer.name]:
-            parent, child = _parent(comps[layer.component], layer.path)
-            originals[layer.name] = modules[layer.name]
-            setattr(parent, child, built[layer.name])
+            originals[layer.name] = swap_module(comps[layer.component], layer.path,
+                                                built[layer.name])
     if want is not None:
         first_device = {c: next((p.device for p in m.parameters()), torch.device("cpu"))
                         for c, m in comps.items()}
@@ -151,9 +144,7 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
                 comp.to(want)
         except BaseException:
             for name, original in originals.items():
-                layer = inv[name]
-                parent, child = _parent(comps[layer.component], layer.path)
-                setattr(parent, child, original)
+                swap_module(comps[inv[name].component], inv[name].path, original)
             for c, comp in comps.items():
                 comp.to(first_device[c])
             raise
@@ -162,34 +153,29 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
         scope = set(scope)
     elif isinstance(recipe, Recipe) and recipe.components:
         scope = set(recipe.components)
-    summary = _summarize(inv, plan, built, comps, want, time.perf_counter() - start, scope)
+    summary = _summarize(inv, plan, built, comps, time.perf_counter() - start, scope, want)
     # Remember the plan (and the full-precision model's fingerprint) so save_quantized can write it.
-    state = getattr(target, "_autoquant", None) or {"configs": {}, "fingerprint": inv.fingerprint()}
-    state["configs"].update(plan.configs)
+    state = applied_state(target) or AppliedState(configs={}, fingerprint=inv.fingerprint())
+    state.configs.update(plan.configs)
     if keep_originals:
-        state.setdefault("originals", {})
         for name, original in originals.items():
-            state["originals"].setdefault(name, original)
+            state.originals.setdefault(name, original)
     if isinstance(recipe, Recipe):
-        state["recipe"] = recipe
-    try:
-        object.__setattr__(target, "_autoquant", state)
-    except Exception:  # pragma: no cover - exotic targets
-        pass
+        state.recipe = recipe
+    set_applied(target, state)
     return summary
 
 
 def revert(target: Any) -> None:
     """Undo every :func:`apply_recipe` made with ``keep_originals=True`` on ``target``."""
-    state = getattr(target, "_autoquant", None)
-    if not state or "originals" not in state:
+    state = applied_state(target)
+    if state is None or not state.originals:
         raise AutoquantError("nothing to revert: apply_recipe(..., keep_originals=True) first")
     comps = components_of(target)
-    for name, original in state["originals"].items():
+    for name, original in state.originals.items():
         comp, path = _split(name, comps)
-        parent, child = _parent(comps[comp], path)
-        setattr(parent, child, original)
-    object.__delattr__(target, "_autoquant")
+        swap_module(comps[comp], path, original)
+    set_applied(target, None)
 
 
 def _split(name: str, comps: dict[str, nn.Module]) -> tuple[str, str]:
@@ -201,8 +187,8 @@ def _split(name: str, comps: dict[str, nn.Module]) -> tuple[str, str]:
 
 
 def _summarize(inv: Inventory, plan: Plan, built: dict[str, nn.Module],
-               comps: dict[str, nn.Module], device: torch.device | None,
-               seconds: float, scope: set[str] | None = None) -> ApplySummary:
+               comps: dict[str, nn.Module], seconds: float, scope: set[str] | None,
+               device: torch.device | None) -> ApplySummary:
     """Bytes, bits per weight and full-precision share over the Linear layers of ``scope`` (the
     recipe's ``components``; all components when it names none); ``component_bytes`` over every
     component."""
@@ -212,11 +198,10 @@ def _summarize(inv: Inventory, plan: Plan, built: dict[str, nn.Module],
     per_method: Counter[str] = Counter()
     for layer in inv:
         cfg = plan.configs.get(layer.name)
-        quantized = cfg is not None and not isinstance(cfg, NoneConfig)
+        quantized = cfg is not None and not cfg.full_precision
         if quantized:
-            module = built[layer.name]
-            got = measured_bytes(module)
-            formula = layer.nbytes(cfg, device or next(iter(module.parameters())).device)
+            got = measured_bytes(built[layer.name])
+            formula = layer.nbytes(cfg)
             comp_after[layer.component] += got - layer.bytes
         else:
             got = formula = layer.bytes

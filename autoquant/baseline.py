@@ -13,7 +13,7 @@ from typing import Any
 
 from ._errors import AutoquantError
 from .backends import QuantConfig
-from .inventory import Inventory
+from ._inventory import Inventory
 from .recipe import Recipe
 
 PROTECTED_TOP_LEVEL = (

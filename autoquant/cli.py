@@ -1,62 +1,153 @@
-"""``autoquant`` command line: ``inspect``, ``apply``, ``evaluate``, ``baseline`` ``search``, ``report``."""
+"""``autoquant`` command line: ``search``, ``apply``, ``evaluate``, ``baseline``, ``inspect``,
+``report``.
+
+Arguments are parsed and checked -- budgets, spaces, recipes, output folders, devices, storage
+URLs -- before torch or a model is imported, so a mistake is reported in a moment. Errors are one
+line (``--debug`` shows the traceback); the exit code is 2 for bad input, 1 for a failure while
+running, 130 after Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-import yaml
+from ._errors import AutoquantError, InputError
 
-from ._errors import AutoquantError
-from ._format import human_bytes, table
-
-
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="built-in name (demo, tiny-flux, tiny-sd), local diffusers folder, or hub id")
-    p.add_argument("--dtype", default="bfloat16", help="weights dtype (default bfloat16)")
-    p.add_argument("--revision", default=None, help="hub revision")
+COMMANDS = ("search", "apply", "evaluate", "baseline", "inspect", "report")
 
 
-def cmd_inspect(args) -> int:
-    from .inventory import inventory
+# -- checks that need no model -----------------------------------------------------------------
+def _writable_folder(path: str, what: str) -> Path:
+    """``path`` as a folder we can write into (created if missing)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what} {path}: a file is in the way; give a folder")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: cannot write in {probe} (permission denied); pick "
+                         f"another folder")
+    return p
+
+
+def _writable_file(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(f"{what} {path}: a folder is in the way; give a file name")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: cannot write in {parent} (permission denied)")
+    return p
+
+
+def _check_device(spec: str | None) -> None:
+    if spec is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {spec!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: no CUDA GPU is visible on this machine; leave "
+                             f"out --device to run on the CPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"--device {spec}: autoquant runs on cpu or cuda")
+
+
+def _settings(args, prompt_set: str):
+    from .settings import EvalSettings
+
+    return EvalSettings.for_model(args.model, prompt_set, args.prompts, args.seeds, args.steps,
+                                  args.guidance, args.size, args.batch_size)
+
+
+def _clip(args, device):
+    if args.no_clip:
+        return None
+    from .builtin_models import default_clip
+    from .clip import load_clip
+
+    spec = args.clip or default_clip(args.model)
+    if spec is None:
+        raise InputError(f"no default CLIP for {args.model}: pass --clip ARCH/TAG (e.g. "
+                         f"ViT-B-32/laion2b_s34b_b79k), a local ARCH/checkpoint, or --no-clip")
+    return load_clip(spec, device)
+
+
+def _load(args):
     from .pipelines import load_pipeline
 
-    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
+    return load_pipeline(args.model, dtype=args.dtype, revision=args.revision,
+                         device=getattr(args, "device", None))
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    import torch
+
+    from ._format import human_bytes, table
+    from .backends import get_backend, methods
+    from ._inventory import inventory
+
+    device = torch.device(args.device or "cpu")
+    pipe = _load(args)
     inv = inventory(pipe)
     data = inv.to_dict()
+    configs = [c for m in methods() for c in get_backend(m).configs()]
+    not_here = {c.label: r for c in configs
+                if (r := get_backend(c.method).unavailable_reason(c, device))}
+    data["unavailable_here"] = not_here
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
     rows = []
     for layer in data["layers"]:
-        unusable = layer["unusable"]
+        unusable = sorted(set(layer["unusable"]) - set(not_here))
         rows.append([layer["name"], "x".join(map(str, layer["shape"])), f"{layer['params']:,}",
                      human_bytes(layer["bytes"]),
-                     "all" if not unusable else "not: " + ", ".join(sorted(unusable))])
+                     "all" if not unusable else "not: " + ", ".join(unusable)])
     if not args.totals_only:
-        print(table(rows, ["layer", "shape", "params", "bytes", "methods"]))
+        print(table(rows, ["layer", "shape", "params", "bytes", "configs it can take"]))
         print()
     comp_rows = [[name, str(c["linear_layers"]), f"{c['linear_params']:,}",
                   human_bytes(c["linear_bytes"]), f"{c['params']:,}", human_bytes(c["bytes"])]
                  for name, c in data["components"].items()]
     print(table(comp_rows, ["component", "Linear layers", "Linear params", "Linear bytes",
                             "all params", "all bytes"]))
-    print(f"\nfingerprint {data['fingerprint']}; {len(rows)} quantizable layers. "
-          f"'not: ...' lists configs a layer cannot take (see --json for the reasons).")
+    print(f"\nfingerprint {data['fingerprint']}; {len(rows)} quantizable layers. 'all' = every "
+          f"config that runs on {device.type}; 'not: ...' lists the configs a layer's shape "
+          f"cannot take (--json gives the reasons).")
+    if not_here:
+        print(f"cannot run on {device.type} at all: " +
+              "; ".join(f"{k} ({v})" for k, v in not_here.items()))
     return 0
 
 
 def cmd_apply(args) -> int:
     from .apply import apply_recipe
     from .persist import save_quantized
-    from .pipelines import load_pipeline
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # validated before any model is loaded
-    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
+    if args.save:
+        _writable_folder(args.save, "--save")
+    if args.prompt:
+        _writable_file(args.out, "--out")
+    _check_device(args.device)
+    pipe = _load(args)
     summary = apply_recipe(pipe, recipe, device=args.device, progress=not args.json)
     result = {"summary": summary.to_dict()}
     if args.save:
@@ -64,7 +155,7 @@ def cmd_apply(args) -> int:
     if args.prompt:
         import torch
 
-        from .pipelines import generation_defaults
+        from .builtin_models import generation_defaults
 
         kwargs = generation_defaults(args.model)
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -88,34 +179,17 @@ def cmd_apply(args) -> int:
     return 0
 
 
-def _settings(args):
-    from .settings import EvalSettings
-
-    return EvalSettings.for_model(args.model, args.prompt_set, args.prompts, args.seeds,
-                                  args.steps, args.guidance, args.size, args.batch_size)
-
-
-def _clip(args, device):
-    if args.no_clip:
-        return None
-    from .clip import load_clip
-
-    spec = args.clip or ("demo" if args.model == "demo" else None)
-    if spec is None:
-        raise AutoquantError(f"no default CLIP for {args.model}: pass --clip ARCH/TAG (e.g. "
-                             f"ViT-B-32/laion2b_s34b_b79k), a local ARCH/checkpoint, or --no-clip")
-    return load_clip(spec, device)
-
-
 def cmd_evaluate(args) -> int:
     from .evaluator import Evaluator
-    from .pipelines import load_pipeline
     from .recipe import load_recipe
     from .references import ReferenceCache
 
     recipe = load_recipe(args.recipe) if args.recipe else None  # validated before loading
-    settings = _settings(args)
-    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
+    settings = _settings(args, args.prompt_set)
+    if args.cache_dir:
+        _writable_folder(args.cache_dir, "--cache-dir")
+    _check_device(args.device)
+    pipe = _load(args)
     if args.device:
         pipe.to(args.device)
     clip = _clip(args, args.device or "cpu")
@@ -135,38 +209,44 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_baseline(args) -> int:
+    import yaml
+
+    from ._format import human_bytes
     from .backends import config_from_dict
     from .baseline import baseline_recipe
     from .evaluator import default_components
-    from .inventory import inventory
-    from .pipelines import load_pipeline
+    from ._inventory import inventory
 
     entry = {"method": args.method}
     if args.bits is not None:
         entry["bits"] = args.bits
     for option in args.options or []:
         key, sep, value = option.partition("=")
-        if not sep:
-            raise AutoquantError(f"--options takes key=value pairs, got {option!r}")
+        if not sep or not key:
+            raise InputError(f"--options takes key=value pairs, got {option!r}")
         entry[key] = yaml.safe_load(value)
     try:
         config = config_from_dict(entry)
-    except Exception as e:
-        raise AutoquantError(str(e)) from e
-    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
+    except TypeError as e:  # a dataclass given a value it cannot hold
+        raise InputError(f"--method {args.method}: {e}") from None
+    _writable_file(args.out, "--out")
+    pipe = _load(args)
     inv = inventory(pipe)
     components = args.components or default_components(pipe)
+    from ._state import source_of
+
+    source = source_of(pipe)
     recipe = baseline_recipe(inv, config, components, args.protect,
-                             model=getattr(pipe, "_autoquant_source", None))
+                             model=source.to_dict() if source else None)
     plan = recipe.resolve(inv)
     path = recipe.save(args.out)
     layers = [l for l in inv if l.component in components]
     fp = sum(l.weight_params for l in layers if l.name not in plan.configs
-             or plan.configs[l.name].method == "none")
+             or plan.configs[l.name].full_precision)
     total = sum(l.weight_params for l in layers)
     info = {"recipe": str(path), "config": config.to_dict(), "components": components,
             "layers": len(layers), "protected": sum(1 for c in plan.configs.values()
-                                                    if c.method == "none"),
+                                                    if c.full_precision),
             "skipped": plan.skipped, "fp_share": fp / total,
             "predicted_bytes": sum(l.nbytes(plan.configs[l.name]) if l.name in plan.configs
                                    else l.bytes for l in layers)}
@@ -180,105 +260,145 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def _stop_on_signals():
+    """Ctrl-C or SIGTERM: finish the current trial, write the outputs, stop. A second Ctrl-C
+    stops at once (the running trial is recorded as interrupted)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def handler(signum, _frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\n{signal.Signals(signum).name}: stopping after the current trial "
+              f"(Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return stop, previous
+
+
 def cmd_search(args) -> int:
-    from .pipelines import load_pipeline
-    from .search import Search, SearchConfig, run_search
-    from .settings import EvalSettings
     from .space import load_space, parse_budget
 
     parse_budget(args.budget)  # a malformed budget fails before anything loads
     space = load_space(args.space, allow_fp_cap_above_default=args.allow_fp_cap)
-    pipe = load_pipeline(args.model, dtype=args.dtype, revision=args.revision)
-    settings = EvalSettings.for_model(args.model, "search", args.prompts, args.seeds, args.steps,
-                                      args.guidance, args.size, args.batch_size)
+    settings = _settings(args, "search")
+    out = _writable_folder(args.out, "--out")
+    if args.cache_gib is not None and not args.cache_gib > 0:
+        raise InputError(f"--cache-gib {args.cache_gib}: give a positive size")
+    _check_device(args.device)
+    from .search import Search, SearchConfig, run_search
+    from .search._study import open_storage
+
+    out.mkdir(parents=True, exist_ok=True)
+    open_storage(args.storage, out)  # a bad URL or a missing driver: said now
+    pipe = _load(args)
     clip = _clip(args, args.device or "cpu")
     cfg = SearchConfig(model=args.model, budget=args.budget, space=space, trials=args.trials,
-                       timeout=args.timeout, storage=args.storage, study=args.study,
-                       out=Path(args.out), device=args.device, resume=args.resume,
-                       seed=args.seed, settings=settings, clip=clip, progress=not args.json,
+                       timeout=args.timeout, storage=args.storage, study=args.study, out=out,
+                       device=args.device, resume=args.resume, seed=args.seed, settings=settings,
+                       clip=clip, progress=not args.json,
                        cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30,
                        sensitivity=args.sensitivity)
     search = Search(cfg, pipe)
-    report = run_search(search)
+    stop, previous = _stop_on_signals()
+    try:
+        report = run_search(search, stop)
+    finally:
+        import signal
+
+        for s, h in previous.items():
+            signal.signal(s, h)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1, default=str))
         return 0
+    _print_search(args, search, report)
+    return 0
+
+
+def _print_search(args, search, report) -> None:
+    from ._format import human_bytes
+    from .settings import prompt_set
+
+    t = report["trials"]
+    parts = [f"{t['complete']} complete", f"{t['pruned']} pruned", f"{t['fail']} failed"]
+    if t.get("running"):
+        parts.append(f"{t['running']} still running elsewhere")
+    if t.get("waiting"):
+        parts.append(f"{t['waiting']} queued")
     print(f"budget {args.budget} = {human_bytes(search.budget_bytes)} of the searched components "
           f"({', '.join(search.groups.components)}; full precision {human_bytes(search.fp_bytes)});"
-          f" {len(search.groups.groups)} groups; trials {report['trials']}")
+          f" {len(search.groups.groups)} groups; trials: {', '.join(parts)}")
+    for f in report["failed"]:
+        print(f"  trial {f['trial']} failed: {f['reason']}")
     print(report["table"])
     if "best" in report:
         b = report["best"]
+        scores = ", ".join(f"{k} {b[k]:.4g}" for k in search.objectives[1:])
         print(f"\nbest within budget: trial {b['trial']}, {human_bytes(b['bytes'])} "
-              f"(whole pipeline {human_bytes(b['pipeline_bytes'])}), PSNR {b['psnr']:.2f} dB, "
-              f"CLIP fidelity {b['clip_fidelity']:.4f}")
+              f"(whole pipeline {human_bytes(b['pipeline_bytes'])}), {scores}")
+        prompt = prompt_set(args.model, "holdout")[-1]
         print(f"recipe: {b['recipe']}\napply it: autoquant apply --model {args.model} "
-              f"--recipe {b['recipe']} --prompt \"...\" --out image.png")
+              f"--recipe {b['recipe']} --prompt \"{prompt}\" --out image.png")
     else:
         print("no trial finished within the budget")
-    return 0
 
 
 def cmd_report(args) -> int:
     from . import explore
 
+    if args.out is None and args.storage is None:
+        raise InputError("give the search's --out folder, or --storage URL --study NAME")
+    html = Path(args.html) if args.html else Path(args.out or ".") / "report.html"
+    _writable_file(str(html), "--html")
     view = explore.open_study(args.out, args.storage, args.study, args.artifacts)
-    path = explore.write_report(view, args.html or Path(args.out or ".") / "report.html")
+    path = explore.write_report(view, html)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, self-contained: opens offline)")
     return 0
 
 
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default=None, help="prompts file, one per line")
-    p.add_argument("--prompt-set", default="holdout", choices=["search", "holdout"],
-                   help="built-in prompt set when --prompts is not given (default holdout)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--size", type=int, default=None, help="image height and width")
-    p.add_argument("--batch-size", type=int, default=8)
+# -- the parser --------------------------------------------------------------------------------
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="built-in name (demo, tiny-flux, tiny-sd), local diffusers folder, or hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights dtype; auto: bfloat16 on a GPU or a CPU with bf16 instructions, "
+                        "float32 on other CPUs (where bf16 is emulated and ~5x slower)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+
+
+def _add_eval_options(p: argparse.ArgumentParser, prompt_set: bool = True,
+                      batch_size: int = 8) -> None:
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts file, one prompt per line (default: the model's built-in set)")
+    if prompt_set:
+        p.add_argument("--prompt-set", default="holdout", choices=["search", "holdout"],
+                       help="built-in prompt set when --prompts is not given (default holdout)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="one image per prompt and seed (default: the set's seeds)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (model default)")
+    p.add_argument("--size", type=int, default=None, help="image height and width in pixels")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images generated at once (default {batch_size}; never changes an image)")
     p.add_argument("--clip", default=None,
                    help="CLIP for fidelity: demo, ARCH/TAG or ARCH/checkpoint (default: the model's)")
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP metrics")
-    p.add_argument("--device", default=None, help="evaluate on this device (e.g. cuda)")
-    p.add_argument("--components", nargs="+", default=None,
-                   help="components whose bytes count (default: the denoiser)")
-    p.add_argument("--cache-dir", default=None,
-                   help="reference image cache (default $AUTOQUANT_CACHE/references)")
+    p.add_argument("--device", default=None, help="run on this device: cpu, cuda or cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="autoquant",
         description="Per-layer, cross-backend quantization of diffusion pipelines.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("inspect", help="list the quantizable layers of a pipeline")
-    _add_model(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--totals-only", action="store_true", help="only the per-component totals")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("apply", help="apply a recipe to a pipeline")
-    _add_model(p)
-    p.add_argument("--recipe", required=True, help="recipe YAML (format autoquant-recipe/1)")
-    p.add_argument("--device", default=None,
-                   help="quantize layer by layer onto this device (e.g. cuda)")
-    p.add_argument("--save", default=None, help="save the quantized pipeline to this folder")
-    p.add_argument("--prompt", default=None, help="generate one image with this prompt")
-    p.add_argument("--out", default="autoquant.png", help="where the image goes")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
-    p.add_argument("--size", type=int, default=None, help="image height and width")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_apply)
-
-    p = sub.add_parser("evaluate", help="score a recipe's images against full precision")
-    _add_model(p)
-    p.add_argument("--recipe", default=None, help="recipe to evaluate (default: full precision)")
-    _add_eval_options(p)
-    p.add_argument("--json", action="store_true", help="one JSON object")
-    p.set_defaults(func=cmd_evaluate)
+    parser.add_argument("--version", action="version", version=f"autoquant {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and the libraries' own messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("search", help="search per-layer plans under a memory budget")
     _add_model(p)
@@ -286,33 +406,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of the searched components (6GB, 5.5GiB), a share of full "
                         "precision (35%%) or bits per weight (4.25bpw)")
     p.add_argument("--space", default="default",
-                   help="search space: a name in search_spaces/ or a YAML path")
+                   help="search space: default, hqq-only, low-bit, flux, sd3, sdxl, or a YAML file")
     p.add_argument("--allow-fp-cap", action="store_true",
                    help="allow a space's fp_cap above 0.20")
-    p.add_argument("--trials", type=int, default=30, help="trials in the study (in total)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.add_argument("--trials", type=int, default=30,
+                   help="trials the study should hold in total, over every worker (default 30)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="stop this worker after this many seconds")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage URL (default: sqlite in --out)")
-    p.add_argument("--study", default=None, help="study name")
-    p.add_argument("--out", default="autoquant-search")
-    p.add_argument("--resume", action="store_true", help="continue an existing study")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompts", default=None, help="search prompts file (default: built-in set)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=20)
-    p.add_argument("--clip", default=None)
-    p.add_argument("--no-clip", action="store_true")
-    p.add_argument("--device", default=None)
+                   help="Optuna storage URL shared by the workers (default: SQLite in --out); "
+                        "postgresql://user@host/db needs pip install \"autoquant[postgres]\"")
+    p.add_argument("--study", default=None,
+                   help="study name (default: autoquant-MODEL-BUDGET); a worker with the same "
+                        "settings joins it")
+    p.add_argument("--out", default="autoquant-search",
+                   help="folder for study.db, artifacts, best.yaml, pareto/ and report.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a study that must exist (without it, an existing study with "
+                        "the same settings is joined or continued anyway)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the proposals (default 0)")
+    _add_eval_options(p, prompt_set=False, batch_size=20)
     p.add_argument("--sensitivity", default="auto", choices=["auto", "full", "anchored"],
                    help="full: replay the denoiser for every (layer group, config); anchored: "
                         "once per group (large models); auto: full if it takes <= 10 min")
     p.add_argument("--cache-gib", type=float, default=None,
                    help="GiB the quantized-layer cache may hold (default: half the free memory)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("apply", help="apply a recipe to a pipeline")
+    _add_model(p)
+    p.add_argument("--recipe", required=True, help="recipe YAML (format autoquant-recipe/1)")
+    p.add_argument("--device", default=None,
+                   help="quantize layer by layer onto this device (cpu, cuda, cuda:N)")
+    p.add_argument("--save", default=None, help="save the quantized pipeline to this folder")
+    p.add_argument("--prompt", default=None, help="generate one image with this prompt")
+    p.add_argument("--out", default="autoquant.png", help="where the image goes")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
+    p.add_argument("--size", type=int, default=None, help="image height and width")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image's noise")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("evaluate", help="score a recipe's images against full precision")
+    _add_model(p)
+    p.add_argument("--recipe", default=None, help="recipe to evaluate (default: full precision)")
+    _add_eval_options(p)
+    p.add_argument("--components", nargs="+", default=None,
+                   help="components whose bytes count (default: the denoiser)")
+    p.add_argument("--cache-dir", default=None,
+                   help="reference image cache (default $AUTOQUANT_CACHE/references)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("baseline", help="write a uniform recipe (one config for every layer)")
+    _add_model(p)
+    p.add_argument("--method", required=True, choices=["hqq", "bnb", "torchao", "higgs", "none"],
+                   help="quantization method")
+    p.add_argument("--bits", type=int, default=None, help="bits (the method's default if absent)")
+    p.add_argument("--options", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="method options (group_size=128 type=fp4 ...)")
+    p.add_argument("--protect", default="none", choices=["none", "default"],
+                   help="default: keep embedders and the final projection in full precision")
+    p.add_argument("--components", nargs="+", default=None, help="default: the denoiser")
+    p.add_argument("--out", required=True, help="where the recipe goes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("inspect", help="list the quantizable layers of a pipeline")
+    _add_model(p)
+    p.add_argument("--device", default=None, help="say which configs run on this device")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--totals-only", action="store_true", help="only the per-component totals")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a search")
     p.add_argument("--out", default=None, help="the search's --out folder")
@@ -321,56 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", default=None, help="artifact folder (default OUT/artifacts)")
     p.add_argument("--html", default=None, help="where the report goes (default OUT/report.html)")
     p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("baseline", help="write a uniform recipe (one config for every layer)")
-    _add_model(p)
-    p.add_argument("--method", required=True)
-    p.add_argument("--bits", type=int, default=None)
-    p.add_argument("--options", nargs="*", default=None,
-                   help="method options as key=value (group_size=128 type=fp4 ...)")
-    p.add_argument("--protect", default="none", choices=["none", "default"],
-                   help="default: keep embedders and the final projection in full precision")
-    p.add_argument("--components", nargs="+", default=None, help="default: the denoiser")
-    p.add_argument("--out", required=True, help="where the recipe goes")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_baseline)
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Import-time chatter of torch/torchao/bitsandbytes/diffusers is not for CLI users
-    (set AUTOQUANT_VERBOSE=1 to see it)."""
-    import logging
-    import os
-
-    if os.environ.get("AUTOQUANT_VERBOSE"):
-        return
-    for name in ("torch.utils._pytree", "bitsandbytes", "diffusers", "transformers", "torchao"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     # Quantized layers are many mid-sized tensors; the default CUDA allocator hands out whole
     # blocks when the remainder is < 1 MiB, which costs 2-4% over the bytes the tensors hold
     # (bench/flux_scale.py). Expandable segments split at 512 B. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    from ._quiet import quiet_libraries
+
+    quiet_libraries(args.debug)
     try:
         return args.func(args)
     except AutoquantError as e:
+        if args.debug:
+            raise
         print(f"autoquant {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"autoquant {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,7 +76,7 @@ def _open_clip(arch: str, pretrained: str) -> Clip:
         raise AutoquantError(f"unknown open_clip architecture {arch!r}; e.g. ViT-B-32, ViT-L-14")
     try:
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-    except Exception as e:
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # missing, offline, wrong file
         where = "local checkpoint" if os.path.exists(pretrained) else "pretrained tag"
         raise AutoquantError(
             f"could not load CLIP {arch} with {where} {pretrained!r}: {type(e).__name__}: "

@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ._bytes import measured_bytes
-from ._errors import AutoquantError
+from ._errors import AutoquantError, InputError, NonFiniteError
 from ._format import human_bytes, table
 from .apply import apply_recipe, revert
-from .inventory import DENOISERS, components_of, inventory
+from ._inventory import DENOISERS, components_of, inventory
 from .metrics import aggregate, clip_features, clip_metrics, pixel_metrics
 from .recipe import Recipe
 from .references import ReferenceCache, model_key
@@ -98,18 +98,21 @@ class EvalResult:
 class Evaluator:
     def __init__(self, pipe: Any, settings: EvalSettings, clip: Any = None,
                  components: list[str] | None = None, cache: ReferenceCache | None = None,
-                 progress: bool = True):
-        """``clip``: a :class:`autoquant.clip.Clip`, or None for no CLIP metrics."""
+                 progress: bool = True, key: str | None = None):
+        """``clip``: a :class:`autoquant.clip.Clip`, or None for no CLIP metrics.
+        ``key``: :func:`autoquant.references.model_key` of ``pipe``, if already known."""
         start = time.perf_counter()
         self.pipe, self.settings, self.clip, self.progress = pipe, settings, clip, progress
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)  # ours shows progress per batch
         self.components = components or default_components(pipe)
         missing = set(self.components) - set(components_of(pipe))
         if missing:
-            raise AutoquantError(f"no component(s) {sorted(missing)} in this pipeline; it has "
-                                 f"{sorted(components_of(pipe))}")
+            raise InputError(f"no component(s) {sorted(missing)} in this pipeline; it has "
+                             f"{sorted(components_of(pipe))}")
         self.inventory = inventory(pipe)
         self.cache = cache or ReferenceCache()
-        self.model_key = model_key(pipe)
+        self.model_key = key or model_key(pipe)
         self.pairs = settings.pairs()
         self.references, self.references_generated = self._references()
         self.fp_component_bytes = self._component_bytes()
@@ -142,7 +145,7 @@ class Evaluator:
         images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in idx], progress)
         t_gen = time.perf_counter() - t0
         if not torch.isfinite(images).all():
-            raise AutoquantError("the quantized pipeline produced non-finite images (NaN/inf)")
+            raise NonFiniteError("the quantized pipeline produced non-finite images (NaN/inf)")
         self.last_images = images  # kept for whoever wants to look (the search stores a grid)
         per = pixel_metrics(images, self.references[idx])
         if self.clip is not None:

@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._errors import AutoquantError
-from .apply import _parent, _split
+from ._modules import swap_module
+from ._state import AppliedState, applied_state, set_applied, source_of
+from .apply import _split
 from .backends import config_from_dict, get_backend
-from .backends.none import NoneConfig
-from .inventory import components_of, inventory
+from ._inventory import components_of, inventory
 from .recipe import Recipe, load_recipe
 
 TENSORS = "quantized.safetensors"
@@ -31,8 +32,8 @@ RECIPE = "recipe.yaml"
 
 def save_quantized(target: Any, directory: str | Path) -> Path:
     """Write a pipeline (or module) quantized by :func:`apply_recipe` to ``directory``."""
-    state = getattr(target, "_autoquant", None)
-    if not state:
+    state = applied_state(target)
+    if state is None:
         raise AutoquantError("this pipeline was not quantized by autoquant.apply_recipe; "
                              "apply a recipe first, then save")
     directory = Path(directory)
@@ -40,8 +41,8 @@ def save_quantized(target: Any, directory: str | Path) -> Path:
     comps = components_of(target)
     tensors: dict[str, torch.Tensor] = {}
     header: dict[str, Any] = {}
-    for name, cfg in state["configs"].items():
-        if isinstance(cfg, NoneConfig):
+    for name, cfg in state.configs.items():
+        if cfg.full_precision:
             continue
         comp, path = _split(name, comps)
         module = comps[comp].get_submodule(path)
@@ -51,11 +52,11 @@ def save_quantized(target: Any, directory: str | Path) -> Path:
         header[name] = {"config": cfg.to_dict(), "meta": meta}
     save_file(tensors, str(directory / TENSORS),
               metadata={"autoquant": json.dumps(header), "format": "autoquant-quantized/1"})
-    recipe: Recipe = state.get("recipe") or Recipe(layers=dict(state["configs"]))
-    source = getattr(target, "_autoquant_source", None)
+    recipe: Recipe = state.recipe or Recipe(layers=dict(state.configs))
+    source = source_of(target)
     recipe = Recipe(**{**recipe.__dict__,
-                       "model": {**(recipe.model or {}), **(source or {}),
-                                 "fingerprint": state["fingerprint"]}})
+                       "model": {**(recipe.model or {}), **(source.to_dict() if source else {}),
+                                 "fingerprint": state.fingerprint}})
     recipe.save(directory / RECIPE)
     return directory
 
@@ -97,12 +98,9 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
             cfg, layer.out_features, layer.in_features, layer.bias, layer.dtype, layer_tensors,
             entry["meta"], device)
     for name, module in built.items():
-        layer = inv[name]
-        parent, child = _parent(comps[layer.component], layer.path)
-        setattr(parent, child, module)
+        swap_module(comps[inv[name].component], inv[name].path, module)
     for comp in comps.values():
         comp.to(device)
     configs = {name: config_from_dict(e["config"]) for name, e in header.items()}
-    object.__setattr__(base, "_autoquant", {"configs": configs, "recipe": recipe,
-                                            "fingerprint": inv.fingerprint()})
+    set_applied(base, AppliedState(configs=configs, fingerprint=inv.fingerprint(), recipe=recipe))
     return base

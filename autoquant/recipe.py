@@ -19,28 +19,41 @@ Which config a layer gets (precedence):
 
 An exact name or regex that matches no layer, or names a layer that cannot take its config, is an
 error. Loading checks everything that needs no model; :meth:`Recipe.resolve` checks the rest
-against a model's inventory, and both report every offending entry at once.
+against a model's inventory, and both report every offending entry at once (the first
+20 of them, and how many more). Keys follow :mod:`autoquant.patterns`.
+
+A recipe is untrusted data: the file is read within :mod:`autoquant._yaml`'s limits (size,
+nesting, no aliases, no repeated keys), holds at most ``MAX_LAYER_ENTRIES`` layer entries of
+which at most ``MAX_REGEX_ENTRIES`` are regexes, and matching all its regexes against a model's
+layer names may take at most ``REGEX_SECONDS`` -- loading one is bounded in time and memory
+whatever it holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from . import _yaml
 from ._errors import ConfigError, RecipeError
 from .backends import QuantConfig, config_from_dict
-from .inventory import Inventory, LayerInfo
+from ._inventory import Inventory, LayerInfo
+from .patterns import REGEX_PREFIX, PatternError, parse_pattern
 
 FORMAT = "autoquant-recipe/1"
 _TOP_KEYS = ("format", "model", "components", "default", "layers", "budget", "metrics",
              "provenance")
 _MODEL_KEYS = ("id", "revision", "fingerprint", "dtype")
-REGEX_PREFIX = "re:"
+MAX_LAYER_ENTRIES = 100_000
+MAX_REGEX_ENTRIES = 256
+REGEX_SECONDS = 5.0
+#: unknown names get a "did you mean" hint only for the first few (difflib is slow)
+_HINTS = 5
 
 
 @dataclasses.dataclass
@@ -110,16 +123,17 @@ class Recipe:
         if not isinstance(raw_layers, Mapping):
             problems.append("layers must be a mapping of layer name (or 're:' regex) to config")
             raw_layers = {}
+        regexes = sum(1 for k in raw_layers if isinstance(k, str) and k.startswith(REGEX_PREFIX))
+        if len(raw_layers) > MAX_LAYER_ENTRIES or regexes > MAX_REGEX_ENTRIES:
+            raise RecipeError(f"{len(raw_layers):,} layer entries ({regexes:,} regexes): a recipe "
+                              f"may hold at most {MAX_LAYER_ENTRIES:,} entries, "
+                              f"{MAX_REGEX_ENTRIES} of them regexes", source)
         for key, entry in raw_layers.items():
-            if not isinstance(key, str) or not key:
-                problems.append(f"layer key {key!r} must be a non-empty string")
+            try:
+                parse_pattern(key)
+            except PatternError as e:
+                problems.append(f"{_shown(key)}: {e}")
                 continue
-            if key.startswith(REGEX_PREFIX):
-                try:
-                    re.compile(key[len(REGEX_PREFIX):])
-                except re.error as e:
-                    problems.append(f"{key}: bad regex ({e})")
-                    continue
             try:
                 layers[key] = config_from_dict(entry)
             except ConfigError as e:
@@ -163,25 +177,29 @@ class Recipe:
 
         names = [layer.name for layer in inv]
         exact = {k: v for k, v in self.layers.items() if not k.startswith(REGEX_PREFIX)}
-        regexes = [(k, re.compile(k[len(REGEX_PREFIX):]), v) for k, v in self.layers.items()
-                   if k.startswith(REGEX_PREFIX)]
-        for key in exact:
-            if key not in inv:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                problems.append(f"{key}: no such quantizable layer{hint}")
-        matched_regex: set[str] = set()
+        unknown = [key for key in exact if key not in inv]
+        for i, key in enumerate(unknown):
+            close = difflib.get_close_matches(key, names, n=1) if i < _HINTS else []
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{key}: no such quantizable layer{hint}")
+        # every regex against every name, within one time budget; the first in file order wins
+        regexes: list[tuple[str, set[str], QuantConfig]] = []
+        deadline = time.monotonic() + REGEX_SECONDS
+        for key, cfg in self.layers.items():
+            if key.startswith(REGEX_PREFIX):
+                try:
+                    hits = parse_pattern(key).matching(names, deadline - time.monotonic())
+                except PatternError as e:
+                    raise RecipeError(str(e)) from None
+                regexes.append((key, {name for name, _ in hits}, cfg))
         assigned: dict[str, QuantConfig] = {}
         skipped: dict[str, str] = {}
         default_scope = set(self.components) if self.components is not None else None
         for layer in inv:
             cfg, key = exact.get(layer.name), layer.name
             if cfg is None:
-                for rkey, rx, rcfg in regexes:
-                    if rx.fullmatch(layer.name):
-                        cfg, key = rcfg, rkey
-                        matched_regex.add(rkey)
-                        break
+                cfg, key = next(((rcfg, rkey) for rkey, hits, rcfg in regexes
+                                 if layer.name in hits), (None, key))
             if cfg is not None:
                 reason = layer.fits(cfg)
                 if reason:
@@ -196,9 +214,9 @@ class Recipe:
                     skipped[layer.name] = f"{self.default.label}: {reason}"
                 else:
                     assigned[layer.name] = self.default
-        for rkey, rx, _ in regexes:
+        for rkey, hits, _ in regexes:
             # a regex shadowed by exact names or earlier regexes is fine; one matching nothing is not
-            if rkey not in matched_regex and not any(rx.fullmatch(n) for n in names):
+            if not hits:
                 problems.append(f"{rkey}: regex matches no quantizable layer")
         if problems:
             raise RecipeError(problems)
@@ -217,17 +235,25 @@ class Plan:
         return [(self.inventory[name], cfg) for name, cfg in self.configs.items()]
 
 
+def _shown(key: Any) -> str:
+    """A layer key as a problem names it (cut if huge)."""
+    text = key if isinstance(key, str) else repr(key)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _plain(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file (YAML, never pickle)."""
+    """Read and validate a recipe file (YAML, never pickle; see the limits above)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"no recipe file at {path}", str(path))
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"not valid YAML: {e}", str(path)) from None
+        data = _yaml.load_file(path)
+    except _yaml.YamlProblem as e:
+        raise RecipeError(str(e), str(path)) from None
+    except OSError as e:
+        raise RecipeError(f"cannot read it: {e.strerror or e}", str(path)) from None
     return Recipe.from_dict(data, source=str(path))

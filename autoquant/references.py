@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .inventory import components_of
+from ._paths import cache_dir
+from ._inventory import components_of
 from .settings import EvalSettings
 
 
@@ -44,8 +45,6 @@ def model_key(pipe: Any) -> str:
 
 class ReferenceCache:
     def __init__(self, root: str | Path | None = None):
-        from .zoo import cache_dir
-
         self.root = Path(root) if root is not None else cache_dir() / "references"
 
     def _path(self, model: str, settings: EvalSettings, prompt: str, seed: int) -> Path:

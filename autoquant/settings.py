@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import AutoquantError
+from .builtin_models import generation_defaults, prompt_family
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 DEFAULT_SEEDS = {"search": (0, 1), "holdout": (1000, 1001)}
@@ -33,8 +34,7 @@ def read_prompts(path: str | Path) -> tuple[str, ...]:
 def prompt_set(model: str, name: str) -> tuple[str, ...]:
     if name not in DEFAULT_SEEDS:
         raise AutoquantError(f"prompt set {name!r}: choose 'search' or 'holdout'")
-    family = "demo" if model == "demo" else "generic"
-    return read_prompts(PROMPTS_DIR / f"{family}-{name}.txt")
+    return read_prompts(PROMPTS_DIR / f"{prompt_family(model)}-{name}.txt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +64,6 @@ class EvalSettings:
     def for_model(cls, model: str, prompt_set_name: str = "search",
                   prompts_file: str | None = None, seeds=None, steps=None, guidance=None,
                   size=None, batch_size: int = 8) -> "EvalSettings":
-        from .pipelines import generation_defaults
-
         defaults = generation_defaults(model)
         prompts = read_prompts(prompts_file) if prompts_file else prompt_set(model, prompt_set_name)
         extra = {k: v for k, v in defaults.items()

@@ -7,40 +7,47 @@ candidates:                        # configs a group may take (recipe syntax)
   - {method: hqq, bits: 4}
   - {method: bnb, bits: 4, type: nf4}
   - {method: none}                 # full precision, limited by fp_cap
-tie:                               # optional: layers sharing a config; a regex whose groups name
-  - "(.*\\.attn\\d?)\\.to_[qkv]"   #   the tied set (here a block's q, k and v)
-protect: ["re:.*proj_out$"]        # optional: always full precision (count towards fp_cap)
+tie:                               # optional: layers that share one config. A "re:" regex whose
+  - "re:(.*\\.attn\\d?)\\.to_[qkv]"  #   first group names the tied set (here a block's q, k, v)
+protect: ["re:.*proj_out"]         # optional: always full precision (counts towards fp_cap);
+                                   #   exact layer names or "re:" regexes, as in recipes
 fp_cap: 0.20                       # at most this share of Linear weights in full precision
 max_bits_per_weight: null          # optional hard cap (a "low-bit" space)
-objectives: [bytes, psnr, clip_fidelity]
+objectives: [bytes, psnr, clip_fidelity]   # bytes first, then the quality metrics to maximize
 ```
 
+Patterns follow :mod:`autoquant.patterns`, the rule recipes use: an exact layer name, or ``re:``
+and a regex that matches the whole name. Every problem is reported at once (:class:`SpaceError`);
+an entry that would do nothing on the model (a ``components`` entry it lacks, a ``tie`` or
+``protect`` entry that matches no layer) is an error when the search meets the model.
+
 ``fp_cap`` may be lowered by a space but not raised above 0.20 unless the caller passes
-``allow_fp_cap_above_default=True`` (``--allow-fp-cap``).
+``allow_fp_cap_above_default=True`` (``--allow-fp-cap``). The objectives' order matters: the
+first quality metric picks ``best.yaml`` (the next ones break ties).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ._errors import AutoquantError, ConfigError
+from . import _yaml
+from ._errors import ConfigError, InputError, SpaceError
 from .backends import QuantConfig, config_from_dict
+from .patterns import NamePattern, PatternError, parse_pattern
 
 FORMAT = "autoquant-space/1"
 DEFAULT_FP_CAP = 0.20
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-OBJECTIVES = ("bytes", "psnr", "clip_fidelity")
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
+#: objective -> direction. bytes always comes first; the others are measured per trial.
+OBJECTIVES = {"bytes": "minimize", "psnr": "maximize", "ssim": "maximize",
+              "clip_fidelity": "maximize"}
+DEFAULT_OBJECTIVES = ("bytes", "psnr", "clip_fidelity")
 _KEYS = ("format", "components", "candidates", "tie", "protect", "fp_cap", "max_bits_per_weight",
          "objectives", "description")
 
-
-class SpaceError(AutoquantError, ValueError):
-    pass
+__all__ = ["SearchSpace", "SpaceError", "load_space", "parse_budget", "spaces"]
 
 
 @dataclasses.dataclass
@@ -51,55 +58,151 @@ class SearchSpace:
     protect: list[str] = dataclasses.field(default_factory=list)
     fp_cap: float = DEFAULT_FP_CAP
     max_bits_per_weight: float | None = None
-    objectives: list[str] = dataclasses.field(default_factory=lambda: list(OBJECTIVES))
+    objectives: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     description: str = ""
     name: str = "custom"
+
+    @property
+    def tie_patterns(self) -> list[NamePattern]:
+        return [parse_pattern(t) for t in self.tie]
+
+    @property
+    def protect_patterns(self) -> list[NamePattern]:
+        return [parse_pattern(p) for p in self.protect]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (what a study stores, so that its configs can be rebuilt anywhere)."""
+        out: dict[str, Any] = {"format": FORMAT}
+        if self.description:
+            out["description"] = self.description
+        if self.components is not None:
+            out["components"] = list(self.components)
+        out["candidates"] = [c.to_dict() for c in self.candidates]
+        for key in ("tie", "protect"):
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
+        out["fp_cap"] = self.fp_cap
+        if self.max_bits_per_weight is not None:
+            out["max_bits_per_weight"] = self.max_bits_per_weight
+        out["objectives"] = list(self.objectives)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, name: str = "custom", allow_fp_cap_above_default=False):
         if not isinstance(data, dict):
-            raise SpaceError(f"search space {name}: expected a mapping with format {FORMAT}")
-        problems = []
+            raise SpaceError(f"expected a mapping with format {FORMAT}, got "
+                             f"{type(data).__name__}", name)
+        problems: list[str] = []
         if data.get("format") != FORMAT:
             problems.append(f"format must be {FORMAT!r}, got {data.get('format')!r}")
         unknown = [k for k in data if k not in _KEYS]
         if unknown:
             problems.append(f"unknown key(s) {unknown}; allowed: {list(_KEYS)}")
-        candidates = []
-        for i, entry in enumerate(data.get("candidates") or []):
+        components = _string_list(data, "components", problems, allow_none=True)
+        candidates = _candidates(data.get("candidates"), problems)
+        tie = _string_list(data, "tie", problems) or []
+        for i, entry in enumerate(tie):
+            _check_tie(i, entry, problems)
+        protect = _string_list(data, "protect", problems) or []
+        for i, entry in enumerate(protect):
             try:
-                candidates.append(config_from_dict(entry))
-            except ConfigError as e:
-                problems.append(f"candidates[{i}]: {e}")
-        if not data.get("candidates"):
-            problems.append("candidates: list at least one config")
-        labels = [c.label for c in candidates]
-        if len(set(labels)) != len(labels):
-            problems.append(f"candidates repeat a config: {labels}")
-        for key in ("tie", "protect"):
-            for rx in data.get(key) or []:
-                try:
-                    re.compile(rx[3:] if rx.startswith("re:") else rx)
-                except (re.error, TypeError) as e:
-                    problems.append(f"{key}: bad regex {rx!r} ({e})")
+                parse_pattern(entry)
+            except PatternError as e:
+                problems.append(f"protect[{i}] {entry[:120]!r}: {e}")
         fp_cap = data.get("fp_cap", DEFAULT_FP_CAP)
-        if not isinstance(fp_cap, (int, float)) or isinstance(fp_cap, bool) or not 0 <= fp_cap <= 1:
+        if not _is_number(fp_cap) or not 0 <= fp_cap <= 1:
             problems.append(f"fp_cap must be a share in [0, 1], got {fp_cap!r}")
         elif fp_cap > DEFAULT_FP_CAP and not allow_fp_cap_above_default:
             problems.append(f"fp_cap={fp_cap} is above {DEFAULT_FP_CAP}: pass --allow-fp-cap "
                             f"to allow more full-precision weights")
-        objectives = data.get("objectives", list(OBJECTIVES))
-        if not objectives or objectives[0] != "bytes" or any(o not in OBJECTIVES for o in objectives):
-            problems.append(f"objectives must start with bytes and use {list(OBJECTIVES)}")
+        objectives = data.get("objectives", list(DEFAULT_OBJECTIVES))
+        _check_objectives(objectives, problems)
         mbpw = data.get("max_bits_per_weight")
-        if mbpw is not None and (not isinstance(mbpw, (int, float)) or mbpw <= 0):
-            problems.append(f"max_bits_per_weight must be a positive number, got {mbpw!r}")
+        if mbpw is not None and (not _is_number(mbpw) or not 0 < mbpw <= 32):
+            problems.append(f"max_bits_per_weight must be a number in (0, 32], got {mbpw!r}")
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            problems.append("description must be a string")
         if problems:
-            raise SpaceError(f"invalid search space {name}:\n  - " + "\n  - ".join(problems))
-        return cls(candidates=candidates, components=data.get("components"),
-                   tie=list(data.get("tie") or []), protect=list(data.get("protect") or []),
+            raise SpaceError(problems, name)
+        return cls(candidates=candidates, components=components, tie=tie, protect=protect,
                    fp_cap=float(fp_cap), max_bits_per_weight=mbpw, objectives=list(objectives),
-                   description=data.get("description", ""), name=name)
+                   description=description, name=name)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _string_list(data: dict, key: str, problems: list[str], allow_none: bool = False):
+    value = data.get(key)
+    if value is None:
+        return None if allow_none else []
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(v, str) and v for v in value):
+        problems.append(f"{key} must be a non-empty list of strings, got {value!r}")
+        return None if allow_none else []
+    if len(set(value)) != len(value):
+        problems.append(f"{key} repeats an entry: {value}")
+    return list(value)
+
+
+def _candidates(raw: Any, problems: list[str]) -> list[QuantConfig]:
+    if not isinstance(raw, list) or not raw:
+        problems.append("candidates: list at least one config")
+        return []
+    out = []
+    for i, entry in enumerate(raw):
+        try:
+            out.append(config_from_dict(entry))
+        except ConfigError as e:
+            problems.append(f"candidates[{i}]: {e}")
+        except TypeError as e:  # a config dataclass given a value it cannot hold
+            problems.append(f"candidates[{i}]: {e}")
+    labels = [c.label for c in out]
+    if len(set(labels)) != len(labels):
+        problems.append(f"candidates repeat a config: {labels}")
+    if out and all(c.full_precision for c in out):
+        problems.append("candidates: list at least one quantized config, not only none")
+    return out
+
+
+def _check_tie(i: int, entry: str, problems: list[str]) -> None:
+    try:
+        pattern = parse_pattern(entry)
+    except PatternError as e:
+        problems.append(f"tie[{i}] {entry[:120]!r}: {e}")
+        return
+    if not pattern.is_regex:
+        problems.append(f"tie[{i}]: {entry!r} is an exact name, which ties nothing: write "
+                        f"'re:' and a regex whose first group names the tied set, e.g. "
+                        f"re:(.*\\.attn)\\.to_[qkv]")
+    elif pattern.compiled.groups < 1:
+        problems.append(f"tie[{i}]: {entry!r} has no group: its first group must name the "
+                        f"tied set, e.g. re:(.*\\.attn)\\.to_[qkv]")
+
+
+def _check_objectives(objectives: Any, problems: list[str]) -> None:
+    if not isinstance(objectives, list) or not objectives or \
+            not all(isinstance(o, str) for o in objectives):
+        problems.append(f"objectives must be a list like {list(DEFAULT_OBJECTIVES)}, "
+                        f"got {objectives!r}")
+        return
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown:
+        problems.append(f"objectives: unknown {unknown}; choose from {list(OBJECTIVES)}")
+    if objectives[0] != "bytes":
+        problems.append(f"objectives must start with bytes, got {objectives}")
+    if len(set(objectives)) != len(objectives):
+        problems.append(f"objectives repeat an entry: {objectives}")
+    if len([o for o in objectives if o != "bytes"]) < 1:
+        problems.append("objectives: name at least one quality metric (psnr, ssim, "
+                        "clip_fidelity)")
+
+
+def spaces() -> list[str]:
+    """The names of the shipped spaces."""
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
 
 def load_space(spec: str | Path, allow_fp_cap_above_default: bool = False) -> SearchSpace:
@@ -107,14 +210,15 @@ def load_space(spec: str | Path, allow_fp_cap_above_default: bool = False) -> Se
     path = Path(spec)
     if not path.is_file():
         named = SPACES_DIR / f"{spec}.yaml"
-        if not named.is_file():
-            known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-            raise SpaceError(f"no search space {spec!r}: not a file, not one of {known}")
+        if str(spec) not in spaces():
+            raise SpaceError(f"no search space {str(spec)!r}: not a file, not one of {spaces()}")
         path = named
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML: {e}") from None
+        data = _yaml.load_file(path)
+    except _yaml.YamlProblem as e:
+        raise SpaceError(str(e), str(path)) from None
+    except OSError as e:
+        raise SpaceError(f"cannot read it: {e.strerror or e}", str(path)) from None
     return SearchSpace.from_dict(data, name=path.stem,
                                  allow_fp_cap_above_default=allow_fp_cap_above_default)
 
@@ -125,16 +229,22 @@ _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
 
 def parse_budget(text: str) -> tuple[str, float]:
     """``("bytes", n)``, ``("share", 0.35)`` or ``("bpw", 4.25)`` from 6GB, 5.5GiB, 35%, 4.25bpw."""
+    import re
+
     t = str(text).strip().lower().replace(" ", "")
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)(%|bpw|[kmgt]?i?b)?", t)
     if not m:
-        raise AutoquantError(f"budget {text!r}: use bytes (6GB, 5.5GiB, 800MiB), a share of "
-                             f"full precision (35%) or bits per weight (4.25bpw)")
+        raise InputError(f"budget {text!r}: use bytes (6GB, 5.5GiB, 800MiB), a share of "
+                         f"full precision (35%) or bits per weight (4.25bpw)")
     value, unit = float(m.group(1)), m.group(2) or "b"
     if unit == "%":
         if not 0 < value <= 100:
-            raise AutoquantError(f"budget {text!r}: a share must be in (0, 100]%")
+            raise InputError(f"budget {text!r}: a share must be in (0, 100]%")
         return "share", value / 100
     if unit == "bpw":
+        if not 0 < value <= 32:
+            raise InputError(f"budget {text!r}: bits per weight must be in (0, 32]")
         return "bpw", value
+    if value <= 0:
+        raise InputError(f"budget {text!r}: bytes must be positive")
     return "bytes", value * _UNITS[unit]

@@ -1,7 +1,13 @@
 """The Flux-dev architecture with random weights, for the benchmarks that need a real-size model
-(no weights can be downloaded here): FluxTransformer2DModel with Flux-dev's published config."""
+(no weights can be downloaded here): FluxTransformer2DModel with Flux-dev's published config,
+inside a FluxPipeline with stand-in text encoders; and the timing helpers the Flux benchmarks
+share."""
 
 from __future__ import annotations
+
+import gc
+import statistics
+import time
 
 import torch
 
@@ -36,3 +42,75 @@ def flux_transformer(device: str | torch.device = "cpu", seed: int = 0, **overri
     if draw == "cuda":
         torch.cuda.synchronize()
     return model.eval().requires_grad_(False)
+
+
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, sample_size=1024, use_quant_conv=False,
+                use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+FLUX_SCHEDULER = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                      max_shift=1.15, use_dynamic_shifting=True, shift=3.0)
+
+
+def build_pipeline(device: torch.device, small: bool):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from autoquant._tiny import tiny_tokenizer
+
+    # small: a narrow, shallow variant for checking the script on a CPU
+    transformer = flux_transformer(device, **(dict(num_layers=1, num_single_layers=2,
+                                                   num_attention_heads=4) if small else {}))
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=4096, d_ff=512, d_kv=64, num_layers=1,
+                                 num_heads=8, decoder_start_token_id=0, pad_token_id=0,
+                                 eos_token_id=2))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=768, intermediate_size=768,
+                                        num_hidden_layers=1, num_attention_heads=12,
+                                        max_position_embeddings=77, projection_dim=768,
+                                        bos_token_id=0, pad_token_id=0, eos_token_id=2))
+    vae = AutoencoderKL(**FLUX_VAE)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                        text_encoder=clip.eval(), tokenizer=tiny_tokenizer(77),
+                        text_encoder_2=t5.eval(), tokenizer_2=tiny_tokenizer(512),
+                        transformer=transformer)
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).to(device=device, dtype=torch.bfloat16)
+    return pipe
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allocated(device) -> int:
+    if device.type != "cuda":
+        return 0
+    gc.collect()
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device)
+
+
+@torch.no_grad()
+def step_latency(module, call, device, repeats: int) -> float:
+    args, kwargs = call
+    for _ in range(2):
+        module(*args, **kwargs)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        module(*args, **kwargs)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def first_of_batch(call, batch: int):
+    def cut(t):
+        return t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
+
+    args, kwargs = call
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}

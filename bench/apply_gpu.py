@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autoquant
+from autoquant._bytes import measured_bytes
+from autoquant._format import human_bytes, table
 
-import autoquant  # noqa: E402
-from autoquant._bytes import measured_bytes  # noqa: E402
-from autoquant._format import human_bytes, table  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _flux import flux_transformer  # noqa: E402
+from _common import write_json
+from _flux import flux_transformer
 
 RECIPES = {
     "hqq4": {"default": {"method": "hqq", "bits": 4, "group_size": 64}},
@@ -93,7 +89,7 @@ def main(argv=None) -> int:
                        "Linear formula", "Linear measured", "peak GPU", "peak/after",
                        "apply s"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": config, "rows": records}, indent=1))
+        write_json(args.json, {"config": config, "rows": records})
     return 0
 
 

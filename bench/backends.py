@@ -10,20 +10,18 @@ Default shape: Flux's single-block MLP projection, 3072 x 12288 (out x in) at 40
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from autoquant._bytes import measured_bytes
+from autoquant._format import human_bytes, table
+from autoquant.backends import get_backend, methods
 
-from autoquant._bytes import measured_bytes  # noqa: E402
-from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.backends import get_backend, methods  # noqa: E402
+from _common import write_json
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -122,10 +120,10 @@ def main(argv=None) -> int:
     print(table(rows, ["config", "bits", "rel err", "bytes/fp16", "formula=measured",
                        "matmul ms", "vs bf16"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_json(args.json, {
             "device": str(device), "shape": [o, i], "tokens": args.tokens,
             "torch": torch.__version__, "bf16_matmul_s": t_bf16, "fp16_bytes": fp16_bytes,
-            "rows": records}, indent=1))
+            "rows": records})
     return 0
 
 

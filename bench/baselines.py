@@ -11,22 +11,21 @@ meaningless and not reported; the time split is what it measures.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autoquant
+from autoquant._format import table
+from autoquant.backends import config_from_dict
+from autoquant.baseline import baseline_recipe
+from autoquant.evaluator import EvalResult, Evaluator
+from autoquant.references import ReferenceCache
+from autoquant.settings import EvalSettings
 
-import autoquant  # noqa: E402
-from autoquant._format import table  # noqa: E402
-from autoquant.backends import config_from_dict  # noqa: E402
-from autoquant.baseline import baseline_recipe  # noqa: E402
-from autoquant.evaluator import EvalResult, Evaluator  # noqa: E402
-from autoquant.references import ReferenceCache  # noqa: E402
-from autoquant.settings import EvalSettings  # noqa: E402
+from _common import write_json
 
 BASELINES = {
     "hqq8": {"method": "hqq", "bits": 8}, "hqq4": {"method": "hqq", "bits": 4},
@@ -115,12 +114,11 @@ def main(argv=None) -> int:
     print(table(split, ["plan", "total", "generation", "metrics", "apply", "overhead",
                         "total/generation"]))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
+        write_json(args.json, {
             "device": str(device), "settings": settings.to_dict(),
             "setup_s": ev.setup_s, "random_text_encoder": bool(args.random_text_encoder),
             "results": [{k: v for k, v in r.to_dict().items() if k != "per_image"}
-                        for r in results]}, indent=1, default=str))
+                        for r in results]})
     return 0
 
 

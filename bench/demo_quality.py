@@ -8,7 +8,6 @@ classifier), CPU generation time, and PSNR of uniform HQQ over the denoiser at 8
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -16,24 +15,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autoquant
+from autoquant._format import table
+from autoquant.clip import load_clip
+from autoquant.zoo import DEMO_GENERATION, train_log
+from autoquant.zoo.captions import CLASSES, HOLDOUT_TEMPLATES, captions_for, class_prompts
+from autoquant.zoo.data import load_split
+from autoquant.zoo.models import load_classifier
 
-import autoquant  # noqa: E402
-from autoquant._format import table  # noqa: E402
-from autoquant.clip import load_clip  # noqa: E402
-from autoquant.zoo import DEMO_DIR, DEMO_GENERATION, train_log  # noqa: E402
-from autoquant.zoo.captions import CLASSES, HOLDOUT_TEMPLATES, captions_for, class_prompts  # noqa: E402
-from autoquant.zoo.data import load_split  # noqa: E402
-from autoquant.zoo.models import Classifier  # noqa: E402
-
-
-def load_classifier() -> Classifier:
-    from safetensors.torch import load_file
-
-    net = Classifier()
-    net.load_state_dict({k: v.float() for k, v in
-                         load_file(str(DEMO_DIR / "classifier.safetensors")).items()})
-    return net.eval()
+from _common import write_json
 
 
 def generate(pipe, prompts: list[str], seed: int, batch: int = 40) -> torch.Tensor:
@@ -152,8 +142,7 @@ def main(argv=None) -> int:
     print(table(rows, ["uniform (transformer)", "bits/weight", "PSNR mean dB", "PSNR worst dB",
                        "class acc"]))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     return 0
 
 

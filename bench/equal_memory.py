@@ -14,7 +14,6 @@ an upper bound at the ladder's resolution). One sensitivity pass serves every bu
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -23,16 +22,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autoquant
+from autoquant._format import human_bytes, table
+from autoquant.search import Search, SearchConfig, run_search
+from autoquant.space import load_space
 
-import autoquant  # noqa: E402
-from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.space import load_space  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _demo import demo_bench, search_settings  # noqa: E402
-from baselines import BASELINES as UNIFORM, HIGGS  # noqa: E402
+from _common import write_json
+from _demo import demo_bench, search_settings
+from baselines import BASELINES as UNIFORM, HIGGS
 
 BASELINES = {**UNIFORM, **HIGGS}
 TARGET_DB = 2.0  # the goal: at least +2 dB at the 4-bit baselines' bytes, never worse elsewhere
@@ -52,6 +49,7 @@ def main(argv=None) -> int:
                                  space=load_space(args.space), trials=args.trials, out=tmp / "x",
                                  settings=search_settings(),
                                  clip=clip, progress=False), pipe)
+    search.prepare()  # references, inputs, the sensitivity table: once for every budget
     setup = time.perf_counter() - t0
     lo, hi = search.smallest_bytes(), max(r.bytes for r in base.values())
     ladder = {int(lo * (hi / lo) ** (i / args.ladder)) + 1 for i in range(args.ladder + 1)}
@@ -105,7 +103,7 @@ def main(argv=None) -> int:
            "curve": [{"budget": b, **c} for b, c in sorted(curve.items())], "rows": records,
            "target": {"d_psnr_4bit_min": worst4, "met": worst4 >= TARGET_DB,
                       "worse_than_baseline": worse}}
-    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    write_json(args.json, out)
     return 0
 
 

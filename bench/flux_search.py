@@ -8,7 +8,6 @@ cache, a few trials. Reports where the time goes and the GPU memory it needed --
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -17,16 +16,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from autoquant._format import human_bytes
+from autoquant.clip import _open_clip
+from autoquant.search import Search, SearchConfig, run_search
+from autoquant.settings import EvalSettings, prompt_set
+from autoquant.space import load_space
 
-from autoquant._format import human_bytes  # noqa: E402
-from autoquant.clip import _open_clip  # noqa: E402
-from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.settings import EvalSettings, prompt_set  # noqa: E402
-from autoquant.space import load_space  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_scale import build_pipeline  # noqa: E402
+from _common import write_json
+from _flux import build_pipeline
 
 
 def main(argv=None) -> int:
@@ -59,8 +56,9 @@ def main(argv=None) -> int:
                                  out=Path(tempfile.mkdtemp(prefix="flux-search-")),
                                  settings=settings, clip=clip, progress=False,
                                  sensitivity=args.sensitivity), pipe)
+    search.prepare()
     init_s = time.perf_counter() - t0
-    print(f"setup {search.timing['setup_s']:.1f} s, sensitivity "
+    print(f"setup {search.timing['references_s']:.1f} s, sensitivity "
           f"({search.sensitivity_mode}) {search.timing['sensitivity_s']:.1f} s, "
           f"{len(search.groups.groups)} groups, cache {search.cache.builds} builds / "
           f"{search.cache.evictions} evictions, cap {human_bytes(search.cache.max_bytes)}",
@@ -81,12 +79,11 @@ def main(argv=None) -> int:
     if done:
         out["trial_over_generation_mean"] = statistics.mean(t["total_s"] / t["generation_s"]
                                                             for t in done)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    write_json(args.json, out)
     print(report["table"])
     for t in report["trial_timing"]:
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()})
-    print(f"search init {init_s:.0f} s (setup {search.timing['setup_s']:.0f} s incl. references, "
+    print(f"search init {init_s:.0f} s (setup {search.timing['references_s']:.0f} s incl. references, "
           f"sensitivity {search.timing['sensitivity_s']:.0f} s {search.sensitivity_mode}); "
           f"{args.trials} trials in {search_s:.0f} s; trial/generation "
           f"{out.get('trial_over_generation_mean', float('nan')):.2f}; peak GPU "

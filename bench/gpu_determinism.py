@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import autoquant
+from baselines import random_text_encoder_demo
+from autoquant.references import ReferenceCache
 
-import autoquant  # noqa: E402
-from baselines import random_text_encoder_demo  # noqa: E402
-from autoquant.references import ReferenceCache  # noqa: E402
+from _common import write_json
 
 
 def main(argv=None) -> int:
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
                                                      b.metrics["psnr"]["mean"]]}
     print(json.dumps(out, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, out)
     return 0
 
 

@@ -12,18 +12,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autoquant
+from autoquant._format import human_bytes, table
+from autoquant.backends import config_from_dict, get_backend
+from autoquant.baseline import baseline_recipe
 
-import autoquant  # noqa: E402
-from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.backends import config_from_dict, get_backend  # noqa: E402
-from autoquant.baseline import baseline_recipe  # noqa: E402
+from _common import write_json
 
 
 def dequantized_weight(module, cfg, layer) -> torch.Tensor:
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
                      f"{r.metrics['psnr']['mean']:.2f}", f"{r.metrics['clip_fidelity']['mean']:.4f}"])
     print()
     print(table(rows, ["uniform (denoiser)", "bytes", "bits/w", "PSNR (holdout)", "CLIP fid"]))
-    Path(args.json).write_text(json.dumps(results, indent=1))
+    write_json(args.json, results)
     return 0
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -20,17 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import autoquant
+from autoquant._format import human_bytes, table
+from autoquant.search import Search, SearchConfig, run_search
+from autoquant.space import load_space
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import autoquant  # noqa: E402
-from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.space import load_space  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _demo import demo_bench, search_settings as demo_search_settings  # noqa: E402
-from search_efficiency import run_optuna  # noqa: E402
+from _common import write_json
+from _demo import demo_bench, search_settings as demo_search_settings
+from search_efficiency import run_optuna
 
 BASELINES = {"hqq4": {"method": "hqq", "bits": 4}, "bnb-nf4": {"method": "bnb", "bits": 4},
              "torchao-intx4": {"method": "torchao", "type": "intx", "bits": 4},
@@ -120,7 +116,7 @@ def main(argv=None) -> int:
           f"{split['proxy_s']:.3f}, generation {split['generation_s']:.3f}, metrics "
           f"{split['metrics_s']:.3f}, total {split['total_s']:.3f}; trial/generation "
           f"{s4['trial_over_generation']:.3f} (target <= 1.2)")
-    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    write_json(args.json, out)
     return 0
 
 

@@ -32,20 +32,17 @@ from pathlib import Path
 import optuna
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autoquant
+from autoquant._format import human_bytes, table
+from autoquant.backends import config_from_dict
+from autoquant.baseline import baseline_recipe
+from autoquant.evaluator import Evaluator
+from autoquant.recipe import Recipe
+from autoquant.search import Search, SearchConfig, run_search
+from autoquant.space import load_space
 
-import autoquant  # noqa: E402
-from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.backends import config_from_dict  # noqa: E402
-from autoquant.backends.none import NoneConfig  # noqa: E402
-from autoquant.baseline import baseline_recipe  # noqa: E402
-from autoquant.evaluator import Evaluator  # noqa: E402
-from autoquant.recipe import Recipe  # noqa: E402
-from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.space import load_space  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _demo import demo_bench, search_settings  # noqa: E402
+from _common import write_json
+from _demo import demo_bench, search_settings
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -117,9 +114,9 @@ def run_optuna(pipe, clip, settings, space, budget, trials, seed, sampler_name,
         for l in layers:
             labels = [c.label for c in options[l.name]]
             plan[l.name] = options[l.name][labels.index(trial.suggest_categorical(l.name, labels))]
-        nbytes = other + sum(l.bytes if isinstance(plan[l.name], NoneConfig)
+        nbytes = other + sum(l.bytes if plan[l.name].full_precision
                              else l.nbytes(plan[l.name]) for l in layers)
-        fp = sum(l.weight_params for l in layers if isinstance(plan[l.name], NoneConfig))
+        fp = sum(l.weight_params for l in layers if plan[l.name].full_precision)
         cons = [nbytes - budget, fp - space.fp_cap * total_w]
         trial.set_constraint("bytes_over_budget", cons[0])
         trial.set_constraint("fp_weights_over_cap", cons[1])
@@ -233,7 +230,7 @@ def main(argv=None) -> int:
                          f"{held:.2f}" if held is not None else "-"])
             print(rows[-1], flush=True)
         results[spec] = entry
-        Path(args.json).write_text(json.dumps({"results": results}, indent=1, default=str))
+        write_json(args.json, {"results": results})
     print(table(rows, ["budget", "method", "seed", "feasible", "best PSNR (search)",
                        "hypervolume", "wall s", "best on held-out"]))
     verdicts = []
@@ -258,7 +255,7 @@ def main(argv=None) -> int:
     out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "trials": args.trials, "seeds": args.seeds,
            "results": results, "target": verdicts}
-    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    write_json(args.json, out)
     plot(results, Path(args.plot))
     print(f"figure: {args.plot}")
     return 0

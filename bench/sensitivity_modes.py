@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,17 +20,13 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autoquant
+from autoquant._format import human_bytes, table
+from autoquant.search import Search, SearchConfig, run_search
+from autoquant.space import load_space
 
-import autoquant  # noqa: E402
-from autoquant._format import human_bytes, table  # noqa: E402
-from autoquant.backends.none import NoneConfig  # noqa: E402
-from autoquant.search import Search, SearchConfig, run_search  # noqa: E402
-from autoquant.sensitivity import anchored_sensitivity  # noqa: E402
-from autoquant.space import load_space  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _demo import demo_bench, search_settings  # noqa: E402
+from _common import write_json
+from _demo import demo_bench, search_settings
 
 
 def main(argv=None) -> int:
@@ -46,20 +41,20 @@ def main(argv=None) -> int:
                                  space=load_space("default"), trials=args.trials, out=tmp / "x",
                                  settings=search_settings(),
                                  clip=clip, progress=False, sensitivity="full"), pipe)
+    search.prepare()
     full, full_s = search.error, search.timing["sensitivity_s"]
     search.cache.clear()  # the anchored pass quantizes every (layer, config) itself, as alone
     t = time.perf_counter()
-    anchored = anchored_sensitivity(pipe, search.cache, search.groups, search.component,
-                                    search.inputs, search.ref_outputs, progress=False)
+    anchored, _ = search.measure_sensitivity("anchored")
     anchored_s = time.perf_counter() - t
-    replays = {"full": sum(sum(not isinstance(c, NoneConfig) for c in g.options)
+    replays = {"full": sum(sum(not c.full_precision for c in g.options)
                            for g in search.groups.groups), "anchored": len(search.groups.groups)}
     flat = [(a, f) for ga, gf, g in zip(anchored, full, search.groups.groups)
-            for a, f, c in zip(ga, gf, g.options) if not isinstance(c, NoneConfig)]
+            for a, f, c in zip(ga, gf, g.options) if not c.full_precision]
     rho_all = spearmanr([a for a, _ in flat], [f for _, f in flat]).statistic
     rho_groups = statistics.mean(
-        spearmanr([a for a, c in zip(ga, g.options) if not isinstance(c, NoneConfig)],
-                  [f for f, c in zip(gf, g.options) if not isinstance(c, NoneConfig)]).statistic
+        spearmanr([a for a, c in zip(ga, g.options) if not c.full_precision],
+                  [f for f, c in zip(gf, g.options) if not c.full_precision]).statistic
         for ga, gf, g in zip(anchored, full, search.groups.groups))
     out = {"groups": len(search.groups.groups), "replays": replays,
            "full_s": full_s, "anchored_s": anchored_s,
@@ -72,7 +67,7 @@ def main(argv=None) -> int:
         budget = base[target].bytes
         entry = {"budget_bytes": budget, "baseline_psnr": base[target].metrics["psnr"]["mean"]}
         for mode, tab in (("full", full), ("anchored", anchored)):
-            search.error = tab
+            search.use_sensitivity(tab, mode)
             search.retarget(str(budget), tmp / f"{target}-{mode}")
             choice = search.solve_at(search.budget_bytes)
             solver = holdout.evaluate(search.recipe(choice), f"solver/{mode}")
@@ -95,7 +90,7 @@ def main(argv=None) -> int:
     print(f"target: anchored within 1 dB of full (held-out, after the search) -> worst "
           f"{worst:+.2f} dB: {'met' if worst >= -1.0 else 'NOT met'}; replays "
           f"{replays['full'] / replays['anchored']:.0f}x fewer")
-    Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    write_json(args.json, out)
     return 0
 
 

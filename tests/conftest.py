@@ -11,25 +11,29 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
-def devices():
-    """CPU always; CUDA only under the gpu marker (run through the device tool)."""
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test session gets its own $AUTOQUANT_CACHE: tests neither read nor fill the user's
+    cache (references, HIGGS grids, the demo folder)."""
+    path = tmp_path_factory.mktemp("autoquant-cache")
+    old = os.environ.get("AUTOQUANT_CACHE")
+    os.environ["AUTOQUANT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("AUTOQUANT_CACHE", None)
+    else:
+        os.environ["AUTOQUANT_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_factory():
     from autoquant.pipelines import load_pipeline
 
-    return lambda: load_pipeline("tiny-flux")
+    return lambda: load_pipeline("tiny-flux", dtype="bfloat16")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_factory():
     from autoquant.pipelines import load_pipeline
 
-    return lambda: load_pipeline("tiny-sd")
-
-
-def generate(pipe, seed=0, steps=2, prompt="a photo of a red cat"):
-    return pipe(prompt, num_inference_steps=steps, height=32, width=32, output_type="pt",
-                generator=torch.Generator().manual_seed(seed)).images
+    return lambda: load_pipeline("tiny-sd", dtype="bfloat16")

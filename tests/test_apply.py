@@ -9,9 +9,9 @@ import autoquant
 from autoquant import AutoquantError, BackendUnavailableError, Recipe, RecipeError
 from autoquant._bytes import measured_bytes
 from autoquant.backends import get_backend
-from autoquant.inventory import components_of
+from autoquant._inventory import components_of
 
-from .conftest import generate
+from .helpers import assert_same, generate, snapshot
 
 MIXED = {
     "format": "autoquant-recipe/1",
@@ -26,26 +26,6 @@ MIXED = {
         "transformer.proj_out": {"method": "none"},
     },
 }
-
-
-def snapshot(pipe):
-    """Every tensor and module type of the pipeline, to prove it was left untouched."""
-    out = {}
-    for cname, comp in components_of(pipe).items():
-        for name, mod in comp.named_modules():
-            out[f"{cname}.{name}:type"] = type(mod)
-        for name, t in comp.state_dict().items():
-            out[f"{cname}.{name}"] = t.clone()
-    return out
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] is b[k], k
 
 
 def test_mixed_recipe_on_flux_like_pipeline(tiny_flux_factory):
@@ -102,7 +82,7 @@ def test_failure_midway_leaves_the_pipeline_exactly_as_it_was(tiny_flux_factory,
         autoquant.apply_recipe(pipe, Recipe.from_dict(MIXED), progress=False)
     assert calls["n"] == 20
     assert_same(before, snapshot(pipe))
-    assert not hasattr(pipe, "_autoquant")
+    assert autoquant.applied_state(pipe) is None
 
 
 def test_invalid_recipe_touches_nothing(tiny_flux_factory):
@@ -193,3 +173,31 @@ def test_component_bytes_are_what_the_formulas_say_for_every_method(tiny_flux_fa
             progress=False)
         assert summary.component_bytes_after["transformer"] == measured_bytes(pipe.transformer)
         assert summary.bytes_after == summary.predicted_bytes_after, entry
+
+
+def test_a_failed_move_to_the_device_puts_every_layer_back(tiny_flux_factory, monkeypatch):
+    pipe = tiny_flux_factory()
+    before = snapshot(pipe)
+
+    def refuse(*a, **k):
+        raise RuntimeError("simulated: the device is full")
+
+    monkeypatch.setattr(pipe.vae, "to", refuse)
+    with pytest.raises(RuntimeError, match="device is full"):
+        autoquant.apply_recipe(pipe, Recipe.from_dict(MIXED), device="cpu", progress=False)
+    monkeypatch.undo()
+    assert_same(before, snapshot(pipe))
+    assert autoquant.applied_state(pipe) is None
+
+
+def test_load_quantized_refuses_what_is_not_a_saved_pipeline(tiny_sd_factory, tmp_path):
+    with pytest.raises(AutoquantError, match="is not a saved autoquant pipeline"):
+        autoquant.load_quantized(tmp_path)
+    pipe = tiny_sd_factory()
+    autoquant.apply_recipe(pipe, Recipe.from_dict({"format": "autoquant-recipe/1",
+                                                   "components": ["unet"],
+                                                   "default": {"method": "hqq", "bits": 4}}),
+                           progress=False)
+    autoquant.save_quantized(pipe, tmp_path / "q")
+    with pytest.raises(AutoquantError, match="fingerprint"):
+        autoquant.load_quantized(tmp_path / "q", base=autoquant.load_pipeline("tiny-flux"))

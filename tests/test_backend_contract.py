@@ -15,13 +15,16 @@ from torch import nn
 from autoquant._bytes import measured_bytes
 from autoquant.backends import get_backend, methods
 
-from .conftest import devices
+from .helpers import devices
 
 OUT, IN, TOKENS = 192, 512, 32  # divisible by every group size, tile and packing unit in use
 DTYPE = torch.bfloat16
 # Relative output error allowed at each nominal bit width (random uniform-init weights, normal
-# inputs; 1 bit is only required not to diverge).
+# inputs; 1 bit is only required not to diverge) ...
 TOLERANCE = {1: 1.1, 2: 0.6, 3: 0.3, 4: 0.15, 5: 0.08, 6: 0.05, 7: 0.03, 8: 0.04, 16: 1e-6}
+# ... and the output must still point the reference's way: a layer that outputs zeros (relative
+# error 1.0) or noise passes the first bound at 1 bit, never this one.
+MIN_COSINE = {1: 0.2, 2: 0.9, 3: 0.97, 4: 0.99, 5: 0.99, 6: 0.99, 7: 0.99, 8: 0.999, 16: 0.99999}
 
 CONFIGS = [cfg for m in methods() for cfg in get_backend(m).configs()]
 
@@ -53,26 +56,39 @@ _ERRORS: dict = {}
 
 
 def _error(cfg, device):
+    """(relative error, cosine) of the quantized layer's output against the original's."""
     key = (cfg, device)
     if key not in _ERRORS:
         _, lin, x, q = _quantized(cfg, device)
         with torch.no_grad():
-            _ERRORS[key] = _rel_err(q(x), lin(x))
+            y, ref = q(x).float(), lin(x).float()
+        cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0).item()
+        _ERRORS[key] = (_rel_err(y, ref), cos)
     return _ERRORS[key]
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
 def test_output_close_to_original(cfg, device):
-    err = _error(cfg, device)
-    assert err <= TOLERANCE[int(cfg.nominal_bits)], f"{cfg.label}: relative error {err:.4f}"
+    err, cos = _error(cfg, device)
+    bits = int(cfg.nominal_bits)
+    assert err <= TOLERANCE[bits], f"{cfg.label}: relative error {err:.4f}"
+    assert cos >= MIN_COSINE[bits], f"{cfg.label}: cosine to the reference {cos:.4f}"
+
+
+def test_the_bounds_reject_a_layer_that_outputs_zeros():
+    ref = torch.randn(TOKENS, OUT)
+    zeros = torch.zeros_like(ref)
+    assert _rel_err(zeros, ref) <= TOLERANCE[1]  # the error bound alone would pass it
+    cos = torch.nn.functional.cosine_similarity(zeros.flatten(), ref.flatten(), dim=0).item()
+    assert not cos >= MIN_COSINE[1]
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
 def test_byte_formula_equals_measured_bytes(cfg, device):
     backend, lin, x, q = _quantized(cfg, device)
-    expected = backend.nbytes(cfg, OUT, IN, True, DTYPE, torch.device(device))
+    expected = backend.nbytes(cfg, OUT, IN, True, DTYPE)
     assert measured_bytes(q) == expected, "before the first forward"
     with torch.no_grad():
         q(x)
@@ -106,7 +122,7 @@ def test_save_and_reload_give_identical_output(cfg, device, tmp_path):
     q2 = backend.import_state(cfg, OUT, IN, True, DTYPE, loaded, meta, torch.device(device))
     with torch.no_grad():
         assert torch.equal(q2(x), y)
-    assert measured_bytes(q2) == backend.nbytes(cfg, OUT, IN, True, DTYPE, torch.device(device))
+    assert measured_bytes(q2) == backend.nbytes(cfg, OUT, IN, True, DTYPE)
 
 
 def _families():
@@ -132,7 +148,7 @@ def test_error_falls_as_bits_rise(family, device):
     errors = []
     for cfg in family:
         try:
-            errors.append((cfg.bits, _error(cfg, device)))
+            errors.append((cfg.bits, _error(cfg, device)[0]))
         except pytest.skip.Exception:
             continue
     if len(errors) < 2:
@@ -141,12 +157,36 @@ def test_error_falls_as_bits_rise(family, device):
         assert e2 < e1, f"error at {b2} bits ({e2:.4f}) is not below {b1} bits ({e1:.4f})"
 
 
-def test_every_method_is_covered():
-    assert {"none", "hqq", "bnb", "torchao"} <= set(methods())
-    hqq_bits = {c.bits for c in CONFIGS if c.method == "hqq"}
-    assert hqq_bits == {1, 2, 3, 4, 8}
-    intx_bits = {c.bits for c in CONFIGS if c.method == "torchao" and c.type == "intx"}
-    assert intx_bits == set(range(1, 9))
+def _accepted(method: str, **fields) -> set[int]:
+    """The bit widths a method's config accepts (tried one by one, 0 to 16)."""
+    from autoquant import ConfigError
+    from autoquant.backends import config_from_dict
+
+    ok = set()
+    for bits in range(17):
+        try:
+            config_from_dict({"method": method, "bits": bits, **fields})
+            ok.add(bits)
+        except ConfigError:
+            pass
+    return ok
+
+
+def test_the_suite_covers_every_bit_width_each_method_accepts():
+    """``configs()`` (what this suite runs) against what the config classes accept."""
+    assert set(methods()) == {"none", "hqq", "bnb", "torchao", "higgs"}
+    covered = lambda **match: {c.bits for c in CONFIGS  # noqa: E731
+                               if all(getattr(c, k, None) == v for k, v in match.items())}
+    assert _accepted("hqq") == covered(method="hqq") == {1, 2, 3, 4, 8}
+    assert _accepted("bnb") == covered(method="bnb") == {4, 8}
+    assert _accepted("torchao", type="intx") == covered(method="torchao", type="intx") \
+        == set(range(1, 9))
+    for p in (1, 2):
+        assert _accepted("higgs", p=p) == covered(method="higgs", p=p) == {2, 3, 4}
+    torchao_types = {c.type for c in CONFIGS if c.method == "torchao"}
+    from autoquant.backends.torchao import TYPES
+
+    assert torchao_types == set(TYPES)
 
 
 def test_higgs_grids_are_gaussian_mse_optimal():
@@ -162,6 +202,15 @@ def test_higgs_grids_are_gaussian_mse_optimal():
     assert mse[2, 1] == pytest.approx(0.1175, abs=0.002)
     assert mse[3, 1] == pytest.approx(0.03454, abs=0.001)
     assert mse[2, 2] < mse[2, 1]
+
+
+@pytest.mark.slow
+def test_the_shipped_higgs_grids_are_what_lloyd_computes():
+    from autoquant.backends import _higgs_core as core
+
+    for bits in (2, 3, 4):
+        for p in (1, 2):
+            assert torch.equal(core.grid(bits, p), core._lloyd(bits, p)), (bits, p)
 
 
 def test_higgs_rotation_is_orthogonal_and_stores_only_a_seed():

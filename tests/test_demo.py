@@ -18,14 +18,9 @@ def demo():
 
 
 def _classifier():
-    from safetensors.torch import load_file
+    from autoquant.zoo.models import load_classifier
 
-    from autoquant.zoo.models import Classifier
-
-    net = Classifier()
-    net.load_state_dict({k: v.float() for k, v in
-                         load_file(str(DEMO_DIR / "classifier.safetensors")).items()})
-    return net.eval()
+    return load_classifier()
 
 
 def test_plain_diffusers_loads_the_demo_folder_offline():

@@ -66,10 +66,29 @@ def test_view_of_the_study(study_dir):
     configs = view.layer_configs(view.best)
     assert len(configs) == sum(1 for l in autoquant.inventory(
         autoquant.load_pipeline("tiny-flux")) if l.component == "transformer")
-    assert explore.config_bits("hqq3-g64") == 3 and explore.config_bits("none") == 16
+    assert view.bits("hqq4-g64") == 4 and view.bits("none") == 16
     assert explore.images_png(view, None)[:4] == b"\x89PNG"
 
 
 def test_open_study_errors(tmp_path):
     with pytest.raises(AutoquantError, match="holds no study.db"):
         explore.open_study(tmp_path)
+
+
+def test_export_works_for_a_space_file_and_carries_the_fingerprint(tmp_path):
+    import yaml
+
+    space = tmp_path / "my-space.yaml"
+    space.write_text(yaml.safe_dump({"format": "autoquant-space/1", "candidates": [
+        {"method": "hqq", "bits": 4, "group_size": 32}, {"method": "bnb", "bits": 8},
+        {"method": "none"}]}))
+    out = tmp_path / "o"
+    assert main(["search", "--model", "tiny-flux", "--budget", "50%", "--space", str(space),
+                 "--trials", "2", "--seeds", "0", "--no-clip", "--out", str(out), "--json",
+                 "--dtype", "bfloat16"]) == 0
+    space.unlink()  # the study alone must be enough
+    view = explore.open_study(out)
+    path = explore.export_recipe(view, view.best, tmp_path / "exported.yaml")
+    exported, searched = autoquant.load_recipe(path), autoquant.load_recipe(out / "best.yaml")
+    assert exported.model["fingerprint"] == searched.model["fingerprint"]
+    assert exported.layers == searched.layers

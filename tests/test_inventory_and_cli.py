@@ -10,7 +10,7 @@ import yaml
 import autoquant
 from autoquant import AutoquantError
 from autoquant.cli import main
-from autoquant.inventory import inventory
+from autoquant._inventory import inventory
 
 
 def test_inventory_of_a_flux_like_pipeline(tiny_flux_factory):

@@ -8,7 +8,7 @@ import yaml
 import autoquant
 from autoquant import Recipe, RecipeError, load_recipe
 from autoquant.backends import config_from_dict
-from autoquant.inventory import inventory
+from autoquant._inventory import inventory
 
 MINIMAL = """
 format: autoquant-recipe/1

@@ -21,17 +21,20 @@ SPACE = {"format": "autoquant-space/1",
                         {"method": "hqq", "bits": 4, "group_size": 32},
                         {"method": "hqq", "bits": 8, "group_size": 32},
                         {"method": "none"}],
-         "tie": ["(transformer\\.(?:single_)?transformer_blocks\\.\\d+\\.attn)\\.to_[qkv]"],
+         "tie": ["re:(transformer\\.(?:single_)?transformer_blocks\\.\\d+\\.attn)\\.to_[qkv]"],
          "fp_cap": 0.2}
 
 
-def make_search(tmp_path, budget="40%", trials=6, resume=False, space=None):
-    pipe = autoquant.load_pipeline("tiny-flux")
+def make_search(tmp_path, budget="40%", trials=6, resume=False, space=None, prepare=False):
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="bfloat16")
     settings = EvalSettings.for_model("tiny-flux", "search", seeds=[0], batch_size=8)
     cfg = SearchConfig(model="tiny-flux", budget=budget, space=space or SearchSpace.from_dict(SPACE),
                        trials=trials, out=tmp_path / "out", resume=resume, settings=settings,
                        clip=None, progress=False)
-    return Search(cfg, pipe)
+    search = Search(cfg, pipe)
+    if prepare:
+        search.prepare()
+    return search
 
 
 def test_parse_budget():
@@ -40,7 +43,7 @@ def test_parse_budget():
     assert parse_budget("35%") == ("share", 0.35)
     assert parse_budget("4.25bpw") == ("bpw", 4.25)
     assert parse_budget("123456") == ("bytes", 123456)
-    for bad in ("six GB", "0%", "120%", "4bits"):
+    for bad in ("six GB", "0%", "120%", "4bits", "0bpw", "40bpw", "0GB"):
         with pytest.raises(AutoquantError):
             parse_budget(bad)
 
@@ -50,7 +53,7 @@ def test_every_shipped_space_loads_and_bad_spaces_are_refused():
         space = load_space(name)
         assert space.candidates and space.fp_cap <= 0.20
     assert load_space("low-bit").max_bits_per_weight == 3.5
-    bad = dict(SPACE, fp_cap=0.3, extra=1, candidates=[{"method": "hqq", "bits": 5}], tie=["("])
+    bad = dict(SPACE, fp_cap=0.3, extra=1, candidates=[{"method": "hqq", "bits": 5}], tie=["re:("])
     with pytest.raises(SpaceError) as info:
         SearchSpace.from_dict(bad)
     text = str(info.value)
@@ -95,20 +98,33 @@ def test_search_writes_pareto_recipes_best_and_report(tmp_path):
         [g.options.index(search.cfg.space.candidates[1]) for g in search.groups.groups])[0] > 0
 
 
-def test_resume_continues_without_repeating_finished_trials(tmp_path):
+def test_rerunning_continues_the_study_without_repeating_finished_trials(tmp_path):
     run_search(make_search(tmp_path, trials=4))
-    with pytest.raises(AutoquantError, match="pass --resume"):
-        run_search(make_search(tmp_path, trials=6))
+    # the same settings: the study goes on (no flag needed), sensitivity reused from the study
+    again = make_search(tmp_path, trials=6)
+    report = run_search(again)
+    assert report["trials"]["complete"] + report["trials"]["pruned"] == 6
+    assert again.timing["sensitivity_reused"]
     report = run_search(make_search(tmp_path, trials=7, resume=True))
     assert report["trials"]["complete"] + report["trials"]["pruned"] == 7
+    # other settings: refused before any image, naming the difference
+    with pytest.raises(AutoquantError, match=r"(?s)cannot join it.*budget: this worker 35%"):
+        run_search(_with_study(make_search(tmp_path, budget="35%"), report["study"]))
+    with pytest.raises(AutoquantError, match="--resume: there is no study 'other'"):
+        run_search(_with_study(make_search(tmp_path, resume=True), "other"))
     study = optuna.load_study(study_name=report["study"],
                               storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     keys = [tuple(sorted(t.params.items())) for t in study.trials if t.state.is_finished()]
     assert len(keys) == len(set(keys))
 
 
+def _with_study(search, name):
+    search.cfg = dataclasses.replace(search.cfg, study=name)
+    return search
+
+
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
-    search = make_search(tmp_path, trials=4)
+    search = make_search(tmp_path, trials=4, prepare=True)
     real = search.evaluator.score
     calls = {"n": 0}
 
@@ -138,7 +154,7 @@ def test_cli_search_json(tmp_path, capsys):
 
 
 def test_retarget_reuses_the_sensitivity_for_another_budget(tmp_path):
-    search = make_search(tmp_path, budget="45%", trials=3)
+    search = make_search(tmp_path, budget="45%", trials=3, prepare=True)
     table = search.error
     first = run_search(search)
     search.retarget("35%", tmp_path / "second")
@@ -151,32 +167,28 @@ def test_retarget_reuses_the_sensitivity_for_another_budget(tmp_path):
 
 
 def test_a_capped_layer_cache_evicts_but_never_changes_what_a_plan_computes(tmp_path):
-    from autoquant.sensitivity import LayerCache
+    from autoquant.search._cache import LayerCache
+    from autoquant.search._sensitivity import measure
 
-    search = make_search(tmp_path, trials=1)
+    search = make_search(tmp_path, trials=1, prepare=True)
     unlimited = search.cache
     assert unlimited.evictions == 0 and unlimited.builds > 0
     layers = [l for l in search.inv if l.component == "transformer"]
     biggest = max(l.nbytes(search.groups.groups[0].options[0]) for l in layers)
     capped = LayerCache(search.pipe, search.inv, search.device, max_bytes=3 * biggest)
     # the sensitivity pass under a cap of three layers: same table, bounded cache
-    from autoquant.sensitivity import measure_sensitivity
-
-    table = measure_sensitivity(search.pipe, capped, search.groups, search.component,
-                                search.inputs, search.ref_outputs, progress=False)
-    assert table == search.error
+    rows = measure("full", search.replay, capped, search.groups, progress=False)
+    assert [rows[i] for i in range(len(rows))] == search.error
     assert capped.evictions > 0 and capped.nbytes <= 3 * biggest
     # a whole plan is larger than the cap: it is still assembled (installed layers stay), and
     # its output equals the unlimited cache's
-    from autoquant.sensitivity import denoiser_outputs
-
     plan = search.groups.plan(search.seeds()[0][1])
     capped.assemble(plan)
     assert capped.nbytes > 3 * biggest
-    out_capped = denoiser_outputs(search.pipe, search.component, search.inputs)
+    out_capped = search.replay.outputs()
     capped.restore()
     unlimited.assemble(plan)
-    out_unlimited = denoiser_outputs(search.pipe, search.component, search.inputs)
+    out_unlimited = search.replay.outputs()
     unlimited.restore()
     assert all(a.equal(b) for a, b in zip(out_capped, out_unlimited))
     # a later, different plan evicts what the first one no longer uses
@@ -185,19 +197,19 @@ def test_a_capped_layer_cache_evicts_but_never_changes_what_a_plan_computes(tmp_
     capped.restore()
     assert capped.evictions > before
     with pytest.raises(AutoquantError, match="positive size"):
-        Search(dataclasses.replace(search.cfg, cache_bytes=0), search.pipe)
+        dataclasses.replace(search.cfg, cache_bytes=0)
 
 
 def test_anchored_sensitivity_matches_the_full_table_at_each_anchor_and_in_order(tmp_path):
     from scipy.stats import spearmanr
 
-    from autoquant.sensitivity import anchored_sensitivity
+    from autoquant.search._sensitivity import measure
 
-    search = make_search(tmp_path, trials=1)
+    search = make_search(tmp_path, trials=1, prepare=True)
     assert search.sensitivity_mode == "full"  # auto: a tiny model is measured in full
     full = search.error
-    anchored = anchored_sensitivity(search.pipe, search.cache, search.groups, search.component,
-                                    search.inputs, search.ref_outputs, progress=False)
+    rows = measure("anchored", search.replay, search.cache, search.groups, progress=False)
+    anchored = [rows[i] for i in range(len(rows))]
     assert len(anchored) == len(full)
     pairs = []
     for g, a, f in zip(search.groups.groups, anchored, full):
@@ -209,7 +221,48 @@ def test_anchored_sensitivity_matches_the_full_table_at_each_anchor_and_in_order
     rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
     assert rho > 0.8, rho
     with pytest.raises(AutoquantError, match="sensitivity 'fast'"):
-        Search(dataclasses.replace(search.cfg, sensitivity="fast"), search.pipe)
+        dataclasses.replace(search.cfg, sensitivity="fast")
     forced = Search(dataclasses.replace(search.cfg, sensitivity="anchored"), search.pipe)
+    forced.prepare()
     assert forced.sensitivity_mode == "anchored" and forced.timing["sensitivity_mode"] == "anchored"
     assert [v for r in forced.error for v in r] == pytest.approx([v for r in anchored for v in r])
+
+
+def test_a_bug_inside_a_trial_stops_the_search_and_leaves_no_running_trial(tmp_path,
+                                                                          monkeypatch):
+    search = make_search(tmp_path, trials=4, prepare=True)
+
+    def broken(*a, **k):
+        raise TypeError("a programming error")
+
+    monkeypatch.setattr(search.evaluator, "score", broken)
+    with pytest.raises(TypeError, match="a programming error"):
+        run_search(search)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and states.count("FAIL") == 1
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert failed.user_attrs["fail_reason"].startswith("error: TypeError")
+
+
+def test_seed_plans_survive_an_interruption(tmp_path):
+    import threading
+
+    search = make_search(tmp_path, trials=10, prepare=True)
+    stop = threading.Event()
+    real = search.evaluator.score
+    calls = {"n": 0}
+
+    def score_then_stop(*a, **k):
+        calls["n"] += 1
+        stop.set()  # as Ctrl-C would, during the first trial
+        return real(*a, **k)
+
+    search.evaluator.score = score_then_stop
+    first = run_search(search, stop)
+    assert first["interrupted"] and first["trials"]["finished"] == 1
+    queued = first["trials"]["waiting"]
+    assert queued >= 3  # the other seed plans are still queued in the storage
+    again = run_search(make_search(tmp_path, trials=10))
+    sources = [t["source"] for t in again["trials_detail"] if t["state"] != "WAITING"]
+    assert sum(s.startswith(("solver@", "uniform")) for s in sources) == queued + 1

@@ -1,21 +1,34 @@
-"""The registry of quantization methods. One backend = one file in this folder.
+"""The registry of quantization methods: the one place that knows them. One backend = one file.
 
 A recipe entry such as ``{method: hqq, bits: 3, group_size: 64}`` becomes a config with
-:func:`config_from_dict`; :func:`get_backend` gives the backend that applies it.
+:func:`config_from_dict`; :func:`get_backend` gives the backend that applies it. Everything else
+asks the registry -- whether a module is already quantized (:func:`owner_of`), a config's bits
+(``cfg.nominal_bits``), whether it keeps full precision (``cfg.full_precision``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .._errors import ConfigError
-from ._base import Backend, QuantConfig
+from torch import nn
 
-_REGISTRY: dict[str, Backend] = {}
+import torch
+
+from .._errors import BackendError, ConfigError
+from ._base import Backend, QuantConfig
+from .bnb import BnbBackend
+from .higgs import HiggsBackend
+from .hqq import HQQBackend
+from .none import NoneBackend
+from .torchao import TorchaoBackend
+
+#: method name -> backend. The order is that of `methods()`, the inventory's columns and spaces.
+_REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    NoneBackend(), HQQBackend(), BnbBackend(), TorchaoBackend(), HiggsBackend())}
 
 
 def register_backend(backend: Backend) -> Backend:
-    """Add a backend under its ``name`` (the ``method`` string of recipes)."""
+    """Add a third-party backend under its ``name`` (the ``method`` string of recipes)."""
     if backend.name in _REGISTRY:
         raise ValueError(f"method {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
@@ -25,7 +38,7 @@ def register_backend(backend: Backend) -> Backend:
 def get_backend(method: str) -> Backend:
     try:
         return _REGISTRY[method]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ConfigError(
             f"unknown method {method!r}; known methods: {sorted(_REGISTRY)}") from None
 
@@ -38,6 +51,33 @@ def backend_for(cfg: QuantConfig) -> Backend:
     return get_backend(cfg.method)
 
 
+def owner_of(module: nn.Module) -> Backend | None:
+    """The backend that built ``module``, or None for a layer no method has touched."""
+    return next((b for b in _REGISTRY.values() if b.owns(module)), None)
+
+
+def full_precision() -> QuantConfig:
+    """The config that keeps a layer as it is (``{method: none}``)."""
+    return _REGISTRY["none"].config_cls()
+
+
+#: what a quantization library raises when it fails on a layer (kernels, shape checks, memory);
+#: anything else (TypeError, AttributeError, ...) is a bug and is not turned into a user error
+LIBRARY_FAILURES = (RuntimeError, ValueError, AssertionError, NotImplementedError, MemoryError)
+
+
+def quantize_layer(linear: nn.Linear, cfg: QuantConfig, device: torch.device,
+                   name: str = "") -> nn.Module:
+    """``cfg``'s replacement of ``linear`` on ``device`` (``linear`` is left as it is). A library
+    failure becomes a :class:`BackendError` naming the layer and the config."""
+    try:
+        with torch.no_grad():
+            return get_backend(cfg.method).quantize(linear, cfg, device)
+    except LIBRARY_FAILURES as e:
+        raise BackendError(f"quantizing {name or 'a layer'} with {cfg.label} failed: "
+                           f"{type(e).__name__}: {e}") from e
+
+
 def config_from_dict(entry: Mapping[str, Any]) -> QuantConfig:
     """Build and validate a method config from its recipe mapping. Raises ConfigError."""
     if not isinstance(entry, Mapping):
@@ -48,19 +88,13 @@ def config_from_dict(entry: Mapping[str, Any]) -> QuantConfig:
     backend = get_backend(fields.pop("method"))
     cls = backend.config_cls
     allowed = set(cls.__dataclass_fields__)
-    unknown = sorted(set(fields) - allowed)
+    unknown = sorted(map(str, set(fields) - allowed))
     if unknown:
         raise ConfigError(f"{backend.name}: unknown option(s) {unknown}; "
                           f"allowed: {sorted(allowed) or 'none'}")
     return cls(**fields)
 
 
-# Registration order is the order of `methods()`, of the inventory's columns and of search spaces.
-from . import none as _none  # noqa: E402, F401  (registers the backend)
-from . import hqq as _hqq  # noqa: E402, F401  (registers the backend)
-from . import bnb as _bnb  # noqa: E402, F401  (registers the backend)
-from . import torchao as _torchao  # noqa: E402, F401  (registers the backend)
-from . import higgs as _higgs  # noqa: E402, F401  (registers the backend)
-
 __all__ = ["Backend", "QuantConfig", "register_backend", "get_backend", "methods",
-           "backend_for", "config_from_dict"]
+           "backend_for", "owner_of", "full_precision", "config_from_dict", "quantize_layer",
+           "LIBRARY_FAILURES"]

@@ -38,6 +38,8 @@ class QuantConfig:
     """Base of every method's config. Subclasses are frozen dataclasses; ``method`` names them."""
 
     method: ClassVar[str] = ""
+    #: True only for ``none``: the layer stays as it is and counts towards the full-precision cap
+    full_precision: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe form: ``{"method": ..., <every field>}``. Plain data, YAML-safe."""
@@ -96,10 +98,16 @@ class Backend(ABC):
         """Why a Linear of this shape and dtype cannot take ``cfg``, or None when it can."""
         return None
 
+    def owns(self, module: nn.Module) -> bool:
+        """Is ``module`` a layer this method built (so it is no longer a plain, quantizable
+        ``nn.Linear``)?"""
+        return False
+
     @abstractmethod
     def nbytes(self, cfg: QuantConfig, out_features: int, in_features: int, bias: bool,
-               dtype: torch.dtype, device: torch.device) -> int:
-        """Exact bytes the quantized layer holds on ``device``: codes, scales, zeros, metadata, bias."""
+               dtype: torch.dtype) -> int:
+        """Exact bytes the quantized layer holds on any device: codes, scales, zeros, metadata,
+        bias (every layout autoquant uses is the same on the CPU and on CUDA)."""
 
     # -- doing it -----------------------------------------------------------------------------
     @abstractmethod

@@ -3,8 +3,9 @@ Theorem"): random Hadamard rotation of each weight group, then nearest-point cod
 is MSE-optimal for a standard Gaussian.
 
 - ``grid(bits, p)``: 2**(bits*p) points in p dimensions (p=1: Lloyd-Max levels, p=2: a 2-D
-  codebook), computed by this project with Lloyd/k-means on 2**18 Gaussian samples (fixed seed,
-  cached in memory); no library provides them here.
+  codebook), computed by this project with Lloyd/k-means on 2**18 Gaussian samples (fixed seed)
+  and shipped in ``higgs_grids.safetensors`` (3 KB; ``_lloyd`` recomputes them, a test checks
+  they are equal); no library provides them here.
 - ``rotate(x, signs)``: x -> H·diag(signs)·x per group (H the normalized Walsh-Hadamard matrix,
   fast transform, O(g log g)); the rotation is its own inverse up to the sign flips, and only the
   seed of the signs is stored.
@@ -16,30 +17,21 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import torch
 
 
+GRIDS = Path(__file__).with_name("higgs_grids.safetensors")
+
+
 @functools.lru_cache(maxsize=None)
 def grid(bits: int, p: int) -> torch.Tensor:
-    """[2**(bits*p), p] float32, MSE-optimal for N(0, I_p) (Lloyd / k-means, deterministic);
-    computed once per machine and cached in ``$AUTOQUANT_CACHE/higgs-grids``."""
-    import os
-    from pathlib import Path
+    """[2**(bits*p), p] float32, MSE-optimal for N(0, I_p) (Lloyd / k-means, deterministic),
+    as shipped with the package."""
+    from safetensors.torch import load_file
 
-    folder = Path(os.environ.get("AUTOQUANT_CACHE", Path.home() / ".cache" / "autoquant"))
-    path = folder / "higgs-grids" / f"v1-b{bits}-p{p}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    points = _lloyd(bits, p)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(points, tmp)
-        tmp.replace(path)
-    except OSError:  # a read-only home still gets its grid, just not cached
-        pass
-    return points
+    return load_file(str(GRIDS))[f"b{bits}-p{p}"]
 
 
 def _lloyd(bits: int, p: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ import math
 
 from torch import nn
 
-from . import register_backend
 from .._errors import ConfigError
 from ._base import (DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int,
                     float_and_group_reason)
@@ -83,6 +82,9 @@ class BnbBackend(Backend):
     devices = ("cpu", "cuda")
     package = ('bitsandbytes', 'bitsandbytes')
 
+    def owns(self, module):
+        return type(module).__module__.startswith("bitsandbytes.")
+
     def layer_reason(self, cfg, out_features, in_features, dtype):
         reason = float_and_group_reason(dtype, in_features, None, "bitsandbytes computes in")
         if reason:
@@ -91,7 +93,7 @@ class BnbBackend(Backend):
             return "an odd number of weights cannot be packed two per byte"
         return None
 
-    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+    def nbytes(self, cfg, out_features, in_features, bias, dtype):
         n = out_features * in_features
         bias_bytes = out_features * DTYPE_BYTES[dtype] if bias else 0
         if cfg.bits == 8:
@@ -163,6 +165,3 @@ class BnbBackend(Backend):
     def configs(self):
         return [BnbConfig(bits=8), BnbConfig(bits=4, type="nf4"), BnbConfig(bits=4, type="fp4"),
                 BnbConfig(bits=4, type="nf4", double_quant=True)]
-
-
-register_backend(BnbBackend())

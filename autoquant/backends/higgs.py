@@ -18,7 +18,6 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import register_backend
 from . import _higgs_core as core
 from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int, float_and_group_reason
 
@@ -80,10 +79,13 @@ class HiggsBackend(Backend):
     config_cls = HiggsConfig
     devices = ("cpu", "cuda")
 
+    def owns(self, module):
+        return isinstance(module, HiggsLinear)
+
     def layer_reason(self, cfg, out_features, in_features, dtype):
         return float_and_group_reason(dtype, in_features, cfg.group_size)
 
-    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+    def nbytes(self, cfg, out_features, in_features, bias, dtype):
         k = cfg.bits * cfg.p
         words = -(-(in_features // cfg.p) // (32 // k))
         groups = in_features // cfg.group_size
@@ -113,6 +115,3 @@ class HiggsBackend(Backend):
 
     def configs(self):
         return [HiggsConfig(bits=b, p=p, group_size=64) for p in (1, 2) for b in (2, 3, 4)]
-
-
-register_backend(HiggsBackend())

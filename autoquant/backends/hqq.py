@@ -15,7 +15,6 @@ import math
 import torch
 from torch import nn
 
-from . import register_backend
 from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int, float_and_group_reason
 
 BITS = (1, 2, 3, 4, 8)
@@ -50,6 +49,9 @@ class HQQBackend(Backend):
     devices = ("cpu", "cuda")
     package = ('hqq', 'hqq')
 
+    def owns(self, module):
+        return type(module).__module__.startswith("hqq.")
+
     def layer_reason(self, cfg, out_features, in_features, dtype):
         reason = float_and_group_reason(dtype, in_features, cfg.group_size, "hqq computes in")
         if reason:
@@ -60,7 +62,7 @@ class HQQBackend(Backend):
                     f"which {cfg.bits}-bit packing needs")
         return None
 
-    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+    def nbytes(self, cfg, out_features, in_features, bias, dtype):
         g = cfg.group_size
         groups = out_features * in_features // g
         if cfg.bits == 3:
@@ -98,6 +100,3 @@ class HQQBackend(Backend):
 
     def configs(self):
         return [HQQConfig(bits=b, group_size=64) for b in BITS]
-
-
-register_backend(HQQBackend())

@@ -7,7 +7,6 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import register_backend
 from ._base import DTYPE_BYTES, Backend, QuantConfig
 
 
@@ -16,6 +15,7 @@ class NoneConfig(QuantConfig):
     """Leave the layer unquantized. Counts towards the full-precision share."""
 
     method = "none"
+    full_precision = True
 
     @property
     def nominal_bits(self) -> float:
@@ -45,7 +45,7 @@ class NoneBackend(Backend):
     name = "none"
     config_cls = NoneConfig
 
-    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+    def nbytes(self, cfg, out_features, in_features, bias, dtype):
         return (out_features * in_features + (out_features if bias else 0)) * DTYPE_BYTES[dtype]
 
     def quantize(self, linear, cfg, device):
@@ -64,6 +64,3 @@ class NoneBackend(Backend):
 
     def configs(self):
         return [NoneConfig()]
-
-
-register_backend(NoneBackend())

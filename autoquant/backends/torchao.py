@@ -21,7 +21,6 @@ import json
 import torch
 from torch import nn
 
-from . import register_backend
 from .._errors import ConfigError
 from ._base import (DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int,
                     float_and_group_reason)
@@ -92,6 +91,10 @@ class TorchaoBackend(Backend):
     devices = ("cpu", "cuda")
     package = ('torchao', 'torchao')
 
+    def owns(self, module):
+        # torchao keeps the nn.Linear and swaps its weight for a tensor subclass
+        return isinstance(module, nn.Linear) and hasattr(module.weight, "__tensor_flatten__")
+
     def unavailable_reason(self, cfg, device):
         reason = super().unavailable_reason(cfg, device)
         if reason:
@@ -120,7 +123,7 @@ class TorchaoBackend(Backend):
             return "fp8_dynamic (scaled_mm) needs in_features and out_features divisible by 16"
         return None
 
-    def nbytes(self, cfg, out_features, in_features, bias, dtype, device):
+    def nbytes(self, cfg, out_features, in_features, bias, dtype):
         n = out_features * in_features
         total = out_features * DTYPE_BYTES[dtype] if bias else 0
         if cfg.type in ("int8", "int8_dynamic"):
@@ -173,6 +176,3 @@ class TorchaoBackend(Backend):
         return ([TorchaoConfig(type=t) for t in ("int8", "int8_dynamic", "fp8", "fp8_dynamic")]
                 + [TorchaoConfig(type="int4", group_size=64)]
                 + [TorchaoConfig(type="intx", bits=b, group_size=64) for b in range(1, 9)])
-
-
-register_backend(TorchaoBackend())

@@ -11,10 +11,13 @@ and up, so it must be off).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from .._compat import dtype_kwargs
+from .._paths import cache_dir
 
 DEMO_DIR = Path(__file__).parent / "demo"
 #: default generation settings of the demo pipeline (passed to its __call__)
@@ -29,10 +32,6 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AUTOQUANT_CACHE", Path.home() / ".cache" / "autoquant"))
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -65,20 +64,33 @@ def demo_folder() -> Path:
     return folder
 
 
+@functools.cache
+def _demo_pipeline_class():
+    from diffusers import PixArtAlphaPipeline
+
+    class DemoPipeline(PixArtAlphaPipeline):
+        """The demo: a ``PixArtAlphaPipeline`` whose call defaults are ``DEMO_GENERATION``."""
+
+        def __call__(self, prompt=None, **kwargs):
+            return super().__call__(prompt, **{**DEMO_GENERATION, **kwargs})
+
+    return DemoPipeline
+
+
+def __getattr__(name: str):
+    if name == "DemoPipeline":  # built on first use: it needs diffusers
+        return _demo_pipeline_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def load_demo_pipeline(dtype=None):
     import torch
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import logging as dlog
 
-    from ..pipelines import dtype_kwargs
+    from .._quiet import quiet_loading
 
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # PixArt's loader expects T5 and says so; MiniLM is on purpose
-    try:
-        pipe = DiffusionPipeline.from_pretrained(demo_folder(),
-                                                 **dtype_kwargs(dtype or torch.bfloat16))
-    finally:
-        dlog.set_verbosity(level)
+    with quiet_loading():  # PixArt's loader expects T5 and says so; MiniLM is on purpose
+        pipe = _demo_pipeline_class().from_pretrained(demo_folder(),
+                                                      **dtype_kwargs(dtype or torch.bfloat16))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

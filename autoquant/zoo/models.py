@@ -122,6 +122,18 @@ class Classifier(nn.Module):
         return self.net(pixels)
 
 
+def load_classifier() -> Classifier:
+    """The demo's shipped classifier (float32, eval mode): grades generated images."""
+    from safetensors.torch import load_file
+
+    from . import DEMO_DIR
+
+    net = Classifier()
+    net.load_state_dict({k: v.float() for k, v in
+                         load_file(str(DEMO_DIR / "classifier.safetensors")).items()})
+    return net.eval().requires_grad_(False)
+
+
 def build_vae():
     from diffusers import AutoencoderKL
 

@@ -71,6 +71,32 @@ def cosine_lr(opt, step: int, total: int, base: float, warmup: int = 200) -> Non
         g["lr"] = lr
 
 
+def fit(params, lr: float, weight_decay: float, steps: int, seconds: float, loss_at,
+        warmup: int = 200, clip_grad: float | None = None, after=None):
+    """The one training loop of every stage: AdamW with warm-up and cosine decay, at most
+    ``steps`` steps and ``seconds`` seconds. ``loss_at(step)`` returns the step's loss;
+    ``after(step, loss)`` runs after each update. Returns ``(steps run, last loss, seconds)``."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    start, step, loss = time.time(), 0, None
+    while step < steps and time.time() - start < seconds:
+        cosine_lr(opt, step, steps, lr, warmup)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        opt.step()
+        if after is not None:
+            after(step, loss)
+        step += 1
+    return step, loss, time.time() - start
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def augment(x: torch.Tensor) -> torch.Tensor:
     """Random horizontal flips and shifts of up to 2 px (the padding is background)."""
     flip = torch.rand(x.shape[0], device=x.device) < 0.5
@@ -81,20 +107,17 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 
 def train_vae(pixels, test_pixels, device, seconds, steps, log):
     vae = M.build_vae().to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    start, step, bs = time.time(), 0, 256
-    while step < steps and time.time() - start < seconds:
-        cosine_lr(opt, step, steps, 1e-3)
+    bs = 256
+
+    def loss_at(_step):
         x = pixels[torch.randint(0, len(pixels), (bs,), device=device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with _autocast(device):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
+        return F.l1_loss(rec.float(), x) + F.mse_loss(rec.float(), x) + 1e-4 * kl
+
+    step, loss, took = fit(vae.parameters(), 1e-3, 0.0, steps, seconds, loss_at)
     vae.eval()
     with torch.no_grad():
         mean, std = [], []
@@ -107,7 +130,7 @@ def train_vae(pixels, test_pixels, device, seconds, steps, log):
         mse = F.mse_loss((rec + 1) / 2, (test_pixels[:2000] + 1) / 2).item()
     scaling = (1.0 / mean.std()).item()
     vae.register_to_config(scaling_factor=scaling)
-    log.stage("vae", steps=step, seconds=round(time.time() - start, 1), final_loss=loss.item(),
+    log.stage("vae", steps=step, seconds=round(took, 1), final_loss=loss.item(),
               test_psnr=10 * math.log10(1 / mse), scaling_factor=scaling)
     return vae, mean * scaling, std * scaling
 
@@ -119,7 +142,6 @@ def train_denoiser(lat_mean, lat_std, labels, terciles, cache, device, seconds, 
     alphas = sched.alphas_cumprod.to(device)
     model = M.build_transformer().to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     states, masks = cache["states"].to(device), cache["masks"].to(device)
     groups = torch.full((len(C.CLASSES), 3, 64), -1, dtype=torch.long)
     for key, idx in cache["index"].items():
@@ -128,10 +150,10 @@ def train_denoiser(lat_mean, lat_std, labels, terciles, cache, device, seconds, 
     counts = (groups >= 0).sum(-1).to(device)
     groups = groups.to(device)
     uncond = len(cache["captions"]) - 1
-    start, step, bs, losses = time.time(), 0, 512, []
+    bs, losses = 512, []
     cond = {"resolution": None, "aspect_ratio": None}
-    while step < steps and time.time() - start < seconds:
-        cosine_lr(opt, step, steps, 3e-4, warmup=500)
+
+    def loss_at(_step):
         i = torch.randint(0, len(lat_mean), (bs,), device=device)
         x0 = lat_mean[i] + lat_std[i] * torch.randn_like(lat_mean[i])
         lab, ter = labels[i], terciles[i]
@@ -142,22 +164,23 @@ def train_denoiser(lat_mean, lat_std, labels, terciles, cache, device, seconds, 
         noise = torch.randn_like(x0)
         a = alphas[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with _autocast(device):
             pred = model(xt, encoder_hidden_states=states[cap].float(),
                          encoder_attention_mask=masks[cap].long(), timestep=t,
                          added_cond_kwargs=cond).sample
-        loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(loss.item()) if step % 50 == 0 else None
-        step += 1
-    log.stage("denoiser", steps=step, seconds=round(time.time() - start, 1), batch=bs,
+        return F.mse_loss(pred.float(), noise)
+
+    @torch.no_grad()
+    def ema_update(step, loss):
+        decay = min(0.999, (1 + step) / (10 + step))
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+        if step % 50 == 0:
+            losses.append(loss.item())
+
+    step, _, took = fit(model.parameters(), 3e-4, 0.01, steps, seconds, loss_at, warmup=500,
+                        clip_grad=1.0, after=ema_update)
+    log.stage("denoiser", steps=step, seconds=round(took, 1), batch=bs,
               final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])), loss_curve=losses)
     return ema
 
@@ -174,51 +197,47 @@ def soft_clip_loss(img, txt, labels, scale):
 def train_clip(pixels, labels, terciles, cache, test_pixels, test_labels, device, seconds, steps,
                log):
     clip = M.DemoCLIP().to(device).train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=1e-3, weight_decay=0.05)
     pooled = cache["pooled"].to(device)
     groups = [[cache["index"][f"{l}/{t}"] for t in range(3)] for l in range(len(C.CLASSES))]
-    start, step, bs = time.time(), 0, 512
-    while step < steps and time.time() - start < seconds:
-        cosine_lr(opt, step, steps, 1e-3)
+    bs = 512
+
+    def loss_at(_step):
         i = torch.randint(0, len(pixels), (bs,), device=device)
         cap = torch.tensor([random.choice(groups[l][t]) for l, t in
                             zip(labels[i].tolist(), terciles[i].tolist())], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with _autocast(device):
             img = clip.encode_image(augment(pixels[i]), normalize=True)
             txt = clip.encode_text_embeddings(pooled[cap], normalize=True)
-        loss = soft_clip_loss(img.float(), txt.float(), labels[i], clip.logit_scale.exp().clamp(max=100))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
+        return soft_clip_loss(img.float(), txt.float(), labels[i],
+                              clip.logit_scale.exp().clamp(max=100))
+
+    step, loss, took = fit(clip.parameters(), 1e-3, 0.05, steps, seconds, loss_at)
     clip.eval()
     with torch.no_grad():
         txt = clip.encode_text_embeddings(pooled[cache["class_prompts"]], normalize=True)
         pred = torch.cat([(clip.encode_image(test_pixels[j:j + 1000], normalize=True) @ txt.t())
                           .argmax(1) for j in range(0, len(test_pixels), 1000)])
-    log.stage("clip", steps=step, seconds=round(time.time() - start, 1), final_loss=loss.item(),
+    log.stage("clip", steps=step, seconds=round(took, 1), final_loss=loss.item(),
               zero_shot_test_accuracy=(pred == test_labels).float().mean().item())
     return clip
 
 
 def train_classifier(pixels, labels, test_pixels, test_labels, device, seconds, steps, log):
     net = M.Classifier().to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
-    start, step, bs = time.time(), 0, 256
-    while step < steps and time.time() - start < seconds:
-        cosine_lr(opt, step, steps, 2e-3)
+    bs = 256
+
+    def loss_at(_step):
         i = torch.randint(0, len(pixels), (bs,), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.cross_entropy(net(augment(pixels[i])).float(), labels[i], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
+        with _autocast(device):
+            return F.cross_entropy(net(augment(pixels[i])).float(), labels[i],
+                                   label_smoothing=0.1)
+
+    step, loss, took = fit(net.parameters(), 2e-3, 0.05, steps, seconds, loss_at)
     net.eval()
     with torch.no_grad():
         pred = torch.cat([net(test_pixels[j:j + 1000]).argmax(1)
                           for j in range(0, len(test_pixels), 1000)])
-    log.stage("classifier", steps=step, seconds=round(time.time() - start, 1),
+    log.stage("classifier", steps=step, seconds=round(took, 1),
               final_loss=loss.item(), test_accuracy=(pred == test_labels).float().mean().item())
     return net
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .backends import get_backend, methods
+from .backends import get_backend, methods, owner_of
 from .backends._base import DTYPE_BYTES, QuantConfig
 
 #: components searched and quantized by default, in pipeline order (the denoiser first)
@@ -48,9 +48,10 @@ class LayerInfo:
         return get_backend(cfg.method).layer_reason(cfg, self.out_features, self.in_features,
                                                     self.dtype)
 
-    def nbytes(self, cfg: QuantConfig, device: torch.device | str = "cpu") -> int:
+    def nbytes(self, cfg: QuantConfig) -> int:
+        """Exact bytes of this layer under ``cfg`` (full precision: :attr:`bytes`)."""
         return get_backend(cfg.method).nbytes(cfg, self.out_features, self.in_features, self.bias,
-                                              self.dtype, torch.device(device))
+                                              self.dtype)
 
 
 def components_of(target: Any) -> dict[str, nn.Module]:
@@ -68,8 +69,8 @@ def _qualified(component: str, path: str) -> str:
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).__module__.split(".")[0] not in (
-        "bitsandbytes", "hqq") and not hasattr(module.weight, "__tensor_flatten__")
+    """A plain ``nn.Linear`` that no backend has quantized yet."""
+    return isinstance(module, nn.Linear) and owner_of(module) is None
 
 
 @dataclasses.dataclass

@@ -1,0 +1,151 @@
+"""Budget arithmetic and allocation: the exact bytes of every plan, the hard constraints, and the
+plans the solver proposes (seeds at several budgets, proxy-repaired mutations).
+
+Bytes are those of the searched components: all their parameters and buffers, with the Linear
+layers at their configs' exact byte formulas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+from .._errors import InputError
+from .._format import human_bytes
+from ..allocate import solve
+from ..space import SearchSpace, parse_budget
+from ._groups import Groups
+
+
+@dataclasses.dataclass
+class Budget:
+    fp_bytes: int  # the searched components in full precision
+    other_bytes: int  # what is not a Linear layer
+    fixed_bytes: int  # other_bytes + the layers fixed in full precision
+    weight_params: int  # Linear weights of the searched components
+    fixed_fp: int  # of those, kept in full precision whatever the plan
+    opt_bytes: list[list[int]]  # [group][option]
+    opt_fp: list[list[int]]  # full-precision weights of [group][option]
+    space: SearchSpace
+    spec: str = ""
+    budget_bytes: float = 0.0
+
+    @classmethod
+    def build(cls, groups: Groups, component_bytes: int, space: SearchSpace,
+              inventory) -> "Budget":
+        layers = [l for l in inventory if l.component in groups.components]
+        linear_fp = sum(l.bytes for l in layers)
+        other = component_bytes - linear_fp
+        return cls(
+            fp_bytes=component_bytes, other_bytes=other,
+            fixed_bytes=other + sum(l.bytes for l in groups.fixed),
+            weight_params=sum(l.weight_params for l in layers),
+            fixed_fp=sum(l.weight_params for l in groups.fixed),
+            opt_bytes=[[g.nbytes(c) for c in g.options] for g in groups.groups],
+            opt_fp=[[g.weight_params if c.full_precision else 0 for c in g.options]
+                    for g in groups.groups],
+            space=space)
+
+    # -- the target ---------------------------------------------------------------------------
+    def bytes_for(self, spec: str) -> float:
+        """Bytes of a budget given as bytes (6GB), a share (35%) or bits per weight (4.25bpw)."""
+        kind, value = parse_budget(spec)
+        if kind == "bytes":
+            budget = value
+        elif kind == "share":
+            budget = value * self.fp_bytes
+        else:
+            budget = self.other_bytes + value * self.weight_params / 8
+        if budget > self.fp_bytes:
+            raise InputError(f"budget {spec} ({human_bytes(budget)}) is more than the searched "
+                             f"components hold in full precision ({human_bytes(self.fp_bytes)}): "
+                             f"there is nothing to search; give at most 100%")
+        mbpw = self.space.max_bits_per_weight
+        if mbpw:
+            budget = min(budget, self.other_bytes + mbpw * self.weight_params / 8)
+        return budget
+
+    def set_target(self, spec: str) -> None:
+        """Aim at ``spec``; refuses a budget no plan of the space can meet."""
+        self.spec, self.budget_bytes = str(spec), self.bytes_for(spec)
+        self.check_feasible()
+
+    @property
+    def fp_allowed(self) -> float:
+        return self.space.fp_cap * self.weight_params - self.fixed_fp
+
+    def smallest_bytes(self) -> int:
+        return self.fixed_bytes + sum(min(b) for b in self.opt_bytes)
+
+    def check_feasible(self) -> None:
+        if self.fixed_fp > self.space.fp_cap * self.weight_params:
+            raise InputError(
+                f"the space keeps {self.fixed_fp / self.weight_params:.1%} of the weights in full "
+                f"precision (protected or unquantizable), above its fp_cap {self.space.fp_cap}")
+        smallest = self.smallest_bytes()
+        if smallest > self.budget_bytes:
+            raise InputError(
+                f"budget {self.spec} ({human_bytes(self.budget_bytes)}) is below the "
+                f"smallest plan this space allows: {human_bytes(smallest)} "
+                f"({smallest / self.fp_bytes:.1%} of full precision, "
+                f"{8 * (smallest - self.other_bytes) / self.weight_params:.2f} bpw)")
+
+    # -- plans ----------------------------------------------------------------------------------
+    def plan_bytes(self, choice: list[int]) -> int:
+        return self.fixed_bytes + sum(self.opt_bytes[g][k] for g, k in enumerate(choice))
+
+    def plan_fp(self, choice: list[int]) -> int:
+        return self.fixed_fp + sum(self.opt_fp[g][k] for g, k in enumerate(choice))
+
+    def constraints(self, choice: list[int]) -> list[float]:
+        """Optuna convention: <= 0 is satisfied. (bytes over the budget, weights over the cap)"""
+        return [self.plan_bytes(choice) - self.budget_bytes,
+                self.plan_fp(choice) - self.space.fp_cap * self.weight_params]
+
+
+class Planner:
+    """The solver's plans for one budget and one sensitivity table (``error[g][k]``)."""
+
+    def __init__(self, budget: Budget, groups: Groups, error: list[list[float]]):
+        self.budget, self.groups, self.error = budget, groups, error
+
+    def proxy(self, choice: list[int]) -> float:
+        return sum(self.error[g][k] for g, k in enumerate(choice))
+
+    def solve_at(self, byte_budget: float, fixed: dict[int, int] | None = None):
+        b = self.budget
+        return solve(self.error, b.opt_bytes, b.opt_fp, byte_budget - b.fixed_bytes,
+                     b.fp_allowed, fixed)
+
+    def seeds(self) -> list[tuple[str, list[int]]]:
+        """The first trials: the solver's plans at 100/95/90/80% of the budget, then every uniform
+        baseline of the space that fits (so the front is never worse than them)."""
+        out = []
+        for f in (1.0, 0.95, 0.9, 0.8):
+            choice = self.solve_at(self.budget.budget_bytes * f)
+            if choice is not None:
+                out.append((f"solver@{f:.0%}", choice))
+        for cfg in self.budget.space.candidates:
+            if cfg.full_precision:
+                continue
+            choice = [g.options.index(cfg) if cfg in g.options else
+                      min(range(len(g.options)), key=lambda k: self.budget.opt_bytes[i][k])
+                      for i, g in enumerate(self.groups.groups)]
+            if max(self.budget.constraints(choice)) <= 0:
+                out.append((f"uniform {cfg.label}", choice))
+        return out
+
+    def mutate(self, rng: random.Random, base: list[int]) -> list[int] | None:
+        """Force 1-3 groups of ``base`` to another option; the solver re-balances the rest."""
+        for _ in range(20):
+            k = rng.randint(1, min(3, len(base)))
+            fixed = {}
+            for g in rng.sample(range(len(base)), k):
+                others = [i for i in range(len(self.groups.groups[g].options)) if i != base[g]]
+                if others:
+                    fixed[g] = rng.choice(others)
+            choice = self.solve_at(self.budget.budget_bytes * rng.choice((1.0, 1.0, 0.97, 0.93)),
+                                   fixed)
+            if choice is not None:
+                return choice
+        return None

@@ -1,0 +1,99 @@
+"""Every (layer, config) quantized once, kept, and swapped in on demand, so a trial *assembles* its
+model instead of quantizing it."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._modules import swap_module
+from ..backends import QuantConfig, quantize_layer
+from .._inventory import Inventory, components_of
+
+
+class LayerCache:
+    """Quantized replacements of the searched layers, each built once; swapped into the pipeline.
+
+    ``max_bytes`` caps what the cache holds (by the byte formulas): past it, the least recently
+    used replacements that are not in the pipeline are dropped and rebuilt if asked for again.
+    Without a cap a large model cannot be searched: Flux-dev's 504 layers in the default space's
+    12 quantized configs would need ~86 GiB besides its own 22 GiB.
+    """
+
+    def __init__(self, pipe: Any, inv: Inventory, device: torch.device,
+                 max_bytes: float | None = None):
+        self.comps = components_of(pipe)
+        self.inv = inv
+        self.device = device
+        self.max_bytes = max_bytes
+        self.originals = {l.name: self.comps[l.component].get_submodule(l.path) for l in inv}
+        self.built: OrderedDict[tuple[str, QuantConfig], nn.Module] = OrderedDict()
+        self.sizes: dict[tuple[str, QuantConfig], int] = {}
+        self.nbytes = 0  # sum of ``sizes``, kept as it changes
+        self.installed: dict[str, tuple[str, QuantConfig] | None] = {}
+        self.quantize_s = 0.0
+        self.builds = 0
+        self.evictions = 0
+
+    def module(self, name: str, cfg: QuantConfig) -> nn.Module:
+        if cfg.full_precision:
+            return self.originals[name]
+        key = (name, cfg)
+        if key in self.built:
+            self.built.move_to_end(key)
+            return self.built[key]
+        size = self.inv[name].nbytes(cfg)
+        self._make_room(size)
+        t = time.perf_counter()
+        self.built[key] = quantize_layer(self.originals[name], cfg, self.device, name)
+        self.quantize_s += time.perf_counter() - t
+        self.sizes[key] = size
+        self.nbytes += size
+        self.builds += 1
+        return self.built[key]
+
+    def _make_room(self, size: int) -> None:
+        if self.max_bytes is None:
+            return
+        in_use = set(self.installed.values())
+        for key in list(self.built):
+            if self.nbytes + size <= self.max_bytes:
+                break
+            if key not in in_use:
+                del self.built[key]
+                self.nbytes -= self.sizes.pop(key)
+                self.evictions += 1
+
+    def clear(self) -> None:
+        """Drop every replacement (the pipeline gets its originals back)."""
+        self.restore()
+        self.built.clear()
+        self.sizes.clear()
+        self.nbytes = 0
+
+    def _set(self, name: str, module: nn.Module) -> None:
+        layer = self.inv[name]
+        swap_module(self.comps[layer.component], layer.path, module)
+
+    def assemble(self, plan: dict[str, QuantConfig]) -> None:
+        """Put ``plan``'s modules in place (layers not in ``plan`` get their originals)."""
+        want = {name: (name, plan[name]) if name in plan and not plan[name].full_precision
+                else None for name in self.originals}
+        # first take out what changes, so that room can be made from it
+        for name, key in want.items():
+            if self.installed.get(name) != key:
+                self._set(name, self.originals[name])
+                self.installed[name] = None
+        for name, key in want.items():
+            if key is not None and self.installed.get(name) != key:
+                self._set(name, self.module(*key))
+                self.installed[name] = key
+
+    def restore(self) -> None:
+        for name, module in self.originals.items():
+            self._set(name, module)
+        self.installed.clear()

@@ -1,0 +1,207 @@
+"""What a study leaves for people: ``best.yaml``, ``pareto/``, ``report.json`` -- written from the
+study alone (its identity attribute holds everything needed, the model is not), so any worker,
+or anyone with the storage URL, can write them. :func:`plan_recipe` is the one place a trial's
+plan becomes a recipe (the explorer's export uses it too)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .._format import human_bytes, table
+from ..backends import config_from_dict
+from ..recipe import Recipe
+from ._study import IDENTITY
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def study_info(study: optuna.Study) -> dict:
+    return study.user_attrs[IDENTITY]
+
+
+def quality_objectives(info: dict) -> list[str]:
+    return [o for o in info["objectives"] if o != "bytes"]
+
+
+def trial_metrics(info: dict, trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    """``{objective: value}`` of a complete trial."""
+    return dict(zip(info["objectives"], trial.values))
+
+
+def best_trial(study: optuna.Study, info: dict):
+    """The complete trial within the budget with the best first quality objective (the next
+    ones break ties), or None."""
+    quality = quality_objectives(info)
+    ok = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+          if t.values and t.values[0] <= info["budget_bytes"]]
+    return max(ok, key=lambda t: [trial_metrics(info, t)[q] for q in quality], default=None)
+
+
+def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
+                trial: int | None = None, study: str | None = None) -> Recipe:
+    """A trial's plan as a recipe: one exact entry per searched layer, the base model's id and
+    fingerprint, the budget, the metrics and where it came from."""
+    configs = {label: config_from_dict(c) for label, c in info["configs"].items()}
+    layers = {name: configs["none"] for name in info["fixed"]}
+    for group, names in info["groups"].items():
+        for name in names:
+            layers[name] = configs[params[group]]
+    settings = info["settings"]
+    prompts_hash = hashlib.sha256("\n".join(settings["prompts"]).encode()).hexdigest()[:12]
+    return Recipe(
+        layers=dict(sorted(layers.items())), components=list(info["components"]),
+        model={**info["source"], "fingerprint": info["fingerprint"]},
+        budget={"spec": info["budget"], "bytes": int(info["budget_bytes"])},
+        metrics=metrics,
+        provenance={**info["versions"], "study": study, "trial": trial,
+                    "space": info["space_name"], "prompts_sha256": prompts_hash,
+                    "seeds": list(settings["seeds"])})
+
+
+def storage_label(storage) -> str:
+    """The storage's URL, password hidden (what report.json says)."""
+    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", None)
+    if url is None:
+        return type(storage).__name__
+    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return str(url)
+
+
+def tally(study: optuna.Study) -> dict[str, Any]:
+    """Trials by what happened to them. ``counted``: those that count towards ``--trials``
+    (ended or running); lost (retried), duplicate and surplus trials do not."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
+    out: dict[str, Any] = {s.name.lower(): 0 for s in optuna.trial.TrialState}
+    out.update(lost=0, discarded=0, counted=0, finished=0)
+    for t in trials:
+        out[t.state.name.lower()] += 1
+        if t.state == optuna.trial.TrialState.FAIL and t.number in retried:
+            out["lost"] += 1
+        elif "discarded" in t.user_attrs:
+            out["discarded"] += 1
+        elif t.state != optuna.trial.TrialState.WAITING:
+            out["counted"] += 1
+            out["finished"] += t.state.is_finished()
+    out["retried"] = retried
+    return out
+
+
+def fail_reason(trial: optuna.trial.FrozenTrial, retried: dict[int, int]) -> str:
+    if trial.number in retried:
+        return (f"worker lost (its heartbeat stopped); the plan was re-run as trial "
+                f"{retried[trial.number]}")
+    if "discarded" in trial.user_attrs:
+        return trial.user_attrs["discarded"]
+    return trial.user_attrs.get("fail_reason") or "the worker stopped without recording a reason"
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Workers on one machine write the same folder: one at a time."""
+    import fcntl
+
+    with open(out / ".outputs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_outputs(study: optuna.Study, out: str | Path, storage=None,
+                  extra: dict | None = None, interrupted: bool = False) -> dict:
+    """``best.yaml``, ``pareto/trial-NNNN.yaml`` and ``report.json`` in ``out``, from the study."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = study_info(study)
+    objectives = info["objectives"]
+    counts = tally(study)
+    complete = study.get_trials(deepcopy=False, states=(COMPLETE,))
+    pareto = study.best_trials if complete else []
+    rows, front = [], []
+    best = best_trial(study, info)
+    with _locked(out):
+        (out / "pareto").mkdir(exist_ok=True)
+        keep = set()
+        for t in sorted(pareto, key=lambda t: t.values[0]):
+            metrics = {**{k: (int(v) if k == "bytes" else v)
+                          for k, v in trial_metrics(info, t).items()},
+                       "within_budget": t.values[0] <= info["budget_bytes"]}
+            path = out / "pareto" / f"trial-{t.number:04d}.yaml"
+            keep.add(path.name)
+            _write_text(path, plan_recipe(info, t.params, metrics, t.number,
+                                          study.study_name).to_yaml())
+            front.append({"trial": t.number, "recipe": str(path), **metrics,
+                          "source": t.user_attrs.get("source")})
+            rows.append([str(t.number), t.user_attrs.get("source", ""), human_bytes(t.values[0]),
+                         f"{t.values[0] / info['fp_bytes']:.1%}",
+                         *[_fmt(o, v) for o, v in zip(objectives[1:], t.values[1:])],
+                         "yes" if metrics["within_budget"] else "no"])
+        for old in (out / "pareto").glob("*.yaml"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+        report: dict[str, Any] = {
+            "study": study.study_name, "storage": storage_label(storage or study._storage),
+            "model": info["model"], "space": info["space_name"], "budget": info["budget"],
+            "budget_bytes": info["budget_bytes"], "fp_bytes": info["fp_bytes"],
+            "objectives": objectives, "groups": len(info["groups"]),
+            "fixed_layers": len(info["fixed"]),
+            "trials": {k: v for k, v in counts.items() if k != "retried"},
+            "interrupted": interrupted, "pareto": front,
+            "failed": [{"trial": t.number, "reason": fail_reason(t, counts["retried"]),
+                        "worker": t.user_attrs.get("worker")}
+                       for t in study.get_trials(deepcopy=False)
+                       if t.state == optuna.trial.TrialState.FAIL],
+            "trials_detail": [_trial_row(t) for t in study.get_trials(deepcopy=False)],
+            "trial_timing": [dict(trial=t.number, state=t.state.name, **t.user_attrs["timing"])
+                             for t in study.get_trials(deepcopy=False)
+                             if "timing" in t.user_attrs],
+            **(extra or {}),
+        }
+        if best is not None:
+            metrics = {k: (int(v) if k == "bytes" else v)
+                       for k, v in trial_metrics(info, best).items()}
+            metrics["pipeline_bytes"] = int(best.values[0] + info.get("other_components_bytes", 0))
+            recipe = plan_recipe(info, best.params, metrics, best.number, study.study_name)
+            _write_text(out / "best.yaml", recipe.to_yaml())
+            report["best"] = {"trial": best.number, "recipe": str(out / "best.yaml"), **metrics}
+        _write_text(out / "report.json", json.dumps(report, indent=1, default=str))
+    report["table"] = table(rows, ["trial", "source", "bytes", "of fp",
+                                   *[_HEADERS.get(o, o) for o in objectives[1:]], "in budget"])
+    return report
+
+
+_HEADERS = {"psnr": "PSNR", "ssim": "SSIM", "clip_fidelity": "CLIP fid"}
+
+
+def _fmt(objective: str, value: float) -> str:
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if objective == "psnr" else f"{value:.4f}"
+
+
+def _trial_row(t: optuna.trial.FrozenTrial) -> dict:
+    a = t.user_attrs
+    return {"trial": t.number, "state": t.state.name, "source": a.get("source"),
+            "worker": a.get("worker"), "values": t.values, "timing": a.get("timing"),
+            "pruned_at": a.get("pruned_at")}

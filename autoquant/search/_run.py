@@ -1,0 +1,179 @@
+"""A worker's loop: open or join the study, prepare what it shares, run trials until the study
+holds ``--trials`` of them, write the outputs.
+
+Plans come from the solver: the seed plans (queued once per study, in the storage, so they
+survive any interruption), then proxy-repaired mutations of the study-wide best. A plan is
+evaluated once per study: a worker whose proposal is already queued, running or finished
+proposes another; two workers that queue the same plan at the same moment keep the older trial
+and discard the newer ("discarded", not counted).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from tqdm.auto import tqdm
+
+from .._format import human_bytes
+from ._outputs import tally, write_outputs
+from ._search import Search
+from ._study import create_or_join, heartbeat, open_storage, optuna_quietly
+from ._trial import run_trial
+
+WAITING = optuna.trial.TrialState.WAITING
+RUNNING = optuna.trial.TrialState.RUNNING
+FAIL = optuna.trial.TrialState.FAIL
+SEEDED = "seeded"
+
+
+def study_name(search: Search) -> str:
+    cfg = search.cfg
+    return cfg.study or f"autoquant-{cfg.model.replace('/', '-')}-{cfg.budget}"
+
+
+def _key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def _taken(study: optuna.Study) -> dict[tuple, int]:
+    """Plans the study holds (queued, running or ended by their own fate) -> oldest trial."""
+    counts = tally(study)
+    out: dict[tuple, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.number in counts["retried"] or "discarded" in t.user_attrs or not t.params:
+            continue
+        out.setdefault(_key(t.params), t.number)
+    return out
+
+
+def enqueue_seeds(search: Search, study: optuna.Study) -> None:
+    """The solver's seed plans and the uniform baselines, once per study."""
+    if study.user_attrs.get(SEEDED):
+        return
+    taken = _taken(study)
+    for source, choice in search.seeds():
+        params = search.groups.labels(choice)
+        if _key(params) not in taken:
+            study.enqueue_trial(params, user_attrs={"source": source}, skip_if_exists=False)
+            taken[_key(params)] = -1
+    study.set_user_attr(SEEDED, True)
+
+
+def run_search(search: Search, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run (or join, or continue) the study until it holds ``cfg.trials`` trials; write the
+    outputs. ``stop``: set it (the CLI does, on Ctrl-C or SIGTERM) to end after the current
+    trial."""
+    cfg = search.cfg
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    storage = open_storage(cfg.storage, out)
+    directions = ["minimize"] + ["maximize"] * (len(search.objectives) - 1)
+    study, created = create_or_join(storage, study_name(search), search.identity(), directions,
+                                    search.objectives, cfg.resume, cfg.seed)
+    search.prepare(study)
+    store = optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(out)))
+    if not study.user_attrs.get("reference_artifact"):
+        study.set_user_attr("reference_artifact", search.upload_grid(
+            study, store, search.evaluator.references, Path("references.png")))
+    enqueue_seeds(search, study)
+    worker = {"host": socket.gethostname(), "device": str(search.device), "pid": os.getpid()}
+    dists = {g.name: optuna.distributions.CategoricalDistribution([c.label for c in g.options])
+             for g in search.groups.groups}
+    rng = random.Random(f"{cfg.seed}-{worker['host']}-{worker['pid']}")
+    start = time.perf_counter()
+    counts = tally(study)
+    bar = tqdm(total=cfg.trials, initial=min(counts["finished"], cfg.trials), desc="search",
+               unit="trial", disable=not cfg.progress, mininterval=1)
+    ran = 0
+    try:
+        while not stop.is_set():
+            if cfg.timeout and time.perf_counter() - start > cfg.timeout:
+                break
+            with optuna_quietly():
+                optuna.storages.fail_stale_trials(study)
+            counts = tally(study)
+            bar.n = min(counts["finished"], cfg.trials)
+            bar.refresh()
+            if counts["finished"] >= cfg.trials:
+                break
+            if counts["counted"] >= cfg.trials and not counts["waiting"]:
+                time.sleep(1.0)  # the last trials run elsewhere: wait for them (or their retry)
+                continue
+            if not counts["waiting"] and not _propose(search, study, rng):
+                break  # the solver has nothing new to offer
+            with optuna_quietly():
+                trial = study.ask(dists)
+            if _discard_if_not_needed(study, trial, cfg.trials):
+                continue
+            trial.set_user_attr("worker", worker)
+            with heartbeat(storage, trial):
+                run_trial(search, study, trial, store)
+            ran += 1
+            best = search.best(study)
+            if best:
+                bar.set_postfix({f"best {search.objectives[1]}": f"{best.values[1]:.4g}",
+                                 "bytes": human_bytes(best.values[0])})
+    finally:
+        bar.close()
+        search.cache.restore()
+    extra = {"timing": search.timing, "quantize_s": search.cache.quantize_s,
+             "cache": {"max_bytes": search.cache.max_bytes, "builds": search.cache.builds,
+                       "evictions": search.cache.evictions},
+             "worker": {**worker, "trials_run": ran, "created_study": created}}
+    return write_outputs(study, out, storage, extra, interrupted=stop.is_set())
+
+
+def _propose(search: Search, study: optuna.Study, rng: random.Random) -> bool:
+    """Queue a plan the study has not seen: a mutation of the study-wide best."""
+    taken = _taken(study)
+    best = search.best(study)
+    base = search.groups.choice(best.params) if best else search.seeds()[0][1]
+    for _ in range(50):
+        choice = search.mutate(rng, base)
+        if choice is None:
+            return False
+        params = search.groups.labels(choice)
+        if _key(params) not in taken:
+            study.enqueue_trial(params, user_attrs={"source": "mutation"}, skip_if_exists=False)
+            return True
+    return False
+
+
+def _discard_if_not_needed(study: optuna.Study, trial: optuna.Trial, wanted: int) -> bool:
+    """After ``ask``: drop the trial if an older trial holds the same plan (two workers queued
+    it at once) or if the study already counts ``wanted`` trials without it (several workers
+    asked at once). A dropped seed or retry is queued again, so nothing is lost."""
+    frozen = study.get_trials(deepcopy=False)
+    counts = tally(study)
+    mine = _key(trial.params)
+    older = next((t.number for t in frozen if t.number < trial.number and t.params
+                  and _key(t.params) == mine and t.number not in counts["retried"]
+                  and "discarded" not in t.user_attrs and t.state != WAITING), None)
+    if older is not None:
+        reason = f"duplicate of trial {older}"
+    else:
+        ahead = sum(1 for t in frozen if t.number < trial.number and t.state != WAITING
+                    and t.number not in counts["retried"] and "discarded" not in t.user_attrs)
+        if ahead < wanted:
+            return False
+        reason = f"surplus: the study already had {wanted} trials"
+        if trial.user_attrs.get("source") != "mutation":  # a seed or a retry: keep it queued
+            study.enqueue_trial(trial.params, user_attrs=dict(trial.user_attrs),
+                                skip_if_exists=False)
+    trial.set_user_attr("discarded", reason)
+    study.tell(trial, state=FAIL)
+    return True
+
+
+def _artifact_dir(out: Path) -> Path:
+    path = out / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

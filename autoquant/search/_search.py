@@ -1,0 +1,284 @@
+"""A search: one model, one space, one budget. :class:`Search` is built cheaply (inventory,
+groups, budget -- everything that can refuse bad input before any image is made);
+:meth:`Search.prepare` does the expensive, once-per-study work (references, captured denoiser
+inputs, the sensitivity table), taking from the study what another worker or an earlier run
+already stored."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .._bytes import measured_bytes
+from .._errors import InputError
+from .._state import source_of
+from ..evaluator import Evaluator, default_components, generate_images
+from .._inventory import components_of, inventory
+from ..references import model_key
+from ..settings import EvalSettings
+from ..space import SearchSpace
+from ._budget import Budget, Planner
+from ._cache import LayerCache
+from ._groups import Groups
+from ._outputs import best_trial
+from ._replay import Replay
+from ._sensitivity import MODES, choose_mode, measure
+from ._study import IDENTITY
+
+#: study user attribute holding the sensitivity table, once measured
+SENSITIVITY = "sensitivity"
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    model: str
+    budget: str
+    space: SearchSpace
+    trials: int = 30
+    timeout: float | None = None
+    storage: str | None = None
+    study: str | None = None
+    out: Path = Path("autoquant-search")
+    device: str | None = None
+    resume: bool = False
+    seed: int = 0
+    settings: EvalSettings | None = None
+    clip: Any = None
+    progress: bool = True
+    stage_fraction: float = 0.25
+    stage_margin_db: float = 3.0
+    #: bytes the layer cache may hold; None: half of the device's free memory at the start
+    cache_bytes: float | None = None
+    #: "full": one replay per (group, config); "anchored": one per group (see _sensitivity.py);
+    #: "auto": full unless one replay x the number of replays would exceed ``full_sensitivity_s``
+    sensitivity: str = "auto"
+    full_sensitivity_s: float = 600.0
+
+    def __post_init__(self):
+        if self.sensitivity not in MODES:
+            raise InputError(f"sensitivity {self.sensitivity!r}: choose one of "
+                             f"{', '.join(MODES)}")
+        if self.cache_bytes is not None and self.cache_bytes <= 0:
+            raise InputError(f"the layer cache needs a positive size, got {self.cache_bytes}")
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise InputError(f"trials must be a whole number >= 1, got {self.trials!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise InputError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        self.out = Path(self.out)
+
+
+def default_cache_bytes(device: torch.device) -> float:
+    """Half of what the device has free now: the rest is for generation and the references."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+
+
+class Search:
+    def __init__(self, cfg: SearchConfig, pipe: Any):
+        self.cfg, self.pipe = cfg, pipe
+        self.device = torch.device(cfg.device) if cfg.device else next(
+            components_of(pipe)[default_components(pipe)[0]].parameters()).device
+        if cfg.device:
+            pipe.to(self.device)
+        self.inv = inventory(pipe)
+        comps = cfg.space.components or default_components(pipe)
+        self.groups = Groups.build(self.inv, cfg.space, comps)
+        self.component = comps[0]
+        all_comps = components_of(pipe)
+        self.budget = Budget.build(self.groups, sum(measured_bytes(all_comps[c]) for c in comps),
+                                   cfg.space, self.inv)
+        self.budget.set_target(cfg.budget)
+        self.settings = cfg.settings or EvalSettings.for_model(cfg.model, "search", seeds=[0])
+        # without a CLIP there is no CLIP fidelity to search on (said in report.json)
+        self.objectives = [o for o in cfg.space.objectives
+                           if o != "clip_fidelity" or cfg.clip is not None]
+        self.cache = LayerCache(pipe, self.inv, self.device,
+                                max_bytes=cfg.cache_bytes if cfg.cache_bytes is not None
+                                else default_cache_bytes(self.device))
+        self.model_key = model_key(pipe)
+        self.evaluator: Evaluator | None = None
+        self.replay: Replay | None = None
+        self.error: list[list[float]] | None = None
+        self.planner: Planner | None = None
+        self.sensitivity_mode: str | None = None
+        self.timing: dict[str, Any] = {}
+
+    # -- what a study records about it ---------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What every worker of one study must share, and what outputs need without the model."""
+        import diffusers
+
+        source = source_of(self.pipe)
+        settings = self.settings.to_dict()
+        settings.pop("batch_size")  # batching never changes an image
+        others = components_of(self.pipe)
+        versions = {"autoquant": __version__, "torch": str(torch.__version__),
+                    "diffusers": diffusers.__version__}
+        for package in ("hqq", "bitsandbytes", "torchao"):
+            try:
+                versions[package] = __import__(package).__version__
+            except ImportError:
+                versions[package] = None
+        return {
+            "model": self.cfg.model, "source": source.to_dict() if source else {"id": self.cfg.model},
+            "fingerprint": self.inv.fingerprint(), "weights": self.model_key,
+            "dtype": str(self.inv.layers[0].dtype).replace("torch.", "") if self.inv.layers else None,
+            "budget": str(self.cfg.budget), "budget_bytes": self.budget.budget_bytes,
+            "fp_bytes": self.budget.fp_bytes, "space": self.cfg.space.to_dict(),
+            "space_name": self.cfg.space.name, "objectives": list(self.objectives),
+            "settings": settings, "clip": getattr(self.cfg.clip, "name", None),
+            "sensitivity": self.cfg.sensitivity, "fp_cap": self.cfg.space.fp_cap,
+            "components": list(self.groups.components),
+            "groups": {g.name: [l.name for l in g.layers] for g in self.groups.groups},
+            "fixed": [l.name for l in self.groups.fixed],
+            "configs": {c.label: c.to_dict() for c in self.cfg.space.candidates}
+            | {"none": {"method": "none"}},
+            "bits": {c.label: c.nominal_bits for c in self.cfg.space.candidates} | {"none": 16.0},
+            "prompts": [p for p, _ in self.settings.pairs()],
+            "other_components_bytes": sum(measured_bytes(m) for c, m in others.items()
+                                          if c not in self.groups.components),
+            "versions": versions,
+        }
+
+    # -- the expensive part, once per study ----------------------------------------------------
+    def prepare(self, study=None) -> None:
+        """References, the captured denoiser inputs and the sensitivity table. With ``study``,
+        a table the study already holds is used, and one measured here is stored in it."""
+        import time
+
+        self._inputs()
+        stored = study.user_attrs.get(SENSITIVITY) if study is not None else None
+        if stored is not None and len(stored["table"]) != len(self.groups.groups):
+            stored = None  # cannot happen for one identity; never trust a malformed table
+        if self.error is None:
+            t1 = time.perf_counter()
+            if stored is not None:
+                self.use_sensitivity(stored["table"], stored["mode"])
+                self.timing.update(sensitivity_reused=True, replay_s=stored.get("replay_s"))
+            else:
+                self.use_sensitivity(*self.measure_sensitivity(self.cfg.sensitivity))
+                self.timing["sensitivity_reused"] = False
+            self.timing["sensitivity_s"] = time.perf_counter() - t1
+        if study is not None and stored is None:
+            study.set_user_attr(SENSITIVITY, {"mode": self.sensitivity_mode,
+                                              "replay_s": self.timing.get("replay_s"),
+                                              "table": self.error})
+
+    def _inputs(self) -> None:
+        """The evaluator (its references) and the captured denoiser inputs, once."""
+        import time
+
+        if self.evaluator is None:
+            t0 = time.perf_counter()
+            self.evaluator = Evaluator(self.pipe, self.settings, clip=self.cfg.clip,
+                                       components=self.groups.components,
+                                       progress=self.cfg.progress, key=self.model_key)
+            self.timing["references_s"] = time.perf_counter() - t0
+        if self.replay is None:
+            few = self.evaluator.pairs[:2]  # two prompts x 3 steps (x2 with guidance) suffice
+            self.replay = Replay.capture(self.pipe, self.component, lambda: generate_images(
+                self.pipe, dataclasses.replace(self.settings, batch_size=len(few)), few))
+
+    def measure_sensitivity(self, mode: str = "auto") -> tuple[list[list[float]], str]:
+        """``(table, mode)``: the sensitivity table measured here (``auto`` picks the mode)."""
+        self._inputs()
+        mode, probe_s = choose_mode(mode, self.replay, self.cache, self.groups,
+                                    self.cfg.full_sensitivity_s, self.cfg.progress)
+        self.timing["replay_s"] = probe_s
+        rows = measure(mode, self.replay, self.cache, self.groups, progress=self.cfg.progress)
+        return [rows[i] for i in range(len(self.groups.groups))], mode
+
+    def use_sensitivity(self, table: list[list[float]], mode: str) -> None:
+        """Plan from ``table`` from now on (one row per group, one value per option)."""
+        if len(table) != len(self.groups.groups) or any(
+                len(row) != len(g.options) for row, g in zip(table, self.groups.groups)):
+            raise InputError("a sensitivity table needs one row per group and one value per "
+                             "option")
+        self.error, self.sensitivity_mode = table, mode
+        self.timing["sensitivity_mode"] = mode
+        self.planner = Planner(self.budget, self.groups, table)
+
+    def _planned(self) -> Planner:
+        if self.planner is None:
+            self.prepare()
+        return self.planner
+
+    # -- budget and plans ----------------------------------------------------------------------
+    @property
+    def budget_bytes(self) -> float:
+        return self.budget.budget_bytes
+
+    @property
+    def fp_bytes(self) -> int:
+        return self.budget.fp_bytes
+
+    @property
+    def other_bytes(self) -> int:
+        return self.budget.other_bytes
+
+    def plan_bytes(self, choice: list[int]) -> int:
+        return self.budget.plan_bytes(choice)
+
+    def constraints(self, choice: list[int]) -> list[float]:
+        return self.budget.constraints(choice)
+
+    def smallest_bytes(self) -> int:
+        return self.budget.smallest_bytes()
+
+    def proxy(self, choice: list[int]) -> float:
+        return self._planned().proxy(choice)
+
+    def solve_at(self, byte_budget: float, fixed: dict[int, int] | None = None):
+        return self._planned().solve_at(byte_budget, fixed)
+
+    def seeds(self) -> list[tuple[str, list[int]]]:
+        return self._planned().seeds()
+
+    def mutate(self, rng, base: list[int]) -> list[int] | None:
+        return self._planned().mutate(rng, base)
+
+    def best(self, study):
+        """The study-wide best trial within the budget (from every worker), or None."""
+        return best_trial(study, {"objectives": self.objectives,
+                                  "budget_bytes": self.budget.budget_bytes})
+
+    def recipe(self, choice: list[int], metrics: dict | None = None, trial: int | None = None,
+               study: str | None = None):
+        """The plan as a recipe (the builder outputs and the explorer use)."""
+        from ._outputs import plan_recipe
+
+        return plan_recipe(self.identity(), self.groups.labels(choice), metrics, trial, study)
+
+    def retarget(self, budget: str, out: Path, study: str | None = None) -> None:
+        """Search again at another budget, reusing the sensitivity table, the layer cache and the
+        references (what a sweep over budgets needs)."""
+        self.cfg = dataclasses.replace(self.cfg, budget=budget, out=Path(out), study=study,
+                                       resume=False)
+        self.budget.set_target(budget)
+
+    # -- images a study keeps --------------------------------------------------------------------
+    @staticmethod
+    def upload_grid(study_or_trial, store, images: torch.Tensor, path: Path) -> str:
+        """A PNG grid of the first images, stored as an Optuna artifact (optuna-dashboard shows
+        it)."""
+        import optuna
+        import torchvision
+
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / path.name
+            torchvision.utils.save_image(images[:GRID_IMAGES].float(), file, nrow=GRID_IMAGES,
+                                         padding=1)
+            return optuna.artifacts.upload_artifact(study_or_trial=study_or_trial,
+                                                    file_path=str(file), artifact_store=store,
+                                                    mimetype="image/png")
+
+
+GRID_IMAGES = 8
+__all__ = ["Search", "SearchConfig", "IDENTITY"]

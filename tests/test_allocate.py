@@ -1,0 +1,110 @@
+"""The exact allocation (HiGHS) and the plans built on it: seeds and proxy-repaired mutations."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from autoquant.allocate import solve
+
+
+def brute_force(error, nbytes, fp, byte_budget, fp_budget, fixed=None):
+    best = None
+    for choice in itertools.product(*(range(len(e)) for e in error)):
+        if fixed and any(choice[g] != k for g, k in fixed.items()):
+            continue
+        b = sum(nbytes[g][k] for g, k in enumerate(choice))
+        f = sum(fp[g][k] for g, k in enumerate(choice))
+        if b <= byte_budget and f <= fp_budget:
+            e = sum(error[g][k] for g, k in enumerate(choice))
+            if best is None or e < best[0] - 1e-12:
+                best = (e, list(choice))
+    return best
+
+
+def problem(seed, groups=6, options=4):
+    rng = random.Random(seed)
+    error = [[0.0] + [rng.uniform(1e-4, 1.0) for _ in range(options - 1)] for _ in range(groups)]
+    nbytes = [[rng.randint(50, 100)] + [rng.randint(5, 60) for _ in range(options - 1)]
+              for _ in range(groups)]
+    fp = [[rng.randint(10, 20)] + [0] * (options - 1) for _ in range(groups)]
+    return error, nbytes, fp
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_solver_finds_the_optimum_within_budget_and_cap(seed):
+    error, nbytes, fp = problem(seed)
+    lo = sum(min(r) for r in nbytes)
+    budget, cap = lo * 1.6, 25
+    choice = solve(error, nbytes, fp, budget, cap)
+    expected = brute_force(error, nbytes, fp, budget, cap)
+    assert choice is not None and expected is not None
+    assert sum(nbytes[g][k] for g, k in enumerate(choice)) <= budget
+    assert sum(fp[g][k] for g, k in enumerate(choice)) <= cap
+    assert sum(error[g][k] for g, k in enumerate(choice)) == pytest.approx(expected[0], abs=1e-9)
+
+
+def test_fixed_groups_are_kept_and_the_rest_rebalanced():
+    error, nbytes, fp = problem(3)
+    budget = sum(min(r) for r in nbytes) * 1.6
+    fixed = {0: 2, 4: 1}
+    choice = solve(error, nbytes, fp, budget, 25, fixed)
+    assert choice[0] == 2 and choice[4] == 1
+    expected = brute_force(error, nbytes, fp, budget, 25, fixed)
+    assert sum(error[g][k] for g, k in enumerate(choice)) == pytest.approx(expected[0], abs=1e-9)
+
+
+def test_infeasible_gives_none():
+    error, nbytes, fp = problem(1)
+    assert solve(error, nbytes, fp, sum(min(r) for r in nbytes) - 1, 100) is None
+    # feasible bytes, but the fixed choices alone break the budget
+    big = {g: max(range(len(r)), key=lambda k: r[k]) for g, r in enumerate(nbytes)}
+    assert solve(error, nbytes, fp, sum(min(r) for r in nbytes) + 5, 100, big) is None
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    import autoquant
+    from autoquant.search import Search, SearchConfig
+    from autoquant.settings import EvalSettings
+    from autoquant.space import SearchSpace
+
+    space = SearchSpace.from_dict({"format": "autoquant-space/1", "candidates": [
+        {"method": "hqq", "bits": 2, "group_size": 32}, {"method": "hqq", "bits": 4,
+                                                         "group_size": 32},
+        {"method": "hqq", "bits": 8, "group_size": 32}, {"method": "none"}]})
+    s = Search(SearchConfig(model="tiny-flux", budget="40%", space=space, trials=2,
+                            out=tmp_path_factory.mktemp("s"), clip=None, progress=False,
+                            settings=EvalSettings.for_model("tiny-flux", "search", seeds=[0])),
+               autoquant.load_pipeline("tiny-flux", dtype="bfloat16"))
+    s.prepare()
+    return s
+
+
+def test_seed_plans_meet_the_budget_at_each_fraction_and_baselines_fit(search):
+    seeds = search.seeds()
+    sources = [src for src, _ in seeds]
+    assert sources[:4] == ["solver@100%", "solver@95%", "solver@90%", "solver@80%"]
+    for src, choice in seeds:
+        cons = search.constraints(choice)
+        assert max(cons) <= 0, src
+        if src.startswith("solver@"):
+            share = int(src[7:-1]) / 100
+            assert search.plan_bytes(choice) <= search.budget_bytes * share
+    # the solver's plan at 100% is at least as good for the proxy as any uniform baseline
+    best = search.proxy(seeds[0][1])
+    assert all(best <= search.proxy(c) + 1e-12 for s, c in seeds if s.startswith("uniform"))
+
+
+def test_mutations_change_the_base_and_stay_feasible(search):
+    rng = random.Random(0)
+    base = search.seeds()[0][1]
+    seen = set()
+    for _ in range(10):
+        choice = search.mutate(rng, base)
+        assert choice is not None and choice != base
+        assert max(search.constraints(choice)) <= 0
+        seen.add(tuple(choice))
+    assert len(seen) > 3  # mutations explore, they do not repeat one plan
