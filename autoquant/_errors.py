@@ -32,7 +32,7 @@ class ConfigError(InputError, ValueError):
     """A quantization config (method, bits, options) is not valid."""
 
 
-class BackendUnavailableError(AutoquantError, RuntimeError):
+class BackendUnavailableError(InputError, RuntimeError):
     """A method cannot run where it was asked to (missing package, device, kernel)."""
 
 

@@ -53,7 +53,9 @@ def quiet_libraries(debug: bool = False) -> None:
         return
     for name in _LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("optuna").setLevel(logging.WARNING)  # "A new study created ..."
+    import optuna  # its own handler decides; "A new study created ..." is not news to users
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -4,31 +4,8 @@ proxy under a byte budget and a full-precision cap -- a multiple-choice knapsack
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """HiGHS prints solver internals straight to file descriptor 1 on some problems."""
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):  # no real stdout (e.g. captured): nothing to silence
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
 
 
 def solve(error: list[list[float]], nbytes: list[list[int]], fp_params: list[list[int]],
@@ -60,9 +37,8 @@ def solve(error: list[list[float]], nbytes: list[list[int]], fp_params: list[lis
     ub = np.concatenate([np.ones(len(error)), [byte_budget, fp_budget]])
     # scale the objective so HiGHS' tolerances see the differences between small errors
     c = np.array(cost) / max(1e-12, float(np.abs(cost).max()))
-    with _quiet_stdout():
-        res = milp(c, constraints=LinearConstraint(A, lb, ub), integrality=np.ones(n),
-                   bounds=Bounds(lower, upper), options={"time_limit": 30, "disp": False})
+    res = milp(c, constraints=LinearConstraint(A, lb, ub), integrality=np.ones(n),
+               bounds=Bounds(lower, upper), options={"time_limit": 30, "disp": False})
     if res.x is None:
         return None
     x = np.round(res.x).astype(int)

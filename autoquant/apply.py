@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._bytes import measured_bytes
-from ._errors import AutoquantError, BackendError, BackendUnavailableError
+from ._errors import BackendError, BackendUnavailableError, InputError
 from ._format import human_bytes
 from ._modules import swap_module
 from ._state import AppliedState, applied_state, set_applied
@@ -170,7 +170,7 @@ def revert(target: Any) -> None:
     """Undo every :func:`apply_recipe` made with ``keep_originals=True`` on ``target``."""
     state = applied_state(target)
     if state is None or not state.originals:
-        raise AutoquantError("nothing to revert: apply_recipe(..., keep_originals=True) first")
+        raise InputError("nothing to revert: apply_recipe(..., keep_originals=True) first")
     comps = components_of(target)
     for name, original in state.originals.items():
         comp, path = _split(name, comps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import AutoquantError
+from ._errors import InputError
 from .backends import QuantConfig
 from ._inventory import Inventory
 from .recipe import Recipe
@@ -34,7 +34,7 @@ def protected_layers(inv: Inventory, components: list[str]) -> list[str]:
 def baseline_recipe(inv: Inventory, config: QuantConfig, components: list[str],
                     protect: str = "none", model: dict[str, Any] | None = None) -> Recipe:
     if protect not in ("none", "default"):
-        raise AutoquantError(f"--protect {protect!r}: choose 'none' or 'default'")
+        raise InputError(f"--protect {protect!r}: choose 'none' or 'default'")
     from .backends import config_from_dict
 
     keep = protected_layers(inv, components) if protect == "default" else []

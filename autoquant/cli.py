@@ -10,6 +10,7 @@ running, 130 after Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,16 +23,19 @@ COMMANDS = ("search", "apply", "evaluate", "baseline", "inspect", "report")
 
 # -- checks that need no model -----------------------------------------------------------------
 def _writable_folder(path: str, what: str) -> Path:
-    """``path`` as a folder we can write into (created if missing)."""
+    """``path`` as a folder we can write into: created if missing, and a file written there
+    and removed (the only test that holds for root, read-only mounts and full disks)."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise InputError(f"{what} {path}: a file is in the way; give a folder")
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: cannot write in {probe} (permission denied); pick "
-                         f"another folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".autoquant-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot write there ({e.strerror or e}); pick another "
+                         f"folder") from None
     return p
 
 
@@ -39,12 +43,38 @@ def _writable_file(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise InputError(f"{what} {path}: a folder is in the way; give a file name")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: cannot write in {parent} (permission denied)")
+    _writable_folder(str(p.parent), what)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
 
 
 def _check_device(spec: str | None) -> None:
@@ -286,8 +316,6 @@ def cmd_search(args) -> int:
     space = load_space(args.space, allow_fp_cap_above_default=args.allow_fp_cap)
     settings = _settings(args, "search")
     out = _writable_folder(args.out, "--out")
-    if args.cache_gib is not None and not args.cache_gib > 0:
-        raise InputError(f"--cache-gib {args.cache_gib}: give a positive size")
     _check_device(args.device)
     from .search import Search, SearchConfig, run_search
     from .search._study import open_storage
@@ -376,12 +404,14 @@ def _add_eval_options(p: argparse.ArgumentParser, prompt_set: bool = True,
     if prompt_set:
         p.add_argument("--prompt-set", default="holdout", choices=["search", "holdout"],
                        help="built-in prompt set when --prompts is not given (default holdout)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
+    p.add_argument("--seeds", type=_seed, nargs="+", default=None,
                    help="one image per prompt and seed (default: the set's seeds)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps (model default)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (model default)")
-    p.add_argument("--size", type=int, default=None, help="image height and width in pixels")
-    p.add_argument("--batch-size", type=int, default=batch_size,
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="image height and width in pixels")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size,
                    help=f"images generated at once (default {batch_size}; never changes an image)")
     p.add_argument("--clip", default=None,
                    help="CLIP for fidelity: demo, ARCH/TAG or ARCH/checkpoint (default: the model's)")
@@ -409,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search space: default, hqq-only, low-bit, flux, sd3, sdxl, or a YAML file")
     p.add_argument("--allow-fp-cap", action="store_true",
                    help="allow a space's fp_cap above 0.20")
-    p.add_argument("--trials", type=int, default=30,
+    p.add_argument("--trials", type=_positive_int, default=30,
                    help="trials the study should hold in total, over every worker (default 30)")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=_positive_float, default=None,
                    help="stop this worker after this many seconds")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by the workers (default: SQLite in --out); "
@@ -424,12 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue a study that must exist (without it, an existing study with "
                         "the same settings is joined or continued anyway)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the proposals (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the proposals (default 0)")
     _add_eval_options(p, prompt_set=False, batch_size=20)
     p.add_argument("--sensitivity", default="auto", choices=["auto", "full", "anchored"],
                    help="full: replay the denoiser for every (layer group, config); anchored: "
                         "once per group (large models); auto: full if it takes <= 10 min")
-    p.add_argument("--cache-gib", type=float, default=None,
+    p.add_argument("--cache-gib", type=_positive_float, default=None,
                    help="GiB the quantized-layer cache may hold (default: half the free memory)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_search)
@@ -442,9 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="save the quantized pipeline to this folder")
     p.add_argument("--prompt", default=None, help="generate one image with this prompt")
     p.add_argument("--out", default="autoquant.png", help="where the image goes")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
-    p.add_argument("--size", type=int, default=None, help="image height and width")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image's noise")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps (model default)")
+    p.add_argument("--size", type=_positive_int, default=None, help="image height and width")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the image's noise")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_apply)
 
@@ -463,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--method", required=True, choices=["hqq", "bnb", "torchao", "higgs", "none"],
                    help="quantization method")
-    p.add_argument("--bits", type=int, default=None, help="bits (the method's default if absent)")
+    p.add_argument("--bits", type=_positive_int, default=None,
+                   help="bits (the method's default if absent)")
     p.add_argument("--options", nargs="*", default=None, metavar="KEY=VALUE",
                    help="method options (group_size=128 type=fp4 ...)")
     p.add_argument("--protect", default="none", choices=["none", "default"],
@@ -490,6 +522,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _stdout_is_ours(debug: bool):
+    """While a command runs, file descriptor 1 goes to /dev/null (stderr with --debug) and
+    Python's ``sys.stdout`` to the real stdout: native code that prints there (HiGHS' solver
+    notes) cannot corrupt ``--json`` output or the tables. The command line only: the library
+    never touches descriptors."""
+    try:
+        sys.stdout.flush()
+        if sys.stdout.fileno() != 1:
+            raise ValueError("stdout is not descriptor 1")
+        real = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # stdout is captured or redirected in-process
+        yield
+        return
+    sink = os.open(os.devnull, os.O_WRONLY) if not debug else os.dup(2)
+    saved_stdout = sys.stdout
+    os.dup2(sink, 1)
+    sys.stdout = os.fdopen(os.dup(real), "w", buffering=1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout.close()
+        sys.stdout = saved_stdout
+        os.dup2(real, 1)
+        os.close(real)
+        os.close(sink)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Quantized layers are many mid-sized tensors; the default CUDA allocator hands out whole
     # blocks when the remainder is < 1 MiB, which costs 2-4% over the bytes the tensors hold
@@ -500,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries(args.debug)
     try:
-        return args.func(args)
+        with _stdout_is_ours(args.debug):
+            return args.func(args)
     except AutoquantError as e:
         if args.debug:
             raise

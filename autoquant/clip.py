@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._errors import AutoquantError
+from ._errors import AutoquantError, InputError
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,12 +73,12 @@ def _open_clip(arch: str, pretrained: str) -> Clip:
     except ImportError as e:  # pragma: no cover - open_clip is a dependency
         raise AutoquantError("open_clip is not installed: pip install open_clip_torch") from e
     if arch not in open_clip.list_models():
-        raise AutoquantError(f"unknown open_clip architecture {arch!r}; e.g. ViT-B-32, ViT-L-14")
+        raise InputError(f"unknown open_clip architecture {arch!r}; e.g. ViT-B-32, ViT-L-14")
     try:
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
     except (OSError, RuntimeError, ValueError, KeyError) as e:  # missing, offline, wrong file
         where = "local checkpoint" if os.path.exists(pretrained) else "pretrained tag"
-        raise AutoquantError(
+        raise InputError(
             f"could not load CLIP {arch} with {where} {pretrained!r}: {type(e).__name__}: "
             f"{str(e)[:200]}. Without network use a local checkpoint (ARCH/path/to/ckpt), "
             f"'demo' for the demo model, or --no-clip.") from e
@@ -105,10 +105,10 @@ def load_clip(spec: str = "demo", device: str | torch.device = "cpu") -> Clip:
     elif "/" in spec:
         arch, _, pretrained = spec.partition("/")
         if not arch or not pretrained:  # open_clip would silently build random weights
-            raise AutoquantError(f"CLIP spec {spec!r}: name both the architecture and the "
+            raise InputError(f"CLIP spec {spec!r}: name both the architecture and the "
                                  f"weights, ARCH/TAG or ARCH/path/to/checkpoint")
         clip = _open_clip(arch, pretrained)
     else:
-        raise AutoquantError(f"CLIP spec {spec!r}: use 'demo', 'ARCH/TAG' "
+        raise InputError(f"CLIP spec {spec!r}: use 'demo', 'ARCH/TAG' "
                              f"(e.g. ViT-B-32/laion2b_s34b_b79k) or 'ARCH/path/to/checkpoint'")
     return clip.to(device)

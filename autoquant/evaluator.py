@@ -126,6 +126,8 @@ class Evaluator:
         found = {i: self.cache.load(self.model_key, self.settings, p, s)
                  for i, (p, s) in enumerate(self.pairs)}
         todo = [i for i, img in found.items() if img is None]
+        self.references_rejected = len(self.cache.rejected)
+        self.cache.report_rejected()
         if todo:
             images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in todo],
                                      self.progress, desc="full-precision references")
@@ -177,6 +179,10 @@ class Evaluator:
             if recipe is not None:
                 revert(self.pipe)
         total = time.perf_counter() - t0
+        bad = {k: v for k, v in per.items() if torch.isnan(v).any() or
+               (k != "psnr" and not torch.isfinite(v).all())}
+        if bad:
+            raise NonFiniteError(f"metrics are not finite for {sorted(bad)}: not a score")
         per_image = [{"prompt": p, "seed": s, **{k: v[i].item() for k, v in per.items()}}
                      for i, (p, s) in enumerate(self.pairs)]
         weight_params = sum(l.weight_params for l in self.inventory

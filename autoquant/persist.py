@@ -1,40 +1,60 @@
 """Save a quantized pipeline and load it back without quantizing again.
 
 A saved folder holds ``recipe.yaml`` (the plan, the base model's id and fingerprint) and
-``quantized.safetensors``: for each quantized layer, the tensors its backend exports (hqq: packed
-codes + encoded metadata; bitsandbytes: its state dict with quant state; torchao: the tensor
-subclass flattened with torchao's safetensors support) plus a JSON header with the layer's config.
-Loading builds the base pipeline (built-in, local folder or hub id), checks the fingerprint, and
-rebuilds each quantized layer from its tensors: outputs are bit-identical to the saved pipeline.
-Layers the recipe left in full precision come from the base model.
+``quantized.safetensors``: for each quantized layer, the tensors its backend exports, plus a JSON
+header with each layer's config, a SHA-256 of every tensor and of ``recipe.yaml``. Loading builds
+the base pipeline (built-in, local folder or hub id), checks the fingerprint, and rebuilds each
+quantized layer from its tensors: outputs are bit-identical to the saved pipeline. Layers the
+recipe left in full precision come from the base model.
+
+A saved folder is untrusted data, verified before anything is built: the recipe's and every
+tensor's checksum, the header's structure, that the header's configs are the recipe's, that every
+layer exists in the base model, and that each layer's tensors are exactly the ones (names, shapes,
+dtypes, metadata) its config writes (:meth:`Backend.state_problems`). Nothing in the folder is
+evaluated, unpickled or passed to a library that would. Any problem is one
+:class:`SavedFolderError` naming the file and the layer; the base pipeline is left untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ._errors import AutoquantError
+from ._bytes import measured_bytes
+from ._errors import InputError, RecipeError
+from ._inventory import components_of, inventory
 from ._modules import swap_module
 from ._state import AppliedState, applied_state, set_applied, source_of
 from .apply import _split
+from ._errors import ConfigError
 from .backends import config_from_dict, get_backend
-from ._inventory import components_of, inventory
 from .recipe import Recipe, load_recipe
 
 TENSORS = "quantized.safetensors"
 RECIPE = "recipe.yaml"
+FORMAT = "autoquant-quantized/2"
+
+
+class SavedFolderError(InputError):
+    """A saved folder that is incomplete, damaged or was changed after saving."""
+
+
+def _sha256(t: torch.Tensor) -> str:
+    data = t.detach().to("cpu").contiguous()
+    return hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()
+                          if data.numel() else b"").hexdigest()
 
 
 def save_quantized(target: Any, directory: str | Path) -> Path:
     """Write a pipeline (or module) quantized by :func:`apply_recipe` to ``directory``."""
     state = applied_state(target)
     if state is None:
-        raise AutoquantError("this pipeline was not quantized by autoquant.apply_recipe; "
+        raise InputError("this pipeline was not quantized by autoquant.apply_recipe; "
                              "apply a recipe first, then save")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -50,57 +70,160 @@ def save_quantized(target: Any, directory: str | Path) -> Path:
         for key, value in layer_tensors.items():
             tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous().clone()
         header[name] = {"config": cfg.to_dict(), "meta": meta}
-    save_file(tensors, str(directory / TENSORS),
-              metadata={"autoquant": json.dumps(header), "format": "autoquant-quantized/1"})
     recipe: Recipe = state.recipe or Recipe(layers=dict(state.configs))
     source = source_of(target)
     recipe = Recipe(**{**recipe.__dict__,
                        "model": {**(recipe.model or {}), **(source.to_dict() if source else {}),
                                  "fingerprint": state.fingerprint}})
-    recipe.save(directory / RECIPE)
+    recipe_text = recipe.to_yaml()
+    (directory / RECIPE).write_text(recipe_text)
+    save_file(tensors, str(directory / TENSORS), metadata={
+        "format": FORMAT, "autoquant": json.dumps(header),
+        "checksums": json.dumps({k: _sha256(v) for k, v in tensors.items()}),
+        "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest()})
     return directory
+
+
+def _read_header(path: Path) -> tuple[dict, dict, str]:
+    """``(layers, checksums, recipe sha)`` from the safetensors header, checked for shape."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SavedFolderError(f"{path}: not a readable safetensors file ({e}); the folder is "
+                               f"damaged or incomplete: save it again") from None
+    if meta.get("format") != FORMAT:
+        raise SavedFolderError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} "
+                               f"(folders saved by autoquant < 0.2 carry no checksums: apply "
+                               f"the recipe and save again)")
+    try:
+        layers = json.loads(meta["autoquant"])
+        checksums = json.loads(meta["checksums"])
+        recipe_sha = meta["recipe_sha256"]
+    except (KeyError, ValueError) as e:
+        raise SavedFolderError(f"{path}: the header is malformed ({type(e).__name__}: {e})") \
+            from None
+    ok = (isinstance(layers, dict) and isinstance(checksums, dict)
+          and all(isinstance(v, str) for v in checksums.values())
+          and all(isinstance(k, str) and isinstance(v, dict) and set(v) == {"config", "meta"}
+                  and isinstance(v["config"], dict) and isinstance(v["meta"], dict)
+                  and all(isinstance(x, str) for x in v["meta"].values())
+                  for k, v in layers.items()))
+    if not ok:
+        raise SavedFolderError(f"{path}: the header's layers or checksums are not what "
+                               f"save_quantized writes")
+    return layers, checksums, recipe_sha
+
+
+def _load_tensors(path: Path, checksums: dict) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        flat = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SavedFolderError(f"{path}: cannot read its tensors ({e}); the file is damaged or "
+                               f"truncated: save it again") from None
+    if set(flat) != set(checksums):
+        extra, missing = sorted(set(flat) - set(checksums)), sorted(set(checksums) - set(flat))
+        raise SavedFolderError(f"{path}: tensors and checksums disagree (unlisted: {extra[:5]}, "
+                               f"missing: {missing[:5]})")
+    for key, t in flat.items():
+        if _sha256(t) != checksums[key]:
+            layer, _, name = key.rpartition("/")
+            raise SavedFolderError(f"{path}: tensor {name!r} of layer {layer} does not match its "
+                                   f"checksum: the file was changed or damaged after saving")
+    return flat
 
 
 def load_quantized(directory: str | Path, base: Any = None, device: str | torch.device = "cpu"):
     """Load what :func:`save_quantized` wrote. ``base``: the full-precision pipeline/module to put
-    the layers into (default: load it from the recipe's model id)."""
+    the layers into (default: load it from the recipe's model id). Verified first (see above)."""
     from .pipelines import load_pipeline
 
     directory = Path(directory)
     if not (directory / TENSORS).is_file() or not (directory / RECIPE).is_file():
-        raise AutoquantError(f"{directory} is not a saved autoquant pipeline "
-                             f"(needs {RECIPE} and {TENSORS})")
-    recipe = load_recipe(directory / RECIPE)
+        raise SavedFolderError(f"{directory} is not a saved autoquant pipeline "
+                               f"(needs {RECIPE} and {TENSORS})")
+    layers, checksums, recipe_sha = _read_header(directory / TENSORS)
+    text = (directory / RECIPE).read_bytes()
+    if hashlib.sha256(text).hexdigest() != recipe_sha:
+        raise SavedFolderError(f"{directory / RECIPE} was changed after saving (its checksum "
+                               f"differs from the one in {TENSORS}); restore it or save again")
+    try:
+        recipe = load_recipe(directory / RECIPE)
+    except RecipeError as e:
+        raise SavedFolderError(str(e)) from None
+    configs = {}
+    for name, entry in layers.items():
+        try:
+            configs[name] = config_from_dict(entry["config"])
+        except (ConfigError, TypeError) as e:
+            raise SavedFolderError(f"{directory / TENSORS}: layer {name}: bad config ({e})") \
+                from None
+    flat = _load_tensors(directory / TENSORS, checksums)
     if base is None:
         if not recipe.model or not recipe.model.get("id"):
-            raise AutoquantError(f"{directory / RECIPE} names no base model; pass base=...")
+            raise SavedFolderError(f"{directory / RECIPE} names no base model; pass base=...")
         base = load_pipeline(recipe.model["id"], dtype=recipe.model.get("dtype"),
                              revision=recipe.model.get("revision"))
     inv = inventory(base)
     expected = (recipe.model or {}).get("fingerprint")
     if expected and expected != inv.fingerprint():
-        raise AutoquantError(f"the base model's fingerprint {inv.fingerprint()} differs from the "
-                             f"saved one {expected}: wrong base model")
-    from safetensors import safe_open
-
-    with safe_open(str(directory / TENSORS), framework="pt") as f:
-        header = json.loads(f.metadata()["autoquant"])
-    flat = load_file(str(directory / TENSORS))
+        raise SavedFolderError(f"the base model's fingerprint {inv.fingerprint()} differs from "
+                               f"the saved one {expected}: wrong base model")
+    try:
+        plan = recipe.resolve(inv).configs
+    except RecipeError as e:
+        raise SavedFolderError(f"{directory / RECIPE}: {e}") from None
+    for name in sorted(set(plan) | set(configs)):
+        said, held = plan.get(name), configs.get(name)
+        if held is None and said is not None and said.full_precision:
+            continue
+        if said != held:
+            raise SavedFolderError(
+                f"layer {name}: {TENSORS} holds {held.label if held else 'nothing'}, {RECIPE} "
+                f"says {said.label if said else 'nothing'}: the two were not saved together")
     device = torch.device(device)
-    comps = components_of(base)
-    built = {}
-    for name, entry in header.items():
-        cfg = config_from_dict(entry["config"])
+    per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    for key, t in flat.items():
+        name, _, tensor = key.rpartition("/")
+        if name not in per_layer:
+            raise SavedFolderError(f"{directory / TENSORS}: tensor {key!r} belongs to no layer "
+                                   f"of the header")
+        per_layer[name][tensor] = t
+    problems = []
+    for name, cfg in configs.items():
+        if name not in inv:
+            problems.append(f"{name}: no such layer in the base model")
+            continue
         layer = inv[name]
-        prefix = f"{name}/"
-        layer_tensors = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        built[name] = get_backend(cfg.method).import_state(
-            cfg, layer.out_features, layer.in_features, layer.bias, layer.dtype, layer_tensors,
-            entry["meta"], device)
+        reason = get_backend(cfg.method).unavailable_reason(cfg, device)
+        if reason:
+            problems.append(f"{name}: {reason}")
+            continue
+        problems += [f"{name}: {p}" for p in get_backend(cfg.method).state_problems(
+            cfg, layer.out_features, layer.in_features, layer.bias, layer.dtype,
+            per_layer[name], layers[name]["meta"])]
+    if problems:
+        raise SavedFolderError(f"{directory / TENSORS} does not fit this model or its configs:\n"
+                               + "\n".join(f"  - {p}" for p in problems[:20]))
+    built = {}
+    for name, cfg in configs.items():
+        layer = inv[name]
+        backend = get_backend(cfg.method)
+        module = backend.import_state(cfg, layer.out_features, layer.in_features, layer.bias,
+                                      layer.dtype, per_layer[name], layers[name]["meta"], device)
+        if measured_bytes(module) != layer.nbytes(cfg):
+            raise SavedFolderError(f"{name}: the rebuilt layer holds {measured_bytes(module)} "
+                                   f"bytes, {cfg.label} holds {layer.nbytes(cfg)}")
+        built[name] = module
+    comps = components_of(base)
     for name, module in built.items():
         swap_module(comps[inv[name].component], inv[name].path, module)
     for comp in comps.values():
         comp.to(device)
-    configs = {name: config_from_dict(e["config"]) for name, e in header.items()}
     set_applied(base, AppliedState(configs=configs, fingerprint=inv.fingerprint(), recipe=recipe))
     return base

@@ -43,13 +43,13 @@ from . import _yaml
 from ._errors import ConfigError, RecipeError
 from .backends import QuantConfig, config_from_dict
 from ._inventory import Inventory, LayerInfo
-from .patterns import REGEX_PREFIX, PatternError, parse_pattern
+from .patterns import MATCH_SECONDS, REGEX_PREFIX, PatternError, parse_pattern
 
 FORMAT = "autoquant-recipe/1"
 _TOP_KEYS = ("format", "model", "components", "default", "layers", "budget", "metrics",
              "provenance")
 _MODEL_KEYS = ("id", "revision", "fingerprint", "dtype")
-MAX_LAYER_ENTRIES = 100_000
+MAX_LAYER_ENTRIES = 20_000
 MAX_REGEX_ENTRIES = 256
 REGEX_SECONDS = 5.0
 #: unknown names get a "did you mean" hint only for the first few (difflib is slow)
@@ -188,7 +188,8 @@ class Recipe:
         for key, cfg in self.layers.items():
             if key.startswith(REGEX_PREFIX):
                 try:
-                    hits = parse_pattern(key).matching(names, deadline - time.monotonic())
+                    hits = parse_pattern(key).matching(
+                        names, min(MATCH_SECONDS, deadline - time.monotonic()))
                 except PatternError as e:
                     raise RecipeError(str(e)) from None
                 regexes.append((key, {name for name, _ in hits}, cfg))

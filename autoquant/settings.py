@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._errors import AutoquantError
+from ._errors import InputError
 from .builtin_models import generation_defaults, prompt_family
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -24,16 +24,22 @@ DEFAULT_SEEDS = {"search": (0, 1), "holdout": (1000, 1001)}
 def read_prompts(path: str | Path) -> tuple[str, ...]:
     path = Path(path)
     if not path.is_file():
-        raise AutoquantError(f"no prompts file at {path} (one prompt per line)")
-    prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        raise InputError(f"no prompts file at {path} (one prompt per line)")
+    if path.stat().st_size > 2**20:
+        raise InputError(f"{path} is larger than 1 MiB; a prompts file holds one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not prompts:
-        raise AutoquantError(f"{path} holds no prompts (one prompt per line)")
+        raise InputError(f"{path} holds no prompts (one prompt per line)")
     return prompts
 
 
 def prompt_set(model: str, name: str) -> tuple[str, ...]:
     if name not in DEFAULT_SEEDS:
-        raise AutoquantError(f"prompt set {name!r}: choose 'search' or 'holdout'")
+        raise InputError(f"prompt set {name!r}: choose 'search' or 'holdout'")
     return read_prompts(PROMPTS_DIR / f"{prompt_family(model)}-{name}.txt")
 
 
@@ -54,11 +60,19 @@ class EvalSettings:
 
     def __post_init__(self):
         if not self.prompts:
-            raise AutoquantError("evaluation needs at least one prompt")
+            raise InputError("evaluation needs at least one prompt")
         if not self.seeds:
-            raise AutoquantError("evaluation needs at least one seed")
-        if self.batch_size < 1:
-            raise AutoquantError("batch_size must be >= 1")
+            raise InputError("evaluation needs at least one seed")
+        for name in ("batch_size", "steps", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise InputError(f"{name.replace('_', ' ')} must be a whole number >= 1, "
+                                     f"got {value!r}")
+        if self.guidance is not None and not self.guidance >= 0:
+            raise InputError(f"guidance must be >= 0, got {self.guidance!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise InputError(f"seeds must be whole numbers >= 0, got {list(self.seeds)}")
 
     @classmethod
     def for_model(cls, model: str, prompt_set_name: str = "search",

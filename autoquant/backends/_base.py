@@ -122,7 +122,35 @@ class Backend(ABC):
     def import_state(self, cfg: QuantConfig, out_features: int, in_features: int, bias: bool,
                      dtype: torch.dtype, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                      device: torch.device) -> nn.Module:
-        """Inverse of :meth:`export_state`."""
+        """Inverse of :meth:`export_state`. Called only on state that passed
+        :meth:`state_problems`: saved folders are untrusted data."""
+
+    def expected_tensors(self, cfg: QuantConfig, out_features: int, in_features: int,
+                         bias: bool, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
+        """``{name: (shape, dtype)}`` of every tensor :meth:`export_state` writes for such a
+        layer -- what a saved layer must hold, exactly."""
+        raise NotImplementedError
+
+    def state_problems(self, cfg: QuantConfig, out_features: int, in_features: int, bias: bool,
+                       dtype: torch.dtype, tensors: dict[str, torch.Tensor],
+                       meta: dict[str, Any]) -> list[str]:
+        """What is wrong with a saved layer's tensors and metadata (empty: it can be built).
+        Backends with metadata check it here against an allow-list; nothing in it is ever
+        evaluated."""
+        want = self.expected_tensors(cfg, out_features, in_features, bias, dtype)
+        problems = []
+        for name in sorted(set(want) - set(tensors)):
+            problems.append(f"missing tensor {name!r}")
+        for name in sorted(set(tensors) - set(want)):
+            problems.append(f"unexpected tensor {name!r}")
+        for name, (shape, dt) in want.items():
+            t = tensors.get(name)
+            if t is not None and (tuple(t.shape) != tuple(shape) or t.dtype != dt):
+                problems.append(f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, "
+                                f"{cfg.label} needs {tuple(shape)} {dt}")
+        if meta:
+            problems.append(f"unexpected metadata {sorted(meta)}")
+        return problems
 
     def configs(self) -> list[QuantConfig]:
         """Representative configs (every supported bit width, default options) for the contract

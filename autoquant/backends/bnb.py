@@ -138,6 +138,62 @@ class BnbBackend(Backend):
         state = module.state_dict()
         return {k: v.detach() for k, v in state.items()}, {}
 
+    def expected_tensors(self, cfg, out_features, in_features, bias, dtype):
+        import torch
+
+        n = out_features * in_features
+        out: dict = {}
+        if cfg.bits == 8:
+            out = {"weight": ((out_features, in_features), torch.int8),
+                   "SCB": ((out_features,), torch.float32), "weight_format": ((), torch.uint8)}
+        else:
+            blocks = math.ceil(n / cfg.blocksize)
+            out = {"weight": ((n // 2, 1), torch.uint8),
+                   "weight.quant_map": ((16,), torch.float32),
+                   "weight.absmax": ((blocks,), torch.uint8 if cfg.double_quant
+                                     else torch.float32)}
+            if cfg.double_quant:
+                out["weight.nested_absmax"] = ((math.ceil(blocks / 256),), torch.float32)
+                out["weight.nested_quant_map"] = ((256,), torch.float32)
+        if bias:
+            out["bias"] = ((out_features,), dtype)
+        return out
+
+    def state_problems(self, cfg, out_features, in_features, bias, dtype, tensors, meta):
+        """bitsandbytes packs its 4-bit quant state as JSON inside a uint8 tensor; it must say
+        exactly what the config and the layer say (only the double-quant offset is data)."""
+        import json
+
+        tensors = dict(tensors)
+        packed_key = f"weight.quant_state.bitsandbytes__{cfg.type}"
+        packed = tensors.pop(packed_key, None) if cfg.bits == 4 else None
+        problems = super().state_problems(cfg, out_features, in_features, bias, dtype, tensors,
+                                          meta)
+        if cfg.bits == 8:
+            fmt = tensors.get("weight_format")
+            if fmt is not None and fmt.shape == () and int(fmt) != 0:
+                problems.append("weight_format must be 0 (row-major int8)")
+            return problems
+        if packed is None or packed.dim() != 1 or packed.dtype.itemsize != 1 \
+                or packed.numel() > 4096:
+            return problems + [f"missing or malformed tensor {packed_key!r}"]
+        try:
+            state = json.loads(bytes(packed.tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return problems + [f"{packed_key!r} is not the JSON bitsandbytes writes"]
+        want = {"quant_type": cfg.type, "blocksize": cfg.blocksize,
+                "dtype": str(dtype).replace("torch.", ""), "shape": [out_features, in_features]}
+        if cfg.double_quant:
+            want.update(nested_blocksize=256, nested_dtype="float32")
+        offset = state.pop("nested_offset", None) if isinstance(state, dict) else None
+        if state != want:
+            problems.append(f"{packed_key!r} says {state!r}, the config and layer say {want!r}")
+        if cfg.double_quant and not (isinstance(offset, (int, float))
+                                     and not isinstance(offset, bool)
+                                     and math.isfinite(offset)):
+            problems.append(f"{packed_key!r}: nested_offset must be a finite number")
+        return problems
+
     def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
         import bitsandbytes as bnb
 

@@ -108,6 +108,24 @@ class HiggsBackend(Backend):
             tensors["bias"] = module.bias.detach()
         return tensors, {}
 
+    def expected_tensors(self, cfg, out_features, in_features, bias, dtype):
+        k = cfg.bits * cfg.p
+        words = -(-(in_features // cfg.p) // (32 // k))
+        out = {"codes": ((out_features, words), torch.int32),
+               "scales": ((out_features, in_features // cfg.group_size), dtype),
+               "grid": ((2 ** k, cfg.p), torch.float32), "seed": ((), torch.int64)}
+        if bias:
+            out["bias"] = ((out_features,), dtype)
+        return out
+
+    def state_problems(self, cfg, out_features, in_features, bias, dtype, tensors, meta):
+        problems = super().state_problems(cfg, out_features, in_features, bias, dtype, tensors,
+                                          meta)
+        seed = tensors.get("seed")
+        if seed is not None and seed.shape == () and int(seed) != cfg.seed:
+            problems.append(f"seed tensor {int(seed)} differs from the config's seed {cfg.seed}")
+        return problems
+
     def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
         t = {k: v.to(device) for k, v in tensors.items()}
         return HiggsLinear(in_features, out_features, cfg.bits, cfg.p, cfg.group_size,

@@ -87,15 +87,44 @@ class HQQBackend(Backend):
                          device=str(device))
 
     def export_state(self, module):
-        state = module.state_dict()  # hqq encodes its metadata as tensors for safetensors
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+        # Only the data: codes, scale, zero, bias. Everything else hqq keeps (bits, group size,
+        # shape, packing, dtypes) follows from the config and the layer, so a saved folder never
+        # carries it -- hqq decodes its own metadata tensors with eval().
+        tensors = {"W_q": module.W_q.detach(), "scale": module.meta["scale"].detach(),
+                   "zero": module.meta["zero"].detach()}
+        if module.bias is not None:
+            tensors["bias"] = module.bias.detach()
+        return tensors, {}
+
+    def expected_tensors(self, cfg, out_features, in_features, bias, dtype):
+        g = cfg.group_size
+        groups = out_features * in_features // g
+        if cfg.bits == 3:
+            codes = ((math.ceil(groups / 10), g), torch.int32)
+        else:
+            codes = ((groups * cfg.bits // 8, g), torch.uint8)
+        out = {"W_q": codes, "scale": ((groups, 1), dtype), "zero": ((groups, 1), dtype)}
+        if bias:
+            out["bias"] = ((out_features,), dtype)
+        return out
 
     def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
-        from hqq.core.quantize import HQQLinear
+        from hqq.core.quantize import HQQLinear, Quantizer
 
         layer = HQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device),
                           initialize=False)
-        layer.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+        packing = Quantizer.bit_to_packing[cfg.bits]
+        params = {"nbits": cfg.bits, "channel_wise": True, "group_size": cfg.group_size,
+                  "optimize": True, "round_zero": True, "axis": 1, "view_as_float": False}
+        # hqq's plain (not "encoded") state: every value built here, none read from the file
+        layer.load_state_dict({
+            "stores_quant_config": True, **params,
+            "W_q": torch.nn.Parameter(tensors["W_q"].to(device), requires_grad=False),
+            "bias": tensors["bias"].to(device) if bias else None,
+            "offload_meta": False, "shape": torch.Size([out_features, in_features]),
+            "scale": tensors["scale"].to(device), "zero": tensors["zero"].to(device),
+            "packing": packing, "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
+            "quant_scale": False, "quant_zero": False, "compute_dtype": dtype})
         return layer
 
     def configs(self):

@@ -57,6 +57,12 @@ class NoneBackend(Backend):
             tensors["bias"] = module.bias.detach()
         return tensors, {}
 
+    def expected_tensors(self, cfg, out_features, in_features, bias, dtype):
+        out = {"weight": ((out_features, in_features), dtype)}
+        if bias:
+            out["bias"] = ((out_features,), dtype)
+        return out
+
     def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
         new = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         new.load_state_dict({k: v.to(device) for k, v in tensors.items()})

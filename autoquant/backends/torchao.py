@@ -26,6 +26,7 @@ from ._base import (DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int,
                     float_and_group_reason)
 
 TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "int4", "intx")
+_TEMPLATES: dict = {}
 _GROUPED = ("int4", "intx")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -159,6 +160,39 @@ class TorchaoBackend(Backend):
             state["layer.bias"] = module.bias.detach()
         tensors, metadata = flatten_tensor_state_dict(state)
         return tensors, {"torchao": json.dumps(metadata)}
+
+    def _template(self, cfg, out_features, in_features, bias, dtype):
+        """What :meth:`export_state` writes for such a layer, from one quantized here (torchao
+        quantizes without optimization: a fraction of a second even for Flux's largest layer).
+        Its metadata is the only metadata a saved layer may carry."""
+        key = (cfg, out_features, in_features, bias, dtype)
+        if key not in _TEMPLATES:
+            device = torch.device("cuda" if cfg.type in ("int4", "fp8_dynamic") else "cpu")
+            lin = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+            with torch.no_grad():
+                lin.weight.fill_(0.5)
+            tensors, meta = self.export_state(self.quantize(lin, cfg, device))
+            _TEMPLATES[key] = ({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, meta)
+        return _TEMPLATES[key]
+
+    def expected_tensors(self, cfg, out_features, in_features, bias, dtype):
+        return self._template(cfg, out_features, in_features, bias, dtype)[0]
+
+    def state_problems(self, cfg, out_features, in_features, bias, dtype, tensors, meta):
+        if not isinstance(meta, dict) or set(meta) != {"torchao"} or \
+                not isinstance(meta["torchao"], str):
+            return ["metadata must be torchao's flattening metadata"]
+        problems = super().state_problems(cfg, out_features, in_features, bias, dtype, tensors,
+                                          {})
+        want = self._template(cfg, out_features, in_features, bias, dtype)[1]["torchao"]
+        try:
+            same = json.loads(meta["torchao"]) == json.loads(want)
+        except ValueError:
+            same = False
+        if not same:
+            problems.append(f"torchao metadata differs from what {cfg.label} writes for a "
+                            f"{out_features}x{in_features} layer")
+        return problems
 
     def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict

@@ -68,9 +68,9 @@ def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
 
 def storage_label(storage) -> str:
     """The storage's URL, password hidden (what report.json says)."""
-    url = getattr(storage, "url", None) or getattr(getattr(storage, "_backend", None), "url", None)
+    url = getattr(storage, "url", None)
     if url is None:
-        return type(storage).__name__
+        return "(not a database storage)"
     from sqlalchemy.exc import ArgumentError
     from sqlalchemy.engine import make_url
 
@@ -161,7 +161,7 @@ def write_outputs(study: optuna.Study, out: str | Path, storage=None,
             if old.name not in keep:
                 old.unlink(missing_ok=True)
         report: dict[str, Any] = {
-            "study": study.study_name, "storage": storage_label(storage or study._storage),
+            "study": study.study_name, "storage": storage_label(storage),
             "model": info["model"], "space": info["space_name"], "budget": info["budget"],
             "budget_bytes": info["budget_bytes"], "fp_bytes": info["fp_bytes"],
             "objectives": objectives, "groups": len(info["groups"]),

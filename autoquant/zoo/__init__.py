@@ -59,7 +59,12 @@ def demo_folder() -> Path:
     for f in _TOKENIZER_FILES:
         _link(minilm / f, folder / "tokenizer" / f)
     index = folder / "model_index.json"
-    if not index.is_file() or json.loads(index.read_text()) != MODEL_INDEX:
+    try:
+        intact = json.loads(index.read_text()) == MODEL_INDEX
+    except (OSError, ValueError):  # missing or damaged: written again
+        intact = False
+    if not intact:
+        index.unlink(missing_ok=True)
         index.write_text(json.dumps(MODEL_INDEX, indent=1))
     return folder
 

@@ -1,0 +1,848 @@
+"""What a hostile or careless user can hand autoquant, and what must happen: one clear error of
+the right kind (or, for a damaged cache, a clean regeneration), no traceback, nothing modified,
+within seconds. ``tests/test_bad_inputs.py`` runs every case; ``bench/bad_inputs.py`` counts them.
+
+A case is a function ``run(ctx)`` that does what the user would do and returns an
+:class:`Outcome`; the helpers below turn "call the API / the CLI and expect an error" into one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+RECIPE = "format: autoquant-recipe/1\n"
+TINY = "tiny-flux"
+Q0 = "transformer.transformer_blocks.0.attn.to_q"
+
+
+@dataclasses.dataclass
+class Outcome:
+    clear: bool  # the error of the expected kind, with the expected words, no traceback
+    untouched: bool  # the model and the user's files as they were
+    message: str
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    kind: str
+    run: Callable[["Ctx"], Outcome]
+
+
+class Ctx:
+    """One run of the catalogue: a temp folder, a tiny pipeline, a saved folder and a study to
+    damage, made once and copied per case."""
+
+    def __init__(self, tmp: Path):
+        import autoquant
+
+        self.tmp = tmp
+        self.autoquant = autoquant
+        self.pipe = autoquant.load_pipeline(TINY, dtype="bfloat16")
+        self._saved: Path | None = None
+        self._study: Path | None = None
+        self.n = 0
+
+    def fresh(self):
+        """A new base pipeline (a case that wrongly succeeded must not spoil the next)."""
+        self.pipe = self.autoquant.load_pipeline(TINY, dtype="bfloat16")
+        return self.pipe
+
+    def path(self, name: str) -> Path:
+        self.n += 1
+        p = self.tmp / f"c{self.n}" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def write(self, name: str, text: str | bytes) -> Path:
+        p = self.path(name)
+        (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
+        return p
+
+    # -- a saved folder to damage -------------------------------------------------------------
+    def saved(self) -> Path:
+        if self._saved is None:
+            a = self.autoquant
+            pipe = a.load_pipeline(TINY, dtype="bfloat16")
+            recipe = a.Recipe.from_dict(yaml.safe_load(RECIPE + """
+components: [transformer]
+default: {method: hqq, bits: 4, group_size: 32}
+layers:
+  "re:transformer\\\\..*ff\\\\.net\\\\.0\\\\.proj": {method: bnb, bits: 4, double_quant: true}
+  "re:transformer\\\\..*attn\\\\.to_v": {method: torchao, type: int8}
+  "re:transformer\\\\..*attn\\\\.to_k": {method: bnb, bits: 8}
+  transformer.transformer_blocks.1.ff.net.2: {method: higgs, bits: 3, group_size: 32}
+  transformer.transformer_blocks.0.ff.net.2: {method: torchao, type: intx, bits: 3, group_size: 32}
+"""))
+            a.apply_recipe(pipe, recipe, progress=False)
+            self._saved = self.tmp / "saved"
+            a.save_quantized(pipe, self._saved)
+        copy = self.path("saved")
+        shutil.copytree(self._saved, copy, dirs_exist_ok=True)
+        return copy
+
+    # -- a finished study to tamper with ------------------------------------------------------
+    def study(self) -> Path:
+        if self._study is None:
+            from autoquant.cli import main
+
+            self._study = self.tmp / "study"
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = main(["search", "--model", TINY, "--dtype", "bfloat16", "--budget", "45%",
+                             "--trials", "3", "--seeds", "0", "--no-clip", "--out",
+                             str(self._study), "--json"])
+            assert code == 0
+        copy = self.path("study")
+        shutil.copytree(self._study, copy, dirs_exist_ok=True)
+        return copy
+
+
+# -- checking --------------------------------------------------------------------------------
+def snapshot(pipe) -> dict:
+    import torch
+
+    from autoquant import components_of
+
+    out = {}
+    for cname, comp in components_of(pipe).items():
+        for name, mod in comp.named_modules():
+            out[f"{cname}.{name}:type"] = type(mod)
+        for name, t in comp.state_dict().items():
+            out[f"{cname}.{name}"] = t.detach().clone() if isinstance(t, torch.Tensor) else t
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    import torch
+
+    if a.keys() != b.keys() or any(a[k] is not b[k] for k in a if not isinstance(a[k], torch.Tensor)):
+        return False
+    return all(type(a[k]) is type(b[k]) and type(a[k]) in (torch.Tensor, torch.nn.Parameter)
+               and torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".outputs.lock"}
+
+
+def api(error: str, fragment: str, call: Callable[[Ctx], Any], touches_pipe=True,
+        folder: Callable[[Ctx], Path] | None = None) -> Callable[[Ctx], Outcome]:
+    """Call the Python API: it must raise autoquant's ``error`` with ``fragment`` in it."""
+    def run(ctx: Ctx) -> Outcome:
+        import autoquant
+
+        where = folder(ctx) if folder else None
+        before = snapshot(ctx.pipe) if touches_pipe else None
+        files_before = files(where) if where else None
+        t = time.perf_counter()
+        try:
+            call(ctx) if where is None else call(ctx, where)
+        except autoquant.AutoquantError as e:
+            seconds = time.perf_counter() - t
+            ok = type(e).__name__ == error or any(c.__name__ == error for c in type(e).__mro__)
+            untouched = (before is None or same(before, snapshot(ctx.pipe))) and \
+                (where is None or files(where) == files_before)
+            return Outcome(ok and fragment in str(e), untouched, f"{type(e).__name__}: {e}",
+                           seconds)
+        except Exception as e:  # noqa: BLE001 - a traceback the user would see
+            ctx.fresh()
+            return Outcome(False, False, f"raw {type(e).__name__}: {e}",
+                           time.perf_counter() - t)
+        ctx.fresh()
+        return Outcome(False, True, "no error", time.perf_counter() - t)
+    return run
+
+
+def cli(argv: list[str] | Callable[[Ctx], list[str]], fragment: str, code: int = 2,
+        before_model: bool = True, folder: Callable[[Ctx], Path] | None = None
+        ) -> Callable[[Ctx], Outcome]:
+    """Run the command line: exit ``code``, one-line error with ``fragment``, no traceback.
+    ``before_model``: the mistake must be found before any pipeline is loaded."""
+    def run(ctx: Ctx) -> Outcome:
+        import autoquant.pipelines as pipelines
+        from autoquant.cli import main
+
+        args = argv(ctx) if callable(argv) else list(argv)
+        where = folder(ctx) if folder else None
+        files_before = files(where) if where else None
+        real = pipelines.load_pipeline
+        loaded = []
+
+        def spy(*a, **k):
+            loaded.append(a)
+            return real(*a, **k)
+
+        pipelines.load_pipeline = spy
+        err, out = io.StringIO(), io.StringIO()
+        t = time.perf_counter()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                try:
+                    got = main(args)
+                except SystemExit as e:  # argparse's own usage errors
+                    got = e.code
+        except Exception as e:  # noqa: BLE001 - a traceback the user would see
+            return Outcome(False, False, f"raw {type(e).__name__}: {e}",
+                           time.perf_counter() - t)
+        finally:
+            pipelines.load_pipeline = real
+        seconds = time.perf_counter() - t
+        text = err.getvalue()
+        clear = (got == code and fragment in text and "Traceback" not in text
+                 and (not before_model or not loaded))
+        untouched = where is None or files(where) == files_before
+        return Outcome(clear, untouched, f"exit {got}: {text.strip()[-400:]}", seconds)
+    return run
+
+
+def recipe_api(text: str | bytes, error: str, fragment: str) -> Callable[[Ctx], Outcome]:
+    """Load the recipe text from a file and apply it to the tiny pipeline."""
+    def call(ctx: Ctx):
+        path = ctx.write("recipe.yaml", text)
+        recipe = ctx.autoquant.load_recipe(path)
+        ctx.autoquant.apply_recipe(ctx.pipe, recipe, progress=False)
+    return api(error, fragment, call)
+
+
+def space_api(text: str | dict, fragment: str, components=None) -> Callable[[Ctx], Outcome]:
+    """Load the space and build the search's groups for the tiny pipeline."""
+    def call(ctx: Ctx):
+        from autoquant.search._groups import Groups
+
+        body = text if isinstance(text, str) else yaml.safe_dump(text)
+        space = ctx.autoquant.load_space(ctx.write("space.yaml", body))
+        Groups.build(ctx.autoquant.inventory(ctx.pipe), space, components or ["transformer"])
+    return api("SpaceError", fragment, call)
+
+
+SPACE = {"format": "autoquant-space/1", "candidates": [
+    {"method": "hqq", "bits": 4, "group_size": 32}, {"method": "none"}]}
+
+
+def space_with(**entries) -> dict:
+    return {**SPACE, **entries}
+
+
+# -- saved folders ---------------------------------------------------------------------------
+def saved_case(damage: Callable[[Path], None], fragment: str) -> Callable[[Ctx], Outcome]:
+    """Damage a copy of a saved folder, then load it into a fresh base pipeline: refused, the
+    base untouched, the folder as the damage left it."""
+    def call(ctx: Ctx, folder: Path):
+        ctx.autoquant.load_quantized(folder, base=ctx.pipe)
+
+    def folder(ctx: Ctx) -> Path:
+        ctx.fresh()
+        where = ctx.saved()
+        damage(where)
+        return where
+
+    return api("SavedFolderError", fragment, call, folder=folder)
+
+
+def _tensors(folder: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "quantized.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def _rewrite(folder: Path, tensors: dict, meta: dict, recompute: bool = False) -> None:
+    """Write the tensors file back; ``recompute``: fix the checksums too (a deliberate forger)."""
+    from safetensors.torch import save_file
+
+    from autoquant.persist import _sha256
+
+    if recompute:
+        meta["checksums"] = json.dumps({k: _sha256(v) for k, v in tensors.items()})
+    save_file(tensors, str(folder / "quantized.safetensors"), metadata=meta)
+
+
+def _edit_header(edit: Callable[[dict], None], recompute: bool = True):
+    def damage(folder: Path) -> None:
+        tensors, meta = _tensors(folder)
+        header = json.loads(meta["autoquant"])
+        edit(header)
+        meta["autoquant"] = json.dumps(header)
+        _rewrite(folder, tensors, meta, recompute)
+    return damage
+
+
+def _edit_tensors(edit: Callable[[dict], None], recompute: bool = False):
+    def damage(folder: Path) -> None:
+        tensors, meta = _tensors(folder)
+        edit(tensors)
+        _rewrite(folder, tensors, meta, recompute)
+    return damage
+
+
+def _flip_bytes(tensors: dict) -> None:
+    key = next(k for k in tensors if k.endswith("/W_q"))
+    t = tensors[key].clone()
+    t.view(-1)[:8] ^= 0x5A
+    tensors[key] = t
+
+
+def _truncate(folder: Path) -> None:
+    f = folder / "quantized.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+
+
+def _legacy_eval_payload(folder: Path) -> None:
+    """The attack from the issue: an old-format folder whose hqq metadata is Python code."""
+    import torch
+
+    tensors, meta = _tensors(folder)
+    key = next(k for k in tensors if k.endswith("/W_q")).rsplit("/", 1)[0]
+    code = f"(__import__('os').system('touch {folder}/PWNED'), torch.bfloat16)[1]"
+    tensors[f"{key}/compute_dtype"] = torch.tensor([ord(c) for c in code], dtype=torch.uint8)
+    tensors[f"{key}/encoded_state_dict"] = torch.tensor(1, dtype=torch.uint8)
+    meta["format"] = "autoquant-quantized/1"
+    _rewrite(folder, tensors, meta, recompute=True)
+
+
+def _payload_in_current_format(folder: Path) -> None:
+    import torch
+
+    tensors, meta = _tensors(folder)
+    key = next(k for k in tensors if k.endswith("/W_q")).rsplit("/", 1)[0]
+    code = f"(__import__('os').system('touch {folder}/PWNED'), torch.bfloat16)[1]"
+    tensors[f"{key}/compute_dtype"] = torch.tensor([ord(c) for c in code], dtype=torch.uint8)
+    tensors[f"{key}/encoded_state_dict"] = torch.tensor(1, dtype=torch.uint8)
+    _rewrite(folder, tensors, meta, recompute=True)
+
+
+def _no_code_ran(fragment: str, damage):
+    """A saved-folder case that must also leave no trace of the payload."""
+    inner = saved_case(damage, fragment)
+
+    def run(ctx: Ctx) -> Outcome:
+        out = inner(ctx)
+        pwned = list(ctx.tmp.rglob("PWNED"))
+        return dataclasses.replace(out, clear=out.clear and not pwned,
+                                   message=out.message + (" (CODE RAN)" if pwned else ""))
+    return run
+
+
+def _swap_bnb_for_hqq(tensors: dict) -> None:
+    bnb = next(k.rsplit("/", 1)[0] for k in tensors if k.endswith("/SCB"))
+    hqq = next(k.rsplit("/", 1)[0] for k in tensors if k.endswith("/W_q"))
+    for k in [k for k in tensors if k.startswith(bnb + "/")]:
+        del tensors[k]
+    for k in [k for k in tensors if k.startswith(hqq + "/")]:
+        tensors[bnb + "/" + k.rsplit("/", 1)[1]] = tensors[k].clone()
+
+
+def _bnb_state_json(tensors: dict) -> None:
+    import torch
+
+    key = next(k for k in tensors if "quant_state.bitsandbytes" in k)
+    state = json.loads(bytes(tensors[key].tolist()))
+    state["shape"] = [1, 1]
+    tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+
+def _torchao_meta(header: dict) -> None:
+    name = next(n for n, e in header.items() if e["config"]["method"] == "torchao")
+    meta = json.loads(header[name]["meta"]["torchao"])
+    weight = json.loads(meta["layer.weight"])
+    weight["_data"]["dtype"] = {"_type": "torch.dtype", "_data": "save"}
+    meta["layer.weight"] = json.dumps(weight)
+    header[name]["meta"]["torchao"] = json.dumps(meta)
+
+
+def _rename_layer(header: dict) -> None:
+    name = next(n for n in header if "transformer_blocks" in n)
+    header[name.replace("transformer_blocks", "transfromer_blocks")] = header.pop(name)
+
+
+def _header_bits(header: dict) -> None:
+    name = next(n for n, e in header.items() if e["config"]["method"] == "hqq")
+    header[name]["config"]["bits"] = 2
+
+
+def _drop_tensor(tensors: dict) -> None:
+    del tensors[next(k for k in tensors if k.endswith("/scale"))]
+
+
+def _edit_recipe(folder: Path) -> None:
+    f = folder / "recipe.yaml"
+    f.write_text(f.read_text().replace("bits: 4", "bits: 2", 1))
+
+
+def _bad_header_json(folder: Path) -> None:
+    tensors, meta = _tensors(folder)
+    meta["autoquant"] = meta["autoquant"][:-7]
+    _rewrite(folder, tensors, meta)
+
+
+# -- caches ----------------------------------------------------------------------------------
+def cache_case(damage: Callable[[Path], None], fragment: str) -> Callable[[Ctx], Outcome]:
+    """A damaged reference is regenerated with a one-line warning, and scores stay right."""
+    def run(ctx: Ctx) -> Outcome:
+        from autoquant import EvalSettings, Evaluator
+        from autoquant.references import ReferenceCache
+
+        root = ctx.path("refs")
+        settings = EvalSettings(prompts=("a photo of a red cat",), seeds=(0,), steps=2,
+                                height=32, width=32)
+        Evaluator(ctx.pipe, settings, cache=ReferenceCache(root), progress=False)
+        for f in root.rglob("*.safetensors"):
+            damage(f)
+        logs = io.StringIO()
+        handler = logging.StreamHandler(logs)
+        logging.getLogger("autoquant").addHandler(handler)
+        t = time.perf_counter()
+        try:
+            cache = ReferenceCache(root)
+            ev = Evaluator(ctx.pipe, settings, cache=cache, progress=False)
+            result = ev.evaluate(None)
+        except Exception as e:  # noqa: BLE001
+            return Outcome(False, True, f"raw {type(e).__name__}: {e}", time.perf_counter() - t)
+        finally:
+            logging.getLogger("autoquant").removeHandler(handler)
+        text = logs.getvalue()
+        ok = (ev.references_rejected == 1 and ev.references_generated == 1 and fragment in text
+              and len(text.strip().splitlines()) == 1
+              and result.metrics["psnr"]["mean"] == float("inf"))
+        return Outcome(ok, True, text.strip() or "no warning", time.perf_counter() - t)
+    return run
+
+
+def _cache_truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _cache_flip(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[-20] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _cache_zeros(f: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(f), framework="pt") as r:
+        meta, image = r.metadata(), r.get_tensor("image")
+    save_file({"image": image * 0}, str(f), metadata=meta)
+
+
+def _cache_shape(f: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(f), framework="pt") as r:
+        meta = r.metadata()
+    save_file({"image": torch.rand(3, 8, 8)}, str(f), metadata=meta)
+
+
+def _cache_garbage(f: Path) -> None:
+    f.write_bytes(b"\x00" * 64)
+
+
+# -- studies ---------------------------------------------------------------------------------
+def study_case(sql: str, check: Callable[[str], bool], what: str) -> Callable[[Ctx], Outcome]:
+    """Tamper with a finished study's database, then write its HTML report."""
+    def run(ctx: Ctx) -> Outcome:
+        from autoquant.cli import main
+
+        folder = ctx.study()
+        with sqlite3.connect(folder / "study.db") as db:
+            db.execute(sql)
+        out, err = io.StringIO(), io.StringIO()
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["report", "--out", str(folder)])
+        seconds = time.perf_counter() - t
+        html = (folder / "report.html").read_text() if code == 0 else ""
+        return Outcome(code == 0 and check(html), True, f"{what}: exit {code} "
+                       f"{err.getvalue().strip()[-200:]}", seconds)
+    return run
+
+
+def _set_attr_sql(key: str, value: str) -> str:
+    encoded = json.dumps(value).replace("'", "''")
+    return f"UPDATE trial_user_attributes SET value_json = '{encoded}' WHERE key = '{key}'"
+
+
+def _set_study_attr_sql(key: str, value: Any) -> str:
+    encoded = json.dumps(value).replace("'", "''")
+    return f"UPDATE study_user_attributes SET value_json = '{encoded}' WHERE key = '{key}'"
+
+
+def _identity_with(check: Callable[[str], bool], **changes) -> Callable[[Ctx], Outcome]:
+    """Change the study's identity attribute, then write the report."""
+    def run(ctx: Ctx) -> Outcome:
+        from autoquant.cli import main
+
+        folder = ctx.study()
+        with sqlite3.connect(folder / "study.db") as db:
+            row = db.execute("SELECT value_json FROM study_user_attributes WHERE key = "
+                             "'autoquant'").fetchone()
+            info = json.loads(row[0])
+            info.update(changes)
+            db.execute(_set_study_attr_sql("autoquant", info))
+        out, err = io.StringIO(), io.StringIO()
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["report", "--out", str(folder)])
+        html = (folder / "report.html").read_text() if code == 0 else ""
+        return Outcome(code == 0 and check(html), True, f"exit {code}",
+                       time.perf_counter() - t)
+    return run
+
+
+def _other_format(folder: Path) -> None:
+    tensors, meta = _tensors(folder)
+    meta["format"] = "other/1"
+    _rewrite(folder, tensors, meta)
+
+
+# -- the catalogue ---------------------------------------------------------------------------
+def cases() -> list[Case]:
+    c: list[Case] = []
+
+    def add(kind: str, id: str, run):
+        c.append(Case(f"{kind}/{id}", kind, run))
+
+    # recipes
+    r = RECIPE
+    add("recipe", "not-a-mapping", recipe_api("- a\n- b\n", "RecipeError", "a recipe is a mapping"))
+    add("recipe", "wrong-format", recipe_api("format: v9\n", "RecipeError", "format must be"))
+    add("recipe", "unknown-top-key", recipe_api(r + "layerz: {}\n", "RecipeError",
+                                                "unknown top-level key"))
+    add("recipe", "unknown-method", recipe_api(r + f"layers: {{{Q0}: {{method: gptq}}}}\n",
+                                               "RecipeError", "unknown method 'gptq'"))
+    add("recipe", "bad-bits", recipe_api(r + f"layers: {{{Q0}: {{method: hqq, bits: 5}}}}\n",
+                                         "RecipeError", "bits=5 is not supported"))
+    add("recipe", "bool-bits", recipe_api(r + f"layers: {{{Q0}: {{method: hqq, bits: true}}}}\n",
+                                          "RecipeError", "bits must be an integer"))
+    add("recipe", "unknown-option", recipe_api(
+        r + f"layers: {{{Q0}: {{method: hqq, bits: 4, speed: 11}}}}\n", "RecipeError",
+        "unknown option(s) ['speed']"))
+    add("recipe", "group-size-zero", recipe_api(
+        r + f"layers: {{{Q0}: {{method: hqq, bits: 4, group_size: 0}}}}\n", "RecipeError",
+        "group_size=0 must be >= 8"))
+    add("recipe", "group-size-odd", recipe_api(
+        r + f"layers: {{{Q0}: {{method: hqq, bits: 4, group_size: 12}}}}\n", "RecipeError",
+        "must be a multiple of 8"))
+    add("recipe", "bnb-threshold-4bit", recipe_api(
+        r + f"layers: {{{Q0}: {{method: bnb, bits: 4, threshold: 6}}}}\n", "RecipeError",
+        "threshold (outlier decomposition) applies to 8 bit only"))
+    add("recipe", "config-not-mapping", recipe_api(r + f"layers: {{{Q0}: hqq4}}\n",
+                                                   "RecipeError", "expected a mapping"))
+    add("recipe", "bad-regex", recipe_api(r + 'layers: {"re:(": {method: none}}\n',
+                                          "RecipeError", "bad regex"))
+    add("recipe", "empty-regex", recipe_api(r + 'layers: {"re:": {method: none}}\n',
+                                            "RecipeError", "an empty regex"))
+    add("recipe", "regex-matches-nothing", recipe_api(
+        r + 'layers: {"re:unet\\\\..*": {method: hqq, bits: 4}}\n', "RecipeError",
+        "regex matches no quantizable layer"))
+    add("recipe", "unknown-layer", recipe_api(
+        r + "layers: {transformer.transformer_blocks.0.attn.to_z: {method: hqq, bits: 4}}\n",
+        "RecipeError", "did you mean transformer.transformer_blocks.0.attn.to_"))
+    add("recipe", "shape-cannot-take", recipe_api(
+        r + "layers: {transformer.x_embedder: {method: hqq, bits: 4, group_size: 64}}\n",
+        "RecipeError", "cannot take hqq4-g64: in_features=16 is not divisible"))
+    add("recipe", "fingerprint", recipe_api(r + "model: {id: x, fingerprint: 'sha256:00'}\n",
+                                            "RecipeError", "model fingerprint sha256:00"))
+    add("recipe", "missing-component", recipe_api(
+        r + "components: [unet]\ndefault: {method: hqq, bits: 4}\n", "RecipeError",
+        "no component 'unet'"))
+    add("recipe", "components-not-list", recipe_api(r + "components: transformer\n",
+                                                    "RecipeError", "components must be a list"))
+    add("recipe", "bad-default", recipe_api(r + "default: {method: hqq, bits: 9}\n",
+                                            "RecipeError", "default: hqq: bits=9"))
+    add("recipe", "model-not-mapping", recipe_api(r + "model: flux\n", "RecipeError",
+                                                  "model must be a mapping"))
+    add("recipe", "model-unknown-key", recipe_api(r + "model: {id: x, url: y}\n", "RecipeError",
+                                                  "model: unknown key(s) ['url']"))
+    add("recipe", "metrics-not-mapping", recipe_api(r + "metrics: [1]\n", "RecipeError",
+                                                    "metrics must be a mapping"))
+    add("recipe", "non-string-key", recipe_api(r + "layers: {3: {method: none}}\n",
+                                               "RecipeError", "must be a non-empty string"))
+    add("recipe", "duplicate-layer", recipe_api(
+        r + f"layers:\n  {Q0}: {{method: hqq, bits: 4}}\n  {Q0}: {{method: hqq, bits: 8}}\n",
+        "RecipeError", "appears twice (lines 3 and 4)"))
+    add("recipe", "duplicate-top-key", recipe_api(r + "default: {method: none}\n"
+                                                  "default: {method: none}\n", "RecipeError",
+                                                  "key 'default' appears twice"))
+    add("recipe", "not-utf8", recipe_api(b"format: autoquant-recipe/1\n# \xff\xfe\n",
+                                         "RecipeError", "not UTF-8 text"))
+    add("recipe", "bad-yaml", recipe_api(r + "layers: {a: [}\n", "RecipeError",
+                                         "not valid YAML"))
+    add("recipe", "python-tag", recipe_api(r + "layers: !!python/object/apply:os.system "
+                                           "['touch /tmp/x']\n", "RecipeError",
+                                           "not valid YAML"))
+    add("recipe", "alias", recipe_api(r + "default: &a {method: none}\nlayers: {x: *a}\n",
+                                      "RecipeError", "anchors (&a) are not allowed"))
+    add("recipe", "deep-nesting", recipe_api(r + "layers: " + "[" * 20000 + "]" * 20000 + "\n",
+                                             "RecipeError", "nested deeper than 32 levels"))
+    add("recipe", "nested-repeat-regex", recipe_api(
+        r + 'layers: {"re:(.*.*)*X": {method: hqq, bits: 4}}\n', "RecipeError",
+        "regex matches no quantizable layer"))
+    add("recipe", "catastrophic-regex", recipe_api(
+        r + 'layers: {"re:(?:.*?){30}(?<=q)": {method: hqq, bits: 4}}\n', "RecipeError",
+        "took longer than 2 s"))
+    add("recipe", "huge-file", recipe_api(r + "layers:\n" + "".join(
+        f"  transformer.block_{i}.attn.unknown_layer_{i}: {{method: hqq, bits: 4}}\n"
+        for i in range(577_000)), "RecipeError", "larger than the 1 MiB"))
+    add("recipe", "too-many-entries", api("RecipeError", "may hold at most 20,000 entries",
+                                          lambda ctx: ctx.autoquant.Recipe.from_dict(
+                                              {"format": "autoquant-recipe/1", "layers": {
+                                                  f"l{i}": {"method": "none"}
+                                                  for i in range(20_001)}}),
+                                          touches_pipe=False))
+    add("recipe", "too-many-regexes", recipe_api(r + "layers:\n" + "".join(
+        f'  "re:x{i}": {{method: none}}\n' for i in range(300)), "RecipeError",
+        "256 of them regexes"))
+    add("recipe", "many-unknown-names", recipe_api(r + "layers:\n" + "".join(
+        f"  transformer.nope_{i}: {{method: none}}\n" for i in range(5000)), "RecipeError",
+        "... and 4,980 more"))
+    add("recipe", "long-pattern", recipe_api(r + f'layers:\n  ? "re:{"a" * 2000}"\n'
+                                             f'  : {{method: none}}\n', "RecipeError",
+                                             "longer than the 1,000"))
+    add("recipe", "fp8-dynamic-on-cpu", recipe_api(
+        r + f"layers: {{{Q0}: {{method: torchao, type: fp8_dynamic}}}}\n",
+        "BackendUnavailableError", "needs a CUDA GPU"))
+    add("recipe", "missing-file", api("RecipeError", "no recipe file at",
+                                      lambda ctx: ctx.autoquant.load_recipe(ctx.tmp / "nope.yaml"),
+                                      touches_pipe=False))
+    add("recipe", "is-a-folder", api("RecipeError", "no recipe file at",
+                                     lambda ctx: ctx.autoquant.load_recipe(ctx.tmp),
+                                     touches_pipe=False))
+    add("recipe", "cli-apply-bad-recipe", cli(
+        lambda ctx: ["apply", "--model", TINY, "--recipe",
+                     str(ctx.write("r.yaml", r + "default: {method: nope}\n"))],
+        "unknown method 'nope'"))
+
+    # spaces
+    add("space", "unknown-name", api("SpaceError", "no search space 'fastest'",
+                                     lambda ctx: ctx.autoquant.load_space("fastest"),
+                                     touches_pipe=False))
+    add("space", "wrong-format", space_api({**SPACE, "format": "space/9"}, "format must be"))
+    add("space", "fp-cap-above", space_api(space_with(fp_cap=0.5), "pass --allow-fp-cap"))
+    add("space", "fp-cap-text", space_api(space_with(fp_cap="lots"), "fp_cap must be a share"))
+    add("space", "fp-cap-bool", space_api(space_with(fp_cap=True), "fp_cap must be a share"))
+    add("space", "mbpw-bool", space_api(space_with(max_bits_per_weight=True),
+                                        "max_bits_per_weight must be a number"))
+    add("space", "duplicate-key", space_api("format: autoquant-space/1\nfp_cap: 0.1\n"
+                                            "candidates: [{method: none}]\nfp_cap: 0.2\n",
+                                            "key 'fp_cap' appears twice (lines 2 and 4)"))
+    add("space", "tie-exact-name", space_api(space_with(tie=["(.*attn)\\.to_q"]),
+                                             "is an exact name, which ties nothing"))
+    add("space", "tie-no-group", space_api(space_with(tie=["re:.*attn\\.to_q"]),
+                                           "has no group"))
+    add("space", "tie-not-string", space_api(space_with(tie=[7]), "tie must be a non-empty list"))
+    add("space", "protect-bad-regex", space_api(space_with(protect=["re:(("]), "bad regex"))
+    add("space", "protect-literal-regex", space_api(
+        space_with(protect=["transformer.proj_.*"]), "matches no layer"))
+    add("space", "tie-matches-nothing", space_api(space_with(tie=["re:(unet)\\..*"]),
+                                                  "matches no layer"))
+    add("space", "components-string", space_api(space_with(components="transformer"),
+                                                "components must be a non-empty list"))
+    add("space", "missing-component", space_api(space_with(components=["unet"]),
+                                                "no component 'unet'", components=["unet"]))
+    add("space", "objectives-order", space_api(space_with(objectives=["psnr", "bytes"]),
+                                               "objectives must start with bytes"))
+    add("space", "objectives-unknown", space_api(space_with(objectives=["bytes", "fid"]),
+                                                 "objectives: unknown ['fid']"))
+    add("space", "no-candidates", space_api(space_with(candidates=[]),
+                                            "list at least one config"))
+    add("space", "only-none", space_api(space_with(candidates=[{"method": "none"}]),
+                                        "not only none"))
+    add("space", "bad-candidate", space_api(space_with(candidates=[{"method": "hqq", "bits": 7}]),
+                                            "candidates[0]"))
+    add("space", "repeated-candidate", space_api(
+        space_with(candidates=[{"method": "bnb", "bits": 8}, {"method": "bnb", "bits": 8}]),
+        "candidates repeat a config"))
+    add("space", "not-utf8", api("SpaceError", "not UTF-8", lambda ctx: ctx.autoquant.load_space(
+        ctx.write("s.yaml", b"format: autoquant-space/1\n\xff\n")), touches_pipe=False))
+    add("space", "cli-missing-component", cli(
+        lambda ctx: ["search", "--model", TINY, "--budget", "40%", "--no-clip", "--out",
+                     str(ctx.path("o")), "--space",
+                     str(ctx.write("s.yaml", yaml.safe_dump(space_with(components=["unet"]))))],
+        "no component 'unet'", before_model=False))
+    add("space", "cli-protect-over-cap", cli(
+        lambda ctx: ["search", "--model", TINY, "--budget", "40%", "--no-clip", "--out",
+                     str(ctx.path("o")), "--space",
+                     str(ctx.write("s.yaml", yaml.safe_dump(space_with(
+                         protect=["re:transformer\\..*"], fp_cap=0.05))))],
+        "above its fp_cap 0.05", before_model=False))
+
+    # budgets and arguments (the command line)
+    def search(*extra: str) -> Callable[[Ctx], list[str]]:
+        return lambda ctx: ["search", "--model", TINY, "--no-clip", "--out",
+                            str(ctx.path("o")), *extra]
+
+    add("argument", "budget-words", cli(search("--budget", "lots"), "budget 'lots': use bytes"))
+    add("argument", "budget-zero-share", cli(search("--budget", "0%"), "a share must be in"))
+    add("argument", "budget-150-share", cli(search("--budget", "150%"), "a share must be in"))
+    add("argument", "budget-zero-bytes", cli(search("--budget", "0GB"), "bytes must be positive"))
+    add("argument", "budget-bpw-huge", cli(search("--budget", "40bpw"),
+                                          "bits per weight must be in (0, 32]"))
+    add("argument", "budget-above-full-precision", cli(search("--budget", "20bpw"),
+                                                       "is more than the searched components",
+                                                       before_model=False))
+    add("argument", "budget-below-smallest", cli(search("--budget", "1%"),
+                                                 "below the smallest plan", before_model=False))
+    add("argument", "trials-zero", cli(search("--budget", "40%", "--trials", "0"),
+                                       "0 must be at least 1"))
+    add("argument", "trials-negative", cli(search("--budget", "40%", "--trials", "-1"),
+                                           "-1 must be at least 1"))
+    add("argument", "timeout-zero", cli(search("--budget", "40%", "--timeout", "0"),
+                                        "must be a positive number"))
+    add("argument", "cache-gib-negative", cli(search("--budget", "40%", "--cache-gib", "-2"),
+                                              "must be a positive number"))
+    add("argument", "steps-zero", cli(search("--budget", "40%", "--steps", "0"),
+                                      "0 must be at least 1"))
+    add("argument", "seeds-negative", cli(search("--budget", "40%", "--seeds", "-3"),
+                                          "-3 must be >= 0"))
+    add("argument", "device-cuda-missing", cli(search("--budget", "40%", "--device", "cuda"),
+                                               "no CUDA GPU is visible"))
+    add("argument", "device-unknown", cli(search("--budget", "40%", "--device", "tpu"),
+                                          "not a device"))
+    add("argument", "dtype-unknown", cli(search("--budget", "40%", "--dtype", "int3"),
+                                         "invalid choice: 'int3'"))
+    add("argument", "storage-scheme", cli(search("--budget", "40%", "--storage", "mongodb://x/y"),
+                                          "use a database URL"))
+    add("argument", "storage-no-folder", cli(search("--budget", "40%", "--storage",
+                                                    "sqlite:////nonexistent_dir/x.db"),
+                                             "the folder /nonexistent_dir does not exist"))
+    add("argument", "storage-no-driver", cli(search("--budget", "40%", "--storage",
+                                                    "postgresql+pg8000://u@localhost/db"),
+                                             "the driver pg8000 is not installed"))
+    add("argument", "out-is-a-file", cli(
+        lambda ctx: ["search", "--model", TINY, "--budget", "40%", "--no-clip", "--out",
+                     str(ctx.write("file.txt", "x"))], "a file is in the way"))
+    add("argument", "out-unwritable", cli(search("--budget", "40%", "--out", "/proc/aq-out"),
+                                          "cannot write there"))
+    add("argument", "prompts-missing", cli(search("--budget", "40%", "--prompts",
+                                                  "/nonexistent.txt"), "no prompts file"))
+    add("argument", "prompts-empty", cli(
+        lambda ctx: search("--budget", "40%", "--prompts", str(ctx.write("p.txt", "\n\n")))(ctx),
+        "holds no prompts"))
+    add("argument", "prompts-not-utf8", cli(
+        lambda ctx: search("--budget", "40%", "--prompts",
+                           str(ctx.write("p.txt", b"\xff\xfe\n")))(ctx), "is not UTF-8"))
+    add("argument", "space-missing-file", cli(search("--budget", "40%", "--space", "./nope.yaml"),
+                                              "no search space './nope.yaml'"))
+    add("argument", "clip-bogus", cli(["evaluate", "--model", TINY, "--clip", "bogus"],
+                                      "CLIP spec 'bogus'", before_model=False))
+    add("argument", "clip-missing-for-model", cli(["evaluate", "--model", TINY],
+                                                  "no default CLIP for tiny-flux",
+                                                  before_model=False))
+    add("argument", "model-missing-folder", cli(["inspect", "--model", "./no/such/folder"],
+                                                "is not a folder with a diffusers pipeline",
+                                                before_model=False))
+    add("argument", "model-unreachable-hub", cli(["inspect", "--model", "nobody/none"],
+                                                 "could not load 'nobody/none'",
+                                                 before_model=False))
+    add("argument", "batch-size-zero", cli(["evaluate", "--model", TINY, "--no-clip",
+                                            "--batch-size", "0"], "0 must be at least 1"))
+    add("argument", "baseline-option-no-equals", cli(
+        lambda ctx: ["baseline", "--model", TINY, "--method", "hqq", "--options", "group_size",
+                     "--out", str(ctx.path("b.yaml"))], "takes key=value pairs"))
+    add("argument", "baseline-bad-option", cli(
+        lambda ctx: ["baseline", "--model", TINY, "--method", "hqq", "--options", "speed=3",
+                     "--out", str(ctx.path("b.yaml"))], "unknown option(s) ['speed']"))
+    add("argument", "baseline-unknown-method", cli(
+        lambda ctx: ["baseline", "--model", TINY, "--method", "gptq", "--out",
+                     str(ctx.path("b.yaml"))], "invalid choice: 'gptq'"))
+    add("argument", "resume-nothing", cli(search("--budget", "40%", "--resume"),
+                                          "there is no study", before_model=False))
+    add("argument", "join-other-settings", cli(
+        lambda ctx: ["search", "--model", TINY, "--dtype", "bfloat16", "--budget", "35%",
+                     "--trials", "3", "--seeds", "0", "--no-clip", "--out", str(ctx.study()),
+                     "--study", "autoquant-tiny-flux-45%"],
+        "budget: this worker 35%", before_model=False))
+    add("argument", "report-no-study", cli(lambda ctx: ["report", "--out", str(ctx.path("e"))],
+                                           "holds no study.db"))
+    add("argument", "report-nothing-given", cli(["report"], "give the search's --out folder"))
+
+    # saved folders
+    add("saved", "empty-folder", saved_case(lambda f: [p.unlink() for p in f.iterdir()],
+                                            "is not a saved autoquant pipeline"))
+    add("saved", "no-recipe", saved_case(lambda f: (f / "recipe.yaml").unlink(),
+                                         "is not a saved autoquant pipeline"))
+    add("saved", "truncated-tensors", saved_case(_truncate, "not a readable safetensors file"))
+    add("saved", "random-bytes-in-W_q", saved_case(_edit_tensors(_flip_bytes),
+                                                   "does not match its checksum"))
+    add("saved", "recipe-edited", saved_case(_edit_recipe, "recipe.yaml was changed after saving"))
+    add("saved", "header-bits-edited", saved_case(_edit_header(_header_bits),
+                                                  "the two were not saved together"))
+    add("saved", "renamed-layer", saved_case(_edit_header(_rename_layer), "holds nothing"))
+    add("saved", "missing-tensor", saved_case(_edit_tensors(_drop_tensor, recompute=True),
+                                              "missing tensor 'scale'"))
+    add("saved", "malformed-header-json", saved_case(_bad_header_json, "the header is malformed"))
+    add("saved", "bnb-swapped-for-hqq", saved_case(_edit_tensors(_swap_bnb_for_hqq, True),
+                                                   "missing tensor 'SCB'"))
+    add("saved", "bnb-quant-state-forged", saved_case(_edit_tensors(_bnb_state_json, True),
+                                                      "the config and layer say"))
+    add("saved", "torchao-metadata-forged", saved_case(_edit_header(_torchao_meta),
+                                                       "torchao metadata differs"))
+    add("saved", "hqq-eval-payload-old-format", _no_code_ran("autoquant-quantized/1",
+                                                             _legacy_eval_payload))
+    add("saved", "hqq-eval-payload", _no_code_ran("unexpected tensor 'compute_dtype'",
+                                                  _payload_in_current_format))
+    add("saved", "unknown-format", saved_case(_other_format, "expected 'autoquant-quantized/2'"))
+    add("saved", "wrong-base-model", api("SavedFolderError", "wrong base model",
+                                         lambda ctx: ctx.autoquant.load_quantized(
+                                             ctx.saved(), base=ctx.autoquant.load_pipeline(
+                                                 "tiny-sd", dtype="bfloat16")),
+                                         touches_pipe=False))
+    add("saved", "stray-tensor", saved_case(_edit_tensors(
+        lambda t: t.__setitem__("nowhere/x", t[next(iter(t))].clone()), True),
+        "belongs to no layer"))
+
+    # caches
+    add("cache", "reference-truncated", cache_case(_cache_truncate, "unreadable"))
+    add("cache", "reference-flipped-bytes", cache_case(_cache_flip, "damaged"))
+    add("cache", "reference-zeros", cache_case(_cache_zeros, "checksum does not match"))
+    add("cache", "reference-wrong-shape", cache_case(_cache_shape, "wrong shape"))
+    add("cache", "reference-garbage", cache_case(_cache_garbage, "unreadable"))
+
+    # studies
+    add("study", "artifact-absolute-path", study_case(
+        _set_attr_sql("images_artifact", "/etc/passwd"),
+        lambda h: "root:x:0:0" not in h and "cm9vdDp4OjA6" not in h  # nor in base64
+        and h.count("data:image/png") >= 1, "not embedded"))
+    add("study", "artifact-traversal", study_case(
+        _set_attr_sql("images_artifact", "../../../../etc/hostname"),
+        lambda h: h.count("data:image/png") >= 1, "not embedded"))
+    add("study", "script-in-source", study_case(
+        _set_attr_sql("source", "<script>alert(1)</script>"),
+        lambda h: "<script>alert(1)" not in h and "&lt;script&gt;alert(1)" in h, "escaped"))
+    add("study", "script-in-model", _identity_with(
+        lambda h: "<img src=x onerror" not in h and "&lt;img src=x onerror" in h,
+        model="<img src=x onerror=alert(1)>"))
+    add("study", "script-in-prompts", _identity_with(
+        lambda h: "<b>bold</b>" not in h and "&lt;b&gt;bold" in h, prompts=["<b>bold</b>"]))
+    add("study", "not-autoquant", api("InputError", "was not made by autoquant search",
+                                      lambda ctx: _plain_study(ctx), touches_pipe=False))
+    return c
+
+
+def _plain_study(ctx: Ctx):
+    import optuna
+
+    from autoquant import explore
+
+    folder = ctx.path("plain")
+    optuna.create_study(storage=f"sqlite:///{folder.parent / 'study.db'}", study_name="x")
+    explore.open_study(folder.parent)
