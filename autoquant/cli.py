@@ -309,6 +309,41 @@ def _stop_on_signals():
     return stop, previous
 
 
+def _devices(spec: str) -> list[str]:
+    """``--devices cuda:0,cuda:1`` (any device, repeated for several workers on one) or ``all``
+    (every CUDA GPU here)."""
+    if spec == "all":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise InputError("--devices all: no CUDA GPU is visible on this machine")
+        return [f"cuda:{i}" for i in range(n)]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise InputError(f"--devices {spec!r}: list devices, e.g. cuda:0,cuda:1, or say all")
+    for d in devices:
+        _check_device(d)
+    return devices
+
+
+def _precheck(args, storage, space, settings) -> None:
+    """Joining a study with other settings is refused before any model is loaded."""
+    from .builtin_models import default_clip
+    from .pipelines import dtype_name, parse_dtype
+    from .search._study import default_study_name, precheck
+
+    clip = None if args.no_clip else (args.clip or default_clip(args.model))
+    mine = settings.to_dict()
+    mine.pop("batch_size")
+    precheck(storage, default_study_name(args.model, args.budget, args.study), {
+        "model": args.model, "budget": str(args.budget), "space": space.to_dict(),
+        "objectives": [o for o in space.objectives if o != "clip_fidelity" or clip],
+        "settings": mine, "clip": clip,
+        "dtype": dtype_name(parse_dtype(args.dtype, args.device or
+                                        (args.devices or "cpu").split(",")[0]))})
+
+
 def cmd_search(args) -> int:
     from .space import load_space, parse_budget
 
@@ -316,12 +351,21 @@ def cmd_search(args) -> int:
     space = load_space(args.space, allow_fp_cap_above_default=args.allow_fp_cap)
     settings = _settings(args, "search")
     out = _writable_folder(args.out, "--out")
+    if args.artifacts:
+        _writable_folder(args.artifacts, "--artifacts")
+    if args.devices and args.device:
+        raise InputError("give --device (this process) or --devices (one worker each), not both")
+    devices = _devices(args.devices) if args.devices else None
     _check_device(args.device)
     from .search import Search, SearchConfig, run_search
     from .search._study import open_storage
 
-    out.mkdir(parents=True, exist_ok=True)
-    open_storage(args.storage, out)  # a bad URL or a missing driver: said now
+    storage = open_storage(args.storage, out)  # a bad URL or a missing driver: said now
+    _precheck(args, storage, space, settings)
+    if devices:
+        from .search._workers import run_workers
+
+        return run_workers(args, devices, out)
     pipe = _load(args)
     clip = _clip(args, args.device or "cpu")
     cfg = SearchConfig(model=args.model, budget=args.budget, space=space, trials=args.trials,
@@ -329,7 +373,7 @@ def cmd_search(args) -> int:
                        device=args.device, resume=args.resume, seed=args.seed, settings=settings,
                        clip=clip, progress=not args.json,
                        cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30,
-                       sensitivity=args.sensitivity)
+                       sensitivity=args.sensitivity, artifacts=args.artifacts)
     search = Search(cfg, pipe)
     stop, previous = _stop_on_signals()
     try:
@@ -451,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings joins it")
     p.add_argument("--out", default="autoquant-search",
                    help="folder for study.db, artifacts, best.yaml, pareto/ and report.json")
+    p.add_argument("--artifacts", default=None, metavar="DIR",
+                   help="artifact folder every worker of the study can reach (default OUT/artifacts)")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="one worker process per device on this machine, sharing the study: "
+                        "cuda:0,cuda:1,... or all")
     p.add_argument("--resume", action="store_true",
                    help="continue a study that must exist (without it, an existing study with "
                         "the same settings is joined or continued anyway)")
@@ -557,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     # (bench/flux_scale.py). Expandable segments split at 512 B. A user's own setting wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from ._quiet import quiet_libraries
 
     quiet_libraries(args.debug)

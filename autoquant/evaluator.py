@@ -98,9 +98,12 @@ class EvalResult:
 class Evaluator:
     def __init__(self, pipe: Any, settings: EvalSettings, clip: Any = None,
                  components: list[str] | None = None, cache: ReferenceCache | None = None,
-                 progress: bool = True, key: str | None = None):
+                 progress: bool = True, key: str | None = None,
+                 references: torch.Tensor | None = None):
         """``clip``: a :class:`autoquant.clip.Clip`, or None for no CLIP metrics.
-        ``key``: :func:`autoquant.references.model_key` of ``pipe``, if already known."""
+        ``key``: :func:`autoquant.references.model_key` of ``pipe``, if already known.
+        ``references``: the full-precision images, when another worker of the same study made
+        them (checked against the settings, then used instead of the cache)."""
         start = time.perf_counter()
         self.pipe, self.settings, self.clip, self.progress = pipe, settings, clip, progress
         if hasattr(pipe, "set_progress_bar_config"):
@@ -114,13 +117,29 @@ class Evaluator:
         self.cache = cache or ReferenceCache()
         self.model_key = key or model_key(pipe)
         self.pairs = settings.pairs()
-        self.references, self.references_generated = self._references()
+        self.references_rejected = 0
+        if references is not None:
+            self.references, self.references_generated = self._given(references), 0
+        else:
+            self.references, self.references_generated = self._references()
         self.fp_component_bytes = self._component_bytes()
         self.ref_feats = self.text_feats = None
         if clip is not None:
             self.ref_feats = clip_features(clip, self.references)
             self.text_feats = clip.text_features([p for p, _ in self.pairs]).cpu()
         self.setup_s = time.perf_counter() - start
+
+    def _given(self, images: torch.Tensor) -> torch.Tensor:
+        n, h, w = len(self.pairs), self.settings.height, self.settings.width
+        if images.dim() != 4 or images.shape[:2] != (n, 3) or (h and tuple(images.shape[2:]) !=
+                                                                 (h, w)) or \
+                not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise InputError(f"the shared references ({tuple(images.shape)}) are not {n} images "
+                             f"in [0, 1] for these settings")
+        images = images.float().cpu()
+        for (p, s), img in zip(self.pairs, images):
+            self.cache.save(self.model_key, self.settings, p, s, img)
+        return images
 
     def _references(self) -> tuple[torch.Tensor, int]:
         found = {i: self.cache.load(self.model_key, self.settings, p, s)

@@ -127,7 +127,8 @@ def open_study(out: str | Path | None = None, storage: str | None = None,
     from .search._study import open_storage
 
     rdb = open_storage(storage, Path(out or "."))
-    names = optuna.get_all_study_names(rdb)
+    # "NAME:setup" studies hold a search's shared setup work, not plans
+    names = [n for n in optuna.get_all_study_names(rdb) if not n.endswith(":setup")]
     if study is None:
         if len(names) != 1:
             raise InputError(f"the storage holds studies {names}: pass --study NAME")

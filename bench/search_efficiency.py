@@ -77,8 +77,8 @@ def run_autoquant(pipe, clip, settings, budget, trials, seed):
     search = Search(SearchConfig(model="demo", budget=str(budget), space=load_space("default"),
                                  trials=trials, out=folder, settings=settings, clip=clip,
                                  progress=False, seed=seed), pipe)
-    run_search(search)
-    study = optuna.load_study(study_name=None, storage=f"sqlite:///{folder / 'study.db'}")
+    report = run_search(search)
+    study = optuna.load_study(study_name=report["study"], storage=f"sqlite:///{folder / 'study.db'}")
     records = []
     for t in sorted(study.trials, key=lambda t: t.number):
         if not t.state.is_finished():

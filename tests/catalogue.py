@@ -102,7 +102,8 @@ layers:
             self._study = self.tmp / "study"
             with contextlib.redirect_stdout(io.StringIO()):
                 code = main(["search", "--model", TINY, "--dtype", "bfloat16", "--budget", "45%",
-                             "--trials", "3", "--seeds", "0", "--no-clip", "--out",
+                             "--trials", "3", "--seeds", "0", "--no-clip", "--space", "hqq-only",
+                             "--sensitivity", "anchored", "--out",
                              str(self._study), "--json"])
             assert code == 0
         copy = self.path("study")
@@ -768,7 +769,8 @@ def cases() -> list[Case]:
                                           "there is no study", before_model=False))
     add("argument", "join-other-settings", cli(
         lambda ctx: ["search", "--model", TINY, "--dtype", "bfloat16", "--budget", "35%",
-                     "--trials", "3", "--seeds", "0", "--no-clip", "--out", str(ctx.study()),
+                     "--trials", "3", "--seeds", "0", "--no-clip", "--space", "hqq-only",
+                     "--sensitivity", "anchored", "--out", str(ctx.study()),
                      "--study", "autoquant-tiny-flux-45%"],
         "budget: this worker 35%", before_model=False))
     add("argument", "report-no-study", cli(lambda ctx: ["report", "--out", str(ctx.path("e"))],

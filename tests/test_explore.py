@@ -17,7 +17,8 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_explorer.
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
-    assert main(["search", "--model", "tiny-flux", "--budget", "45%", "--trials", "5", "--seeds",
+    assert main(["search", "--model", "tiny-flux", "--budget", "45%", "--trials", "5",
+                 "--sensitivity", "anchored", "--space", "hqq-only", "--seeds",
                  "0", "--no-clip", "--out", str(out), "--json"]) == 0
     return out
 
@@ -84,6 +85,7 @@ def test_export_works_for_a_space_file_and_carries_the_fingerprint(tmp_path):
         {"method": "none"}]}))
     out = tmp_path / "o"
     assert main(["search", "--model", "tiny-flux", "--budget", "50%", "--space", str(space),
+                 "--sensitivity", "anchored",
                  "--trials", "2", "--seeds", "0", "--no-clip", "--out", str(out), "--json",
                  "--dtype", "bfloat16"]) == 0
     space.unlink()  # the study alone must be enough

@@ -25,12 +25,14 @@ SPACE = {"format": "autoquant-space/1",
          "fp_cap": 0.2}
 
 
-def make_search(tmp_path, budget="40%", trials=6, resume=False, space=None, prepare=False):
+def make_search(tmp_path, budget="40%", trials=6, resume=False, space=None, prepare=False,
+                sensitivity="anchored"):
+    """A search on tiny-flux; anchored sensitivity unless a test is about the full table."""
     pipe = autoquant.load_pipeline("tiny-flux", dtype="bfloat16")
     settings = EvalSettings.for_model("tiny-flux", "search", seeds=[0], batch_size=8)
     cfg = SearchConfig(model="tiny-flux", budget=budget, space=space or SearchSpace.from_dict(SPACE),
                        trials=trials, out=tmp_path / "out", resume=resume, settings=settings,
-                       clip=None, progress=False)
+                       clip=None, progress=False, sensitivity=sensitivity)
     search = Search(cfg, pipe)
     if prepare:
         search.prepare()
@@ -145,6 +147,7 @@ def test_cli_search_json(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     code = main(["search", "--model", "tiny-flux", "--budget", "45%", "--space", str(space),
+                 "--sensitivity", "anchored",
                  "--trials", "3", "--seeds", "0", "--no-clip", "--out", str(tmp_path / "o"),
                  "--json"])
     assert code == 0
@@ -170,7 +173,7 @@ def test_a_capped_layer_cache_evicts_but_never_changes_what_a_plan_computes(tmp_
     from autoquant.search._cache import LayerCache
     from autoquant.search._sensitivity import measure
 
-    search = make_search(tmp_path, trials=1, prepare=True)
+    search = make_search(tmp_path, trials=1, prepare=True, sensitivity="full")
     unlimited = search.cache
     assert unlimited.evictions == 0 and unlimited.builds > 0
     layers = [l for l in search.inv if l.component == "transformer"]
@@ -205,7 +208,7 @@ def test_anchored_sensitivity_matches_the_full_table_at_each_anchor_and_in_order
 
     from autoquant.search._sensitivity import measure
 
-    search = make_search(tmp_path, trials=1, prepare=True)
+    search = make_search(tmp_path, trials=1, prepare=True, sensitivity="auto")
     assert search.sensitivity_mode == "full"  # auto: a tiny model is measured in full
     full = search.error
     rows = measure("anchored", search.replay, search.cache, search.groups, progress=False)
@@ -238,7 +241,8 @@ def test_a_bug_inside_a_trial_stops_the_search_and_leaves_no_running_trial(tmp_p
     monkeypatch.setattr(search.evaluator, "score", broken)
     with pytest.raises(TypeError, match="a programming error"):
         run_search(search)
-    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    study = optuna.load_study(study_name="autoquant-tiny-flux-40%",
+                              storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     states = [t.state.name for t in study.trials]
     assert "RUNNING" not in states and states.count("FAIL") == 1
     failed = next(t for t in study.trials if t.state.name == "FAIL")

@@ -24,46 +24,13 @@ from tqdm.auto import tqdm
 from .._format import human_bytes
 from ._outputs import tally, write_outputs
 from ._search import Search
-from ._study import create_or_join, heartbeat, open_storage, optuna_quietly
+from ._setup import Stopped, plan_key, share, taken_plans
+from ._study import create_or_join, heartbeat, open_storage, optuna_quietly, study_name
 from ._trial import run_trial
 
 WAITING = optuna.trial.TrialState.WAITING
 RUNNING = optuna.trial.TrialState.RUNNING
 FAIL = optuna.trial.TrialState.FAIL
-SEEDED = "seeded"
-
-
-def study_name(search: Search) -> str:
-    cfg = search.cfg
-    return cfg.study or f"autoquant-{cfg.model.replace('/', '-')}-{cfg.budget}"
-
-
-def _key(params: dict) -> tuple:
-    return tuple(sorted(params.items()))
-
-
-def _taken(study: optuna.Study) -> dict[tuple, int]:
-    """Plans the study holds (queued, running or ended by their own fate) -> oldest trial."""
-    counts = tally(study)
-    out: dict[tuple, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        if t.number in counts["retried"] or "discarded" in t.user_attrs or not t.params:
-            continue
-        out.setdefault(_key(t.params), t.number)
-    return out
-
-
-def enqueue_seeds(search: Search, study: optuna.Study) -> None:
-    """The solver's seed plans and the uniform baselines, once per study."""
-    if study.user_attrs.get(SEEDED):
-        return
-    taken = _taken(study)
-    for source, choice in search.seeds():
-        params = search.groups.labels(choice)
-        if _key(params) not in taken:
-            study.enqueue_trial(params, user_attrs={"source": source}, skip_if_exists=False)
-            taken[_key(params)] = -1
-    study.set_user_attr(SEEDED, True)
 
 
 def run_search(search: Search, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -78,12 +45,11 @@ def run_search(search: Search, stop: threading.Event | None = None) -> dict[str,
     directions = ["minimize"] + ["maximize"] * (len(search.objectives) - 1)
     study, created = create_or_join(storage, study_name(search), search.identity(), directions,
                                     search.objectives, cfg.resume, cfg.seed)
-    search.prepare(study)
-    store = optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(out)))
-    if not study.user_attrs.get("reference_artifact"):
-        study.set_user_attr("reference_artifact", search.upload_grid(
-            study, store, search.evaluator.references, Path("references.png")))
-    enqueue_seeds(search, study)
+    store = optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(out, cfg.artifacts)))
+    try:
+        share(search, study, storage, store, stop)
+    except Stopped:
+        return write_outputs(study, out, storage, {"timing": search.timing}, interrupted=True)
     worker = {"host": socket.gethostname(), "device": str(search.device), "pid": os.getpid()}
     dists = {g.name: optuna.distributions.CategoricalDistribution([c.label for c in g.options])
              for g in search.groups.groups}
@@ -133,7 +99,7 @@ def run_search(search: Search, stop: threading.Event | None = None) -> dict[str,
 
 def _propose(search: Search, study: optuna.Study, rng: random.Random) -> bool:
     """Queue a plan the study has not seen: a mutation of the study-wide best."""
-    taken = _taken(study)
+    taken = taken_plans(study)
     best = search.best(study)
     base = search.groups.choice(best.params) if best else search.seeds()[0][1]
     for _ in range(50):
@@ -141,28 +107,35 @@ def _propose(search: Search, study: optuna.Study, rng: random.Random) -> bool:
         if choice is None:
             return False
         params = search.groups.labels(choice)
-        if _key(params) not in taken:
+        if plan_key(params) not in taken:
             study.enqueue_trial(params, user_attrs={"source": "mutation"}, skip_if_exists=False)
             return True
     return False
 
 
 def _discard_if_not_needed(study: optuna.Study, trial: optuna.Trial, wanted: int) -> bool:
-    """After ``ask``: drop the trial if an older trial holds the same plan (two workers queued
-    it at once) or if the study already counts ``wanted`` trials without it (several workers
-    asked at once). A dropped seed or retry is queued again, so nothing is lost."""
+    """After ``ask``: drop the trial if it holds no queued plan (another worker popped the
+    last one first, and Optuna made a new trial), if an older trial holds the same plan (two
+    workers queued it at once), or if the study already counts ``wanted`` trials without it
+    (several workers asked at once) -- counting the queued retries of lost trials, which are
+    owed first. A dropped seed or retry is queued again, so nothing is lost."""
+    if "source" not in trial.user_attrs:
+        trial.set_user_attr("discarded", "no plan was queued (another worker took it)")
+        study.tell(trial, state=FAIL)
+        return True
     frozen = study.get_trials(deepcopy=False)
     counts = tally(study)
-    mine = _key(trial.params)
+    mine = plan_key(trial.params)
     older = next((t.number for t in frozen if t.number < trial.number and t.params
-                  and _key(t.params) == mine and t.number not in counts["retried"]
+                  and plan_key(t.params) == mine and t.number not in counts["retried"]
                   and "discarded" not in t.user_attrs and t.state != WAITING), None)
     if older is not None:
         reason = f"duplicate of trial {older}"
     else:
         ahead = sum(1 for t in frozen if t.number < trial.number and t.state != WAITING
                     and t.number not in counts["retried"] and "discarded" not in t.user_attrs)
-        if ahead < wanted:
+        owed = sum(1 for t in frozen if t.state == WAITING and "retry_of" in t.user_attrs)
+        if ahead + (0 if "retry_of" in trial.user_attrs else owed) < wanted:
             return False
         reason = f"surplus: the study already had {wanted} trials"
         if trial.user_attrs.get("source") != "mutation":  # a seed or a retry: keep it queued
@@ -173,7 +146,8 @@ def _discard_if_not_needed(study: optuna.Study, trial: optuna.Trial, wanted: int
     return True
 
 
-def _artifact_dir(out: Path) -> Path:
-    path = out / "artifacts"
+def _artifact_dir(out: Path, artifacts: Path | None = None) -> Path:
+    """``--artifacts`` (a folder every worker of the study can read and write), else OUT/artifacts."""
+    path = Path(artifacts) if artifacts else out / "artifacts"
     path.mkdir(parents=True, exist_ok=True)
     return path

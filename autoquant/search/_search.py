@@ -29,10 +29,8 @@ from ._groups import Groups
 from ._outputs import best_trial
 from ._replay import Replay
 from ._sensitivity import MODES, choose_mode, measure
+from ._setup import SENSITIVITY
 from ._study import IDENTITY
-
-#: study user attribute holding the sensitivity table, once measured
-SENSITIVITY = "sensitivity"
 
 
 @dataclasses.dataclass
@@ -59,6 +57,8 @@ class SearchConfig:
     #: "auto": full unless one replay x the number of replays would exceed ``full_sensitivity_s``
     sensitivity: str = "auto"
     full_sensitivity_s: float = 600.0
+    #: the artifact folder the study's workers share (default OUT/artifacts)
+    artifacts: Path | None = None
 
     def __post_init__(self):
         if self.sensitivity not in MODES:

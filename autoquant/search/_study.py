@@ -50,6 +50,15 @@ def optuna_quietly():
         yield
 
 
+def default_study_name(model: str, budget: str, study: str | None = None) -> str:
+    """``--study``, else ``autoquant-MODEL-BUDGET`` (the same on every worker)."""
+    return study or f"autoquant-{model.replace('/', '-')}-{budget}"
+
+
+def study_name(search) -> str:
+    return default_study_name(search.cfg.model, search.cfg.budget, search.cfg.study)
+
+
 def default_storage_url(out: Path) -> str:
     return f"sqlite:///{(Path(out) / 'study.db').resolve()}"
 
@@ -165,8 +174,12 @@ def open_storage(url: str | None, out: Path, heartbeat_s: int = HEARTBEAT_S,
 
 def _requeue_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial whose worker stopped beating was just failed (by exactly one worker): queue its
-    plan again, marked as the retry of it."""
-    if trial.params:
+    plan (or its setup task) again, marked as the retry of it."""
+    if "task" in trial.user_attrs:
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("task", "start", "stop")}
+        study.enqueue_trial({}, user_attrs={**attrs, "retry_of": trial.number},
+                            skip_if_exists=False)
+    elif trial.params:
         study.enqueue_trial(trial.params, user_attrs={
             "source": trial.user_attrs.get("source", "retry"), "retry_of": trial.number},
             skip_if_exists=False)
@@ -247,14 +260,36 @@ _IDENTITY_KEYS = ("model", "fingerprint", "weights", "dtype", "budget", "space",
                   "settings", "clip")
 
 
-def compare_identity(mine: dict, theirs: dict) -> list[str]:
+def precheck(storage, name: str, partial: dict) -> None:
+    """Before the model is loaded: refuse at once to join a study whose settings differ in
+    what can be known without the model (budget as written, space, settings, dtype, CLIP)."""
+    if name not in optuna.get_all_study_names(storage):
+        return
+    theirs = optuna.load_study(study_name=name, storage=storage).user_attrs.get(IDENTITY)
+    if not isinstance(theirs, dict):
+        return  # being created right now, or not autoquant's: create_or_join says which
+    mine = json.loads(json.dumps(partial, default=str))
+    differences = compare_identity(mine, theirs, only=set(mine))
+    if differences:
+        raise InputError(f"study {name!r} was started with other settings, so this worker "
+                         f"cannot join it:\n  - " + "\n  - ".join(differences) +
+                         f"\nRun with the study's settings, or pick another --study NAME / --out.")
+
+
+def compare_identity(mine: dict, theirs: dict, only: set | None = None) -> list[str]:
     """Human-readable differences that forbid joining (empty: the same search)."""
     out = []
     for key in _IDENTITY_KEYS:
+        if only is not None and key not in only:
+            continue
         a, b = mine.get(key), theirs.get(key)
         if key == "budget":
             a, b = mine.get("budget_bytes"), theirs.get("budget_bytes")
-            if a is not None and b is not None and int(a) != int(b):
+            if a is None:  # not known yet (before the model is loaded): as written
+                if mine.get("budget") != theirs.get("budget"):
+                    out.append(f"budget: this worker {mine.get('budget')}, the study "
+                               f"{theirs.get('budget')}")
+            elif b is not None and int(a) != int(b):
                 out.append(f"budget: this worker {mine.get('budget')} ({human_bytes(a)}), "
                            f"the study {theirs.get('budget')} ({human_bytes(b)})")
             continue
