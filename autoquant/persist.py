@@ -29,6 +29,7 @@ from ._bytes import measured_bytes
 from ._errors import InputError, RecipeError
 from ._inventory import components_of, inventory
 from ._modules import swap_module
+from ._quiet import quietly
 from ._state import AppliedState, applied_state, set_applied, source_of
 from .apply import _split
 from ._errors import ConfigError
@@ -204,9 +205,10 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
         if reason:
             problems.append(f"{name}: {reason}")
             continue
-        problems += [f"{name}: {p}" for p in get_backend(cfg.method).state_problems(
-            cfg, layer.out_features, layer.in_features, layer.bias, layer.dtype,
-            per_layer[name], layers[name]["meta"])]
+        with quietly():
+            problems += [f"{name}: {p}" for p in get_backend(cfg.method).state_problems(
+                cfg, layer.out_features, layer.in_features, layer.bias, layer.dtype,
+                per_layer[name], layers[name]["meta"])]
     if problems:
         raise SavedFolderError(f"{directory / TENSORS} does not fit this model or its configs:\n"
                                + "\n".join(f"  - {p}" for p in problems[:20]))
@@ -214,8 +216,10 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
     for name, cfg in configs.items():
         layer = inv[name]
         backend = get_backend(cfg.method)
-        module = backend.import_state(cfg, layer.out_features, layer.in_features, layer.bias,
-                                      layer.dtype, per_layer[name], layers[name]["meta"], device)
+        with quietly():
+            module = backend.import_state(cfg, layer.out_features, layer.in_features,
+                                          layer.bias, layer.dtype, per_layer[name],
+                                          layers[name]["meta"], device)
         if measured_bytes(module) != layer.nbytes(cfg):
             raise SavedFolderError(f"{name}: the rebuilt layer holds {measured_bytes(module)} "
                                    f"bytes, {cfg.label} holds {layer.nbytes(cfg)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -95,3 +97,24 @@ def test_quantizing_the_demo_denoiser_costs_quality(demo):
     out = q(["a photo of a coat"] * 4, **kwargs).images.float()
     mse = (out - ref).pow(2).mean()
     assert 10 * torch.log10(1 / mse) < 15
+
+
+@pytest.mark.slow
+def test_the_training_script_runs_end_to_end_on_a_cpu(tmp_path):
+    """``train_demo`` prepare, train (tiny data, a second per stage) and install, on the CPU."""
+    from autoquant.zoo import train_demo
+    from autoquant.zoo.data import data_dir
+
+    try:
+        data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    train_demo.main(["prepare", "--out", str(tmp_path / "text.pt")])
+    train_demo.main(["train", "--text-cache", str(tmp_path / "text.pt"), "--out",
+                     str(tmp_path / "trained"), "--device", "cpu", "--smoke", "--scale", "0.02"])
+    log = json.loads((tmp_path / "trained" / "train_log.json").read_text())
+    assert {"classifier", "clip", "vae", "denoiser"} <= set(log)
+    assert all(log[k]["steps"] >= 1 for k in ("classifier", "clip", "vae", "denoiser"))
+    train_demo.main(["install", "--trained", str(tmp_path / "trained"), "--target",
+                     str(tmp_path / "installed")])
+    assert (tmp_path / "installed" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()

@@ -70,8 +70,10 @@ def quantize_layer(linear: nn.Linear, cfg: QuantConfig, device: torch.device,
                    name: str = "") -> nn.Module:
     """``cfg``'s replacement of ``linear`` on ``device`` (``linear`` is left as it is). A library
     failure becomes a :class:`BackendError` naming the layer and the config."""
+    from .._quiet import quietly  # the libraries' import-time chatter is not the user's business
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quietly():
             return get_backend(cfg.method).quantize(linear, cfg, device)
     except LIBRARY_FAILURES as e:
         raise BackendError(f"quantizing {name or 'a layer'} with {cfg.label} failed: "

@@ -38,11 +38,14 @@ def minilm_path() -> Path:
 
 
 def load_text_encoder(dtype=torch.float32):
-    from transformers import AutoTokenizer, BertModel
+    from .._quiet import quiet_loading
 
     path = minilm_path()
-    return (AutoTokenizer.from_pretrained(path),
-            BertModel.from_pretrained(path, torch_dtype=dtype).eval().requires_grad_(False))
+    with quiet_loading():
+        from transformers import AutoTokenizer, BertModel
+
+        return (AutoTokenizer.from_pretrained(path),
+                BertModel.from_pretrained(path, dtype=dtype).eval().requires_grad_(False))
 
 
 @torch.no_grad()
