@@ -28,6 +28,7 @@ _EXPORTS = {
     "BackendError": "._errors", "ConfigError": "._errors", "RecipeError": "._errors",
     "SpaceError": "._errors", "NonFiniteError": "._errors",
     "ApplySummary": ".apply", "apply_recipe": ".apply", "revert": ".apply",
+    "compile_pipeline": ".apply",
     "Clip": ".clip", "load_clip": ".clip",
     "EvalResult": ".evaluator", "Evaluator": ".evaluator", "EvalSettings": ".settings",
     "QuantConfig": ".backends", "config_from_dict": ".backends", "get_backend": ".backends",

@@ -10,11 +10,13 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 def solve(error: list[list[float]], nbytes: list[list[int]], fp_params: list[list[int]],
           byte_budget: float, fp_budget: float,
-          fixed: dict[int, int] | None = None) -> list[int] | None:
+          fixed: dict[int, int] | None = None,
+          extra: list[tuple[list[list[float]], float]] | None = None) -> list[int] | None:
     """Index of the chosen option per group, or None when no choice fits.
 
     ``error[g][k]``, ``nbytes[g][k]``, ``fp_params[g][k]``: the k-th option of group g.
     ``fixed``: groups whose option is forced (mutations the search wants to try).
+    ``extra``: more additive limits, ``(cost[g][k], upper bound)`` each (a step-time limit).
     """
     fixed = fixed or {}
     offsets, cost, brow, frow = [], [], [], []
@@ -32,9 +34,14 @@ def solve(error: list[list[float]], nbytes: list[list[int]], fp_params: list[lis
         if g in fixed:
             upper[offsets[g]:offsets[g] + len(errs)] = 0
             lower[offsets[g] + fixed[g]] = upper[offsets[g] + fixed[g]] = 1
-    A = np.vstack([one_per_group, np.array(brow, dtype=float), np.array(frow, dtype=float)])
-    lb = np.concatenate([np.ones(len(error)), [-np.inf, -np.inf]])
-    ub = np.concatenate([np.ones(len(error)), [byte_budget, fp_budget]])
+    rows = [np.array(brow, dtype=float), np.array(frow, dtype=float)]
+    bounds = [byte_budget, fp_budget]
+    for extra_cost, bound in extra or []:
+        rows.append(np.array([v for g in extra_cost for v in g], dtype=float))
+        bounds.append(bound)
+    A = np.vstack([one_per_group, *rows])
+    lb = np.concatenate([np.ones(len(error)), [-np.inf] * len(rows)])
+    ub = np.concatenate([np.ones(len(error)), bounds])
     # scale the objective so HiGHS' tolerances see the differences between small errors
     c = np.array(cost) / max(1e-12, float(np.abs(cost).max()))
     res = milp(c, constraints=LinearConstraint(A, lb, ub), integrality=np.ones(n),

@@ -166,6 +166,23 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     return summary
 
 
+def compile_pipeline(target: Any, components: list[str] | None = None) -> list[str]:
+    """Run ``components`` (default: the denoiser) under ``torch.compile`` from the next call on
+    (``nn.Module.compile``, in place). Every backend's layers compile in one graph unless the
+    Methods table marks it eager-only; the first call compiles (seconds to minutes)."""
+    from ._inventory import DENOISERS
+
+    comps = components_of(target)
+    names = components or [c for c in DENOISERS if c in comps][:1] or list(comps)
+    missing = [c for c in names if c not in comps]
+    if missing:
+        raise InputError(f"no component(s) {missing} to compile; this pipeline has "
+                         f"{sorted(comps)}")
+    for name in names:
+        comps[name].compile(dynamic=False)
+    return names
+
+
 def revert(target: Any) -> None:
     """Undo every :func:`apply_recipe` made with ``keep_originals=True`` on ``target``."""
     state = applied_state(target)

@@ -180,6 +180,10 @@ def cmd_apply(args) -> int:
     pipe = _load(args)
     summary = apply_recipe(pipe, recipe, device=args.device, progress=not args.json)
     result = {"summary": summary.to_dict()}
+    if args.compile:
+        from .apply import compile_pipeline
+
+        result["compiled"] = compile_pipeline(pipe)
     if args.save:
         result["saved"] = str(save_quantized(pipe, args.save))
     if args.prompt:
@@ -225,7 +229,7 @@ def cmd_evaluate(args) -> int:
     clip = _clip(args, args.device or "cpu")
     evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
                           cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
-                          progress=not args.json)
+                          progress=not args.json, compile=args.compile)
     label = Path(args.recipe).stem if args.recipe else "full precision"
     result = evaluator.evaluate(recipe, label=label)
     if args.json:
@@ -373,7 +377,8 @@ def cmd_search(args) -> int:
                        device=args.device, resume=args.resume, seed=args.seed, settings=settings,
                        clip=clip, progress=not args.json,
                        cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30,
-                       sensitivity=args.sensitivity, artifacts=args.artifacts)
+                       sensitivity=args.sensitivity, artifacts=args.artifacts,
+                       latency=args.latency, latency_mode=args.latency_mode)
     search = Search(cfg, pipe)
     stop, previous = _stop_on_signals()
     try:
@@ -408,7 +413,8 @@ def _print_search(args, search, report) -> None:
     print(report["table"])
     if "best" in report:
         b = report["best"]
-        scores = ", ".join(f"{k} {b[k]:.4g}" for k in search.objectives[1:])
+        scores = ", ".join(f"step {b[k] * 1e3:.2f} ms" if k == "latency" else f"{k} {b[k]:.4g}"
+                           for k in search.objectives[1:])
         print(f"\nbest within budget: trial {b['trial']}, {human_bytes(b['bytes'])} "
               f"(whole pipeline {human_bytes(b['pipeline_bytes'])}), {scores}")
         prompt = prompt_set(args.model, "holdout")[-1]
@@ -508,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", default="auto", choices=["auto", "full", "anchored"],
                    help="full: replay the denoiser for every (layer group, config); anchored: "
                         "once per group (large models); auto: full if it takes <= 10 min")
+    p.add_argument("--latency", default=None, metavar="LIMIT",
+                   help="search step time too, within LIMIT: 1.0x (full precision's step) or "
+                        "150ms; a space with a latency objective searches it without a limit")
+    p.add_argument("--latency-mode", default="eager", choices=["eager", "compile"],
+                   help="time steps as deployed: eager, or under torch.compile")
     p.add_argument("--cache-gib", type=_positive_float, default=None,
                    help="GiB the quantized-layer cache may hold (default: half the free memory)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -519,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="quantize layer by layer onto this device (cpu, cuda, cuda:N)")
     p.add_argument("--save", default=None, help="save the quantized pipeline to this folder")
+    p.add_argument("--compile", action="store_true",
+                   help="run the denoiser under torch.compile (faster steps after a first slow one)")
     p.add_argument("--prompt", default=None, help="generate one image with this prompt")
     p.add_argument("--out", default="autoquant.png", help="where the image goes")
     p.add_argument("--steps", type=_positive_int, default=None,
@@ -534,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p)
     p.add_argument("--components", nargs="+", default=None,
                    help="components whose bytes count (default: the denoiser)")
+    p.add_argument("--compile", action="store_true",
+                   help="generate with the denoiser under torch.compile (as deployed)")
     p.add_argument("--cache-dir", default=None,
                    help="reference image cache (default $AUTOQUANT_CACHE/references)")
     p.add_argument("--json", action="store_true", help="one JSON object")

@@ -99,13 +99,14 @@ class Evaluator:
     def __init__(self, pipe: Any, settings: EvalSettings, clip: Any = None,
                  components: list[str] | None = None, cache: ReferenceCache | None = None,
                  progress: bool = True, key: str | None = None,
-                 references: torch.Tensor | None = None):
+                 references: torch.Tensor | None = None, compile: bool = False):
         """``clip``: a :class:`autoquant.clip.Clip`, or None for no CLIP metrics.
         ``key``: :func:`autoquant.references.model_key` of ``pipe``, if already known.
         ``references``: the full-precision images, when another worker of the same study made
         them (checked against the settings, then used instead of the cache)."""
         start = time.perf_counter()
         self.pipe, self.settings, self.clip, self.progress = pipe, settings, clip, progress
+        self.compile = compile
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)  # ours shows progress per batch
         self.components = components or default_components(pipe)
@@ -189,6 +190,10 @@ class Evaluator:
             summary = apply_recipe(self.pipe, recipe, progress=False, keep_originals=True,
                                    scope=self.components)
         t_apply = time.perf_counter() - t0
+        if self.compile:
+            from .apply import compile_pipeline
+
+            compile_pipeline(self.pipe, self.components)
         try:
             comps = components_of(self.pipe)
             comp_bytes = sum(measured_bytes(comps[c]) for c in self.components)

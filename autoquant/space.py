@@ -42,10 +42,10 @@ DEFAULT_FP_CAP = 0.20
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"
 #: objective -> direction. bytes always comes first; the others are measured per trial.
 OBJECTIVES = {"bytes": "minimize", "psnr": "maximize", "ssim": "maximize",
-              "clip_fidelity": "maximize"}
+              "clip_fidelity": "maximize", "latency": "minimize"}
 DEFAULT_OBJECTIVES = ("bytes", "psnr", "clip_fidelity")
-_KEYS = ("format", "components", "candidates", "tie", "protect", "fp_cap", "max_bits_per_weight",
-         "objectives", "description")
+_KEYS = ("format", "components", "candidates", "where_available", "tie", "protect", "fp_cap",
+         "max_bits_per_weight", "objectives", "description")
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "parse_budget", "spaces"]
 
@@ -54,6 +54,8 @@ __all__ = ["SearchSpace", "SpaceError", "load_space", "parse_budget", "spaces"]
 class SearchSpace:
     candidates: list[QuantConfig]
     components: list[str] | None = None
+    #: candidates only where the search's device can run them (fp8 kernels on recent GPUs)
+    where_available: list[QuantConfig] = dataclasses.field(default_factory=list)
     tie: list[str] = dataclasses.field(default_factory=list)
     protect: list[str] = dataclasses.field(default_factory=list)
     fp_cap: float = DEFAULT_FP_CAP
@@ -70,6 +72,17 @@ class SearchSpace:
     def protect_patterns(self) -> list[NamePattern]:
         return [parse_pattern(p) for p in self.protect]
 
+    def for_device(self, device) -> "SearchSpace":
+        """This space with its ``where_available`` configs that ``device`` can run added to the
+        candidates (before ``none``, which stays last)."""
+        from .backends import get_backend
+
+        extra = [c for c in self.where_available
+                 if get_backend(c.method).unavailable_reason(c, device) is None]
+        quantized = [c for c in self.candidates if not c.full_precision]
+        fp = [c for c in self.candidates if c.full_precision]
+        return dataclasses.replace(self, candidates=quantized + extra + fp, where_available=[])
+
     def to_dict(self) -> dict[str, Any]:
         """The YAML form (what a study stores, so that its configs can be rebuilt anywhere)."""
         out: dict[str, Any] = {"format": FORMAT}
@@ -78,6 +91,8 @@ class SearchSpace:
         if self.components is not None:
             out["components"] = list(self.components)
         out["candidates"] = [c.to_dict() for c in self.candidates]
+        if self.where_available:
+            out["where_available"] = [c.to_dict() for c in self.where_available]
         for key in ("tie", "protect"):
             if getattr(self, key):
                 out[key] = list(getattr(self, key))
@@ -100,6 +115,14 @@ class SearchSpace:
             problems.append(f"unknown key(s) {unknown}; allowed: {list(_KEYS)}")
         components = _string_list(data, "components", problems, allow_none=True)
         candidates = _candidates(data.get("candidates"), problems)
+        optional = []
+        for i, entry in enumerate(data.get("where_available") or []):
+            try:
+                optional.append(config_from_dict(entry))
+            except (ConfigError, TypeError) as e:
+                problems.append(f"where_available[{i}]: {e}")
+        if set(c.label for c in optional) & set(c.label for c in candidates):
+            problems.append("where_available repeats a candidate")
         tie = _string_list(data, "tie", problems) or []
         for i, entry in enumerate(tie):
             _check_tie(i, entry, problems)
@@ -125,7 +148,8 @@ class SearchSpace:
             problems.append("description must be a string")
         if problems:
             raise SpaceError(problems, name)
-        return cls(candidates=candidates, components=components, tie=tie, protect=protect,
+        return cls(candidates=candidates, components=components, where_available=optional,
+                   tie=tie, protect=protect,
                    fp_cap=float(fp_cap), max_bits_per_weight=mbpw, objectives=list(objectives),
                    description=description, name=name)
 
@@ -195,7 +219,7 @@ def _check_objectives(objectives: Any, problems: list[str]) -> None:
         problems.append(f"objectives must start with bytes, got {objectives}")
     if len(set(objectives)) != len(objectives):
         problems.append(f"objectives repeat an entry: {objectives}")
-    if len([o for o in objectives if o != "bytes"]) < 1:
+    if len([o for o in objectives if o not in ("bytes", "latency")]) < 1:
         problems.append("objectives: name at least one quality metric (psnr, ssim, "
                         "clip_fidelity)")
 

@@ -125,6 +125,30 @@ def test_save_and_reload_give_identical_output(cfg, device, tmp_path):
     assert measured_bytes(q2) == backend.nbytes(cfg, OUT, IN, True, DTYPE)
 
 
+# compiling takes seconds: on the CPU one config of each method (its code path), all on the GPU
+_COMPILE_CASES = ([pytest.param(next(c for c in CONFIGS if c.method == m and c.nominal_bits > 1),
+                                "cpu", id=f"{m}-cpu") for m in methods()]
+                  + [pytest.param(c, "cuda", id=f"{c.label}-cuda", marks=pytest.mark.gpu)
+                     for c in CONFIGS])
+
+
+@pytest.mark.parametrize("cfg,device", _COMPILE_CASES)
+def test_compiles_in_one_graph_unless_marked_eager_only(cfg, device):
+    """``autoquant apply --compile`` promise: no graph break inside a quantized layer, and the
+    compiled layer computes what the eager one does."""
+    import torch._dynamo as dynamo
+
+    backend, lin, x, q = _quantized(cfg, device)
+    if backend.compile_reason:
+        pytest.skip(f"{cfg.label} is eager-only: {backend.compile_reason}")
+    dynamo.reset()
+    explained = dynamo.explain(q)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons[:1]
+    with torch.no_grad():
+        y, yc = q(x), torch.compile(q, fullgraph=True, dynamic=False)(x)
+    assert _rel_err(yc, y) < 0.02
+
+
 def _families():
     """Configs that differ only in bits: their error must fall as bits rise."""
     fams = collections.defaultdict(list)

@@ -86,6 +86,8 @@ def rotate(x: torch.Tensor, sign: torch.Tensor, group_size: int) -> torch.Tensor
     cached per group size, seed, device and dtype -- 8 KB at g=64 in bf16, shared by every layer
     with that seed): faster than a butterfly on both CPU and GPU."""
     shape = x.shape
+    if torch.compiler.is_compiling():  # traceable, and inductor fuses the butterfly
+        return fwht(x.reshape(-1, group_size) * sign.to(x.dtype)).reshape(shape)
     rot = _rotation_matrix(group_size, sign.to(torch.int8).cpu().numpy().tobytes(),
                            str(x.device), x.dtype)
     return (x.reshape(-1, group_size) @ rot).reshape(shape)

@@ -29,6 +29,10 @@ class Budget:
     space: SearchSpace
     spec: str = ""
     budget_bytes: float = 0.0
+    #: step-time model: full-precision step, seconds each option adds, and the limit (or None)
+    fp_step_s: float | None = None
+    opt_lat: list[list[float]] | None = None
+    latency_limit_s: float | None = None
 
     @classmethod
     def build(cls, groups: Groups, component_bytes: int, space: SearchSpace,
@@ -97,10 +101,20 @@ class Budget:
     def plan_fp(self, choice: list[int]) -> int:
         return self.fixed_fp + sum(self.opt_fp[g][k] for g, k in enumerate(choice))
 
+    def plan_latency(self, choice: list[int]) -> float | None:
+        """Predicted seconds of one denoiser step (None without a latency model)."""
+        if self.opt_lat is None:
+            return None
+        return self.fp_step_s + sum(self.opt_lat[g][k] for g, k in enumerate(choice))
+
     def constraints(self, choice: list[int]) -> list[float]:
-        """Optuna convention: <= 0 is satisfied. (bytes over the budget, weights over the cap)"""
-        return [self.plan_bytes(choice) - self.budget_bytes,
-                self.plan_fp(choice) - self.space.fp_cap * self.weight_params]
+        """Optuna convention: <= 0 is satisfied. (bytes over the budget, weights over the cap,
+        and with a latency limit, predicted seconds over it)"""
+        out = [self.plan_bytes(choice) - self.budget_bytes,
+               self.plan_fp(choice) - self.space.fp_cap * self.weight_params]
+        if self.latency_limit_s is not None:
+            out.append(self.plan_latency(choice) - self.latency_limit_s)
+        return out
 
 
 class Planner:
@@ -114,8 +128,17 @@ class Planner:
 
     def solve_at(self, byte_budget: float, fixed: dict[int, int] | None = None):
         b = self.budget
+        extra = ([(b.opt_lat, b.latency_limit_s - b.fp_step_s)]
+                 if b.latency_limit_s is not None else None)
         return solve(self.error, b.opt_bytes, b.opt_fp, byte_budget - b.fixed_bytes,
-                     b.fp_allowed, fixed)
+                     b.fp_allowed, fixed, extra)
+
+    def fastest_at(self, byte_budget: float) -> list[int] | None:
+        """The plan with the smallest predicted step time within ``byte_budget`` (and the cap)."""
+        b = self.budget
+        lo = min(v for row in b.opt_lat for v in row)
+        cost = [[v - lo for v in row] for row in b.opt_lat]  # the solver wants them >= 0
+        return solve(cost, b.opt_bytes, b.opt_fp, byte_budget - b.fixed_bytes, b.fp_allowed)
 
     def seeds(self) -> list[tuple[str, list[int]]]:
         """The first trials: the solver's plans at 100/95/90/80% of the budget, then every uniform

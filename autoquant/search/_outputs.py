@@ -24,11 +24,15 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
 def study_info(study: optuna.Study) -> dict:
-    return study.user_attrs[IDENTITY]
+    """The study's identity, with the step-time limit in seconds when it has one."""
+    info = dict(study.user_attrs[IDENTITY])
+    info["latency_limit_s"] = (study.user_attrs.get("latency") or {}).get("limit_s")
+    return info
 
 
 def quality_objectives(info: dict) -> list[str]:
-    return [o for o in info["objectives"] if o != "bytes"]
+    """The image metrics among the objectives (maximized), in their order."""
+    return [o for o in info["objectives"] if o not in ("bytes", "latency")]
 
 
 def trial_metrics(info: dict, trial: optuna.trial.FrozenTrial) -> dict[str, float]:
@@ -37,11 +41,13 @@ def trial_metrics(info: dict, trial: optuna.trial.FrozenTrial) -> dict[str, floa
 
 
 def best_trial(study: optuna.Study, info: dict):
-    """The complete trial within the budget with the best first quality objective (the next
-    ones break ties), or None."""
+    """The complete trial within the budget (and the latency limit, if any) with the best first
+    quality objective (the next ones break ties), or None."""
     quality = quality_objectives(info)
+    limit = info.get("latency_limit_s")
     ok = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
-          if t.values and t.values[0] <= info["budget_bytes"]]
+          if t.values and t.values[0] <= info["budget_bytes"]
+          and (limit is None or t.user_attrs.get("predicted_latency_s", 0) <= limit * 1.000001)]
     return max(ok, key=lambda t: [trial_metrics(info, t)[q] for q in quality], default=None)
 
 
@@ -191,12 +197,14 @@ def write_outputs(study: optuna.Study, out: str | Path, storage=None,
     return report
 
 
-_HEADERS = {"psnr": "PSNR", "ssim": "SSIM", "clip_fidelity": "CLIP fid"}
+_HEADERS = {"psnr": "PSNR", "ssim": "SSIM", "clip_fidelity": "CLIP fid", "latency": "step"}
 
 
 def _fmt(objective: str, value: float) -> str:
     if math.isinf(value):
         return "inf"
+    if objective == "latency":
+        return f"{value * 1e3:.2f} ms"
     return f"{value:.2f}" if objective == "psnr" else f"{value:.4f}"
 
 

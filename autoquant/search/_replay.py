@@ -57,6 +57,28 @@ class Replay:
         den = sum(r.pow(2).sum().item() for r in self.refs)
         return num / den if torch.isfinite(torch.tensor(num)) else float("inf")
 
+    def step_call(self) -> tuple:
+        """One denoiser call for one sample: the first of the captured calls, batch 1 (every
+        tensor whose first dimension is the batch is cut to its first row)."""
+        args, kwargs = self.inputs[0]
+        batch = _batch_size(self.inputs[0])
+
+        def cut(t):
+            return t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch \
+                else t
+
+        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+    @torch.no_grad()
+    def step_seconds(self, repeats: int = 3) -> float:
+        """Measured seconds of one step (:meth:`step_call`) of the denoiser as it stands."""
+        from ..latency import time_call
+
+        args, kwargs = self.step_call()
+        module = self.module
+        device = next(module.parameters()).device
+        return time_call(lambda: module(*args, **kwargs), device, repeats=repeats, warmup=1)
+
     @torch.no_grad()
     def layer_inputs(self, modules: dict[str, torch.nn.Module], rows: int = 256
                      ) -> dict[str, torch.Tensor]:

@@ -42,7 +42,9 @@ def run_search(search: Search, stop: threading.Event | None = None) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     stop = stop or threading.Event()
     storage = open_storage(cfg.storage, out)
-    directions = ["minimize"] + ["maximize"] * (len(search.objectives) - 1)
+    from ..space import OBJECTIVES
+
+    directions = [OBJECTIVES[o] for o in search.objectives]
     study, created = create_or_join(storage, study_name(search), search.identity(), directions,
                                     search.objectives, cfg.resume, cfg.seed)
     store = optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(out, cfg.artifacts)))

@@ -59,6 +59,10 @@ class SearchConfig:
     full_sensitivity_s: float = 600.0
     #: the artifact folder the study's workers share (default OUT/artifacts)
     artifacts: Path | None = None
+    #: a step-time limit (``1.0x`` full precision's step, ``150ms``); with it or a ``latency``
+    #: objective in the space, step time is searched too, measured in ``latency_mode``
+    latency: str | None = None
+    latency_mode: str = "eager"
 
     def __post_init__(self):
         if self.sensitivity not in MODES:
@@ -70,6 +74,14 @@ class SearchConfig:
             raise InputError(f"trials must be a whole number >= 1, got {self.trials!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise InputError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        from ..latency import MODES as LATENCY_MODES
+        from ..latency import parse_latency
+
+        if self.latency is not None:
+            parse_latency(self.latency)
+        if self.latency_mode not in LATENCY_MODES:
+            raise InputError(f"latency mode {self.latency_mode!r}: choose one of "
+                             f"{', '.join(LATENCY_MODES)}")
         self.out = Path(self.out)
 
 
@@ -88,17 +100,21 @@ class Search:
         if cfg.device:
             pipe.to(self.device)
         self.inv = inventory(pipe)
+        self.space = cfg.space.for_device(self.device)  # + the configs this device can run
         comps = cfg.space.components or default_components(pipe)
-        self.groups = Groups.build(self.inv, cfg.space, comps)
+        self.groups = Groups.build(self.inv, self.space, comps)
         self.component = comps[0]
         all_comps = components_of(pipe)
         self.budget = Budget.build(self.groups, sum(measured_bytes(all_comps[c]) for c in comps),
-                                   cfg.space, self.inv)
+                                   self.space, self.inv)
         self.budget.set_target(cfg.budget)
         self.settings = cfg.settings or EvalSettings.for_model(cfg.model, "search", seeds=[0])
         # without a CLIP there is no CLIP fidelity to search on (said in report.json)
         self.objectives = [o for o in cfg.space.objectives
                            if o != "clip_fidelity" or cfg.clip is not None]
+        if cfg.latency is not None and "latency" not in self.objectives:
+            self.objectives.append("latency")
+        self._check_devices()
         self.cache = LayerCache(pipe, self.inv, self.device,
                                 max_bytes=cfg.cache_bytes if cfg.cache_bytes is not None
                                 else default_cache_bytes(self.device))
@@ -109,6 +125,54 @@ class Search:
         self.planner: Planner | None = None
         self.sensitivity_mode: str | None = None
         self.timing: dict[str, Any] = {}
+
+    @property
+    def searches_latency(self) -> bool:
+        return "latency" in self.objectives
+
+    def _check_devices(self) -> None:
+        """Every candidate must run on the search's device: refused clearly otherwise."""
+        from .._errors import SpaceError
+        from ..backends import get_backend
+
+        problems = [f"{c.label}: {r}" for c in self.space.candidates
+                    if (r := get_backend(c.method).unavailable_reason(c, self.device))]
+        if problems:
+            raise SpaceError([f"cannot run on {self.device}: {p}" for p in problems] +
+                             ["pick a space whose configs run here (e.g. default)"],
+                             self.cfg.space.name)
+
+    def measure_latency(self) -> dict:
+        """The step-time model for this search's options, measured here: ``{fp_step_s,
+        opt_lat, mode, device}`` (what a study shares with its workers)."""
+        from ..latency import build_model
+
+        if self.replay is None:
+            self._inputs()
+        self.cache.restore()
+        layers = {l.name: self.cache.originals[l.name] for g in self.groups.groups
+                  for l in g.layers}
+        options = {l.name: g.options for g in self.groups.groups for l in g.layers}
+        model, seconds = build_model(self.replay.module, self.replay.step_call(), layers,
+                                     options, self.device, self.cfg.latency_mode,
+                                     self.cfg.progress)
+        opt_lat = [[sum(model.delta(l.name, c) for l in g.layers) for c in g.options]
+                   for g in self.groups.groups]
+        self.timing["latency_table_s"] = seconds
+        return {"fp_step_s": model.fp_step_s, "opt_lat": opt_lat,
+                "mode": self.cfg.latency_mode, "device": str(self.device),
+                "entries_measured": model.table.measured}
+
+    def use_latency(self, info: dict) -> None:
+        """Predict step times from ``info`` (see :meth:`measure_latency`) from now on."""
+        from ..latency import parse_latency
+
+        b = self.budget
+        b.fp_step_s, b.opt_lat = info["fp_step_s"], info["opt_lat"]
+        if self.cfg.latency is not None:
+            kind, value = parse_latency(self.cfg.latency)
+            b.latency_limit_s = value * b.fp_step_s if kind == "relative" else value
+        self.latency_info = info
 
     # -- what a study records about it ---------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -134,13 +198,15 @@ class Search:
             "fp_bytes": self.budget.fp_bytes, "space": self.cfg.space.to_dict(),
             "space_name": self.cfg.space.name, "objectives": list(self.objectives),
             "settings": settings, "clip": getattr(self.cfg.clip, "name", None),
+            "latency": self.cfg.latency, "latency_mode": self.cfg.latency_mode,
             "sensitivity": self.cfg.sensitivity, "fp_cap": self.cfg.space.fp_cap,
             "components": list(self.groups.components),
             "groups": {g.name: [l.name for l in g.layers] for g in self.groups.groups},
             "fixed": [l.name for l in self.groups.fixed],
-            "configs": {c.label: c.to_dict() for c in self.cfg.space.candidates}
+            "candidates": [c.label for c in self.space.candidates],
+            "configs": {c.label: c.to_dict() for c in self.space.candidates}
             | {"none": {"method": "none"}},
-            "bits": {c.label: c.nominal_bits for c in self.cfg.space.candidates} | {"none": 16.0},
+            "bits": {c.label: c.nominal_bits for c in self.space.candidates} | {"none": 16.0},
             "prompts": [p for p, _ in self.settings.pairs()],
             "other_components_bytes": sum(measured_bytes(m) for c, m in others.items()
                                           if c not in self.groups.components),
@@ -157,6 +223,8 @@ class Search:
         stored = study.user_attrs.get(SENSITIVITY) if study is not None else None
         if stored is not None and len(stored["table"]) != len(self.groups.groups):
             stored = None  # cannot happen for one identity; never trust a malformed table
+        if self.searches_latency and self.budget.opt_lat is None:
+            self.use_latency(self.measure_latency())
         if self.error is None:
             t1 = time.perf_counter()
             if stored is not None:
@@ -244,10 +312,14 @@ class Search:
     def mutate(self, rng, base: list[int]) -> list[int] | None:
         return self._planned().mutate(rng, base)
 
+    def plan_latency(self, choice: list[int]) -> float | None:
+        return self.budget.plan_latency(choice)
+
     def best(self, study):
         """The study-wide best trial within the budget (from every worker), or None."""
         return best_trial(study, {"objectives": self.objectives,
-                                  "budget_bytes": self.budget.budget_bytes})
+                                  "budget_bytes": self.budget.budget_bytes,
+                                  "latency_limit_s": self.budget.latency_limit_s})
 
     def recipe(self, choice: list[int], metrics: dict | None = None, trial: int | None = None,
                study: str | None = None):

@@ -75,10 +75,13 @@ def _local_errors(replay: Replay, cache: LayerCache, group: Group,
 
 
 def anchored_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: list[int],
-                  progress: bool = True) -> dict[int, list[float]]:
+                  progress: bool = True, xs: dict | None = None) -> dict[int, list[float]]:
+    """``xs``: every searched layer's captured inputs, when the caller keeps them (a worker
+    measuring several chunks captures them once)."""
     cache.restore()
-    xs = replay.layer_inputs({l.name: cache.originals[l.name] for i in indices
-                              for l in groups.groups[i].layers})
+    if xs is None:
+        xs = replay.layer_inputs({l.name: cache.originals[l.name] for i in indices
+                                  for l in groups.groups[i].layers})
     rows = {}
     try:
         for i in tqdm(indices, desc="sensitivity (anchored)", unit="group",
@@ -102,12 +105,13 @@ def anchored_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: li
 
 
 def measure(mode: str, replay: Replay, cache: LayerCache, groups: Groups,
-            indices: list[int] | None = None, progress: bool = True) -> dict[int, list[float]]:
+            indices: list[int] | None = None, progress: bool = True,
+            xs: dict | None = None) -> dict[int, list[float]]:
     """Rows of the table for ``indices`` (default: every group) in ``mode`` (full, anchored)."""
     indices = list(range(len(groups.groups))) if indices is None else list(indices)
-    rows = (anchored_rows if mode == "anchored" else full_rows)(replay, cache, groups, indices,
-                                                                progress)
-    return rows
+    if mode == "anchored":
+        return anchored_rows(replay, cache, groups, indices, progress, xs)
+    return full_rows(replay, cache, groups, indices, progress)
 
 
 def choose_mode(requested: str, replay: Replay, cache: LayerCache, groups: Groups,

@@ -35,12 +35,13 @@ from ._outputs import tally
 from ._study import heartbeat, optuna_quietly, study_name
 
 PREPARED = "prepared"
+LATENCY = "latency"
 SENSITIVITY = "sensitivity"
 SEEDED = "seeded"
 WAITING = optuna.trial.TrialState.WAITING
 COMPLETE = optuna.trial.TrialState.COMPLETE
 #: the table is cut in at most this many chunks (a few groups each on small models)
-MAX_CHUNKS = 64
+MAX_CHUNKS = 32
 
 
 class Stopped(Exception):
@@ -95,6 +96,7 @@ class _Worker:
     def __init__(self, search, study, setup, storage, store, stop):
         self.search, self.study, self.setup = search, study, setup
         self.storage, self.store, self.stop = storage, store, stop
+        self.layer_inputs = None
 
     def take_one(self) -> bool:
         """Run the next queued task, if there is one."""
@@ -147,6 +149,11 @@ class _Worker:
                 for name, path in (("references", refs), ("replay", replay))}
         study.set_user_attr("reference_artifact", search.upload_grid(
             study, store, search.evaluator.references, Path("references.png")))
+        if search.searches_latency:  # one step-time model for every worker: one objective
+            if search.budget.opt_lat is None:
+                search.use_latency(search.measure_latency())
+            study.set_user_attr(LATENCY, {**search.latency_info,
+                                          "limit_s": search.budget.latency_limit_s})
         study.set_user_attr(PREPARED, {**ids, "mode": mode, "replay_s": probe_s,
                                        "prepared_s": time.time() - t0,
                                        "prepared_at": time.time(), "by": _me(search)})
@@ -166,8 +173,16 @@ class _Worker:
         if search.error is not None:
             return {str(i): search.error[i] for i in indices}
         _load_inputs(search, self.study, self.store)
+        xs = None
+        if prepared["mode"] == "anchored":  # every layer's inputs, captured once per worker
+            if self.layer_inputs is None:
+                search.cache.restore()
+                self.layer_inputs = search.replay.layer_inputs(
+                    {l.name: search.cache.originals[l.name] for g in search.groups.groups
+                     for l in g.layers})
+            xs = self.layer_inputs
         rows = measure(prepared["mode"], search.replay, search.cache, search.groups,
-                       list(indices), progress=False)
+                       list(indices), progress=False, xs=xs)
         return {str(i): row for i, row in rows.items()}
 
     def finish(self) -> None:
@@ -233,6 +248,8 @@ def _load_inputs(search, study, store) -> None:
 
 def _load_shared(search, study, store) -> None:
     _load_inputs(search, study, store)
+    if search.searches_latency and search.budget.opt_lat is None:
+        search.use_latency(study.user_attrs[LATENCY])
     reused = search.error is None  # measured by another worker, or by an earlier run
     if reused:
         stored = study.user_attrs[SENSITIVITY]

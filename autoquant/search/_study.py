@@ -256,8 +256,8 @@ def _wait_for_identity(study: optuna.Study, seconds: float = 60) -> dict:
 
 
 #: identity keys that must be equal to join, with how to show them
-_IDENTITY_KEYS = ("model", "fingerprint", "weights", "dtype", "budget", "space", "objectives",
-                  "settings", "clip")
+_IDENTITY_KEYS = ("model", "fingerprint", "weights", "dtype", "budget", "space", "candidates",
+                  "objectives", "settings", "clip", "latency", "latency_mode")
 
 
 def precheck(storage, name: str, partial: dict) -> None:

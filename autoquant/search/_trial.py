@@ -45,6 +45,11 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
     trial.set_constraint("fp_weights_over_cap", cons[1])
     trial.set_user_attr("predicted_bytes", search.plan_bytes(choice))
     trial.set_user_attr("proxy_error_additive", search.proxy(choice))
+    predicted_latency = search.plan_latency(choice)
+    if predicted_latency is not None:
+        trial.set_user_attr("predicted_latency_s", predicted_latency)
+        if len(cons) > 2:
+            trial.set_constraint("latency_over_limit", cons[2])
     if max(cons) > 0:  # infeasible: costs no generation
         trial.set_user_attr("pruned_at", "constraints")
         study.tell(trial, state=PRUNED)
@@ -81,7 +86,11 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
         else:
             metrics, gen, met = ev.score()
             images = ev.last_images
-        values = [search.plan_bytes(choice)] + [metrics[o]["mean"] for o in search.objectives[1:]]
+        if predicted_latency is not None:  # measured too, eager, one step of one sample
+            trial.set_user_attr("measured_latency_s", search.replay.step_seconds())
+        values = [search.plan_bytes(choice)] + [
+            predicted_latency if o == "latency" else metrics[o]["mean"]
+            for o in search.objectives[1:]]
         if any(math.isnan(v) for v in values) or any(
                 math.isinf(v) for o, v in zip(search.objectives[1:], values[1:]) if o != "psnr"):
             raise NonFiniteError(f"metrics are not finite: "

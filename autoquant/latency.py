@@ -1,0 +1,228 @@
+"""How long a plan's denoiser step takes, predicted from a few measurements.
+
+- :class:`LatencyTable`: the time of one forward of a Linear layer of a given shape, on a given
+  number of token rows, under each config, measured on this device in the deployment mode
+  (``eager`` or ``compile``: ``torch.compile``). Cached on disk (``$AUTOQUANT_CACHE/latency``)
+  per device name, library versions and mode, with a checksum; the distinct keys are few (Flux-dev
+  has under ten Linear shapes), so a whole space costs minutes, not hours.
+- :class:`LatencyModel`: a plan's step time = the measured full-precision step + the sum over its
+  layers of (quantized layer time - full-precision layer time), each layer with the rows it sees
+  in one step (read once from a real step).
+
+"One step" is one denoiser call for one sample (batch 1), as captured from the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ._errors import InputError
+from ._paths import cache_dir
+from .backends import QuantConfig, full_precision, quantize_layer
+
+MODES = ("eager", "compile")
+_log = logging.getLogger("autoquant")
+
+
+def parse_latency(text: str) -> tuple[str, float]:
+    """``("relative", 1.0)`` from ``1.0x``; ``("seconds", 0.15)`` from ``150ms`` or ``0.15s``."""
+    import re
+
+    t = str(text).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(x|ms|s)", t)
+    if not m or float(m.group(1)) <= 0:
+        raise InputError(f"latency {text!r}: use a multiple of full precision's step (1.0x) or "
+                         f"a time per step (150ms, 0.15s)")
+    value, unit = float(m.group(1)), m.group(2)
+    return ("relative", value) if unit == "x" else ("seconds",
+                                                    value / 1000 if unit == "ms" else value)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 15,
+              warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` (after ``warmup`` calls), device work included."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def compiled(module: nn.Module) -> Callable:
+    """``module`` under ``torch.compile`` (the deployment mode ``compile``)."""
+    return torch.compile(module, dynamic=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    out_features: int
+    in_features: int
+    bias: bool
+    dtype: str
+    rows: int
+
+    @property
+    def key(self) -> str:
+        return (f"{self.out_features}x{self.in_features}{'+b' if self.bias else ''}"
+                f"-{self.dtype}-r{self.rows}")
+
+
+class LatencyTable:
+    """Seconds of one layer forward per (shape, config) on ``device`` in ``mode``."""
+
+    def __init__(self, device: torch.device, mode: str = "eager", path: Path | None = None,
+                 repeats: int = 15):
+        if mode not in MODES:
+            raise InputError(f"latency mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.device, self.mode, self.repeats = torch.device(device), mode, repeats
+        self.path = path or self._default_path()
+        self.entries: dict[str, float] = self._load()
+        self.measured = 0
+
+    def _default_path(self) -> Path:
+        import diffusers
+
+        name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                else f"cpu-{torch.backends.cpu.get_cpu_capability()}-{torch.get_num_threads()}t")
+        versions = [str(torch.__version__), diffusers.__version__]
+        for package in ("hqq", "bitsandbytes", "torchao"):
+            try:
+                versions.append(__import__(package).__version__)
+            except ImportError:
+                versions.append("-")
+        digest = hashlib.sha256("|".join([name, *versions]).encode()).hexdigest()[:12]
+        slug = "".join(c if c.isalnum() else "-" for c in name)[:40]
+        return cache_dir() / "latency" / f"{slug}-{digest}-{self.mode}.json"
+
+    def _load(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.path.read_text())
+            entries = data["entries"]
+            ok = (data.get("sha256") == _digest(entries) and isinstance(entries, dict)
+                  and all(isinstance(v, float) and math.isfinite(v) and v >= 0
+                          for v in entries.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        if not ok:
+            _log.warning("autoquant: the latency cache %s does not verify; measuring again",
+                         self.path)
+            return {}
+        return dict(entries)
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{__import__('os').getpid()}.tmp")
+            tmp.write_text(json.dumps({"entries": self.entries,
+                                       "sha256": _digest(self.entries)}, indent=1))
+            tmp.replace(self.path)
+        except OSError:  # a read-only cache only costs re-measuring
+            pass
+
+    def seconds(self, shape: LayerShape, cfg: QuantConfig) -> float:
+        key = f"{shape.key}|{cfg.label}"
+        if key not in self.entries:
+            self.entries[key] = self._measure(shape, cfg)
+            self.measured += 1
+        return self.entries[key]
+
+    def _measure(self, shape: LayerShape, cfg: QuantConfig) -> float:
+        dtype = getattr(torch, shape.dtype)
+        gen = torch.Generator().manual_seed(0)
+        linear = nn.Linear(shape.in_features, shape.out_features, bias=shape.bias, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=gen) * 0.02)
+        linear.requires_grad_(False)
+        module = quantize_layer(linear, cfg, self.device)
+        x = torch.randn(shape.rows, shape.in_features, generator=gen).to(self.device, dtype)
+        fn = compiled(module) if self.mode == "compile" else module
+        return time_call(lambda: fn(x), self.device, self.repeats)
+
+
+def _digest(entries: dict) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def layer_rows(module: nn.Module, call: tuple, layers: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """Token rows each layer sees in one call of ``module`` (a list: one entry per call)."""
+    rows: dict[str, list[int]] = {name: [] for name in layers}
+    handles = [m.register_forward_pre_hook(
+        lambda _, a, name=name: rows[name].append(int(a[0].reshape(-1, a[0].shape[-1]).shape[0])))
+        for name, m in layers.items()]
+    try:
+        args, kwargs = call
+        module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+class LatencyModel:
+    """Predicted step time of any plan, from a :class:`LatencyTable` and one real step."""
+
+    def __init__(self, table: LatencyTable, shapes: dict[str, list[LayerShape]],
+                 fp_step_s: float):
+        self.table, self.shapes, self.fp_step_s = table, shapes, fp_step_s
+
+    def delta(self, layer: str, cfg: QuantConfig) -> float:
+        """Seconds this layer adds to a step under ``cfg`` (negative: it saves time)."""
+        if cfg.full_precision:
+            return 0.0
+        none = full_precision()
+        return sum(self.table.seconds(s, cfg) - self.table.seconds(s, none)
+                   for s in self.shapes[layer])
+
+    def predict(self, plan: dict[str, QuantConfig]) -> float:
+        return self.fp_step_s + sum(self.delta(name, cfg) for name, cfg in plan.items())
+
+
+def build_model(module: nn.Module, call: tuple, layers: dict[str, nn.Module],
+                configs: dict[str, list[QuantConfig]], device: torch.device, mode: str,
+                progress: bool = False) -> tuple[LatencyModel, float]:
+    """Measure what a :class:`LatencyModel` needs for ``layers`` and their candidate ``configs``
+    (``{layer: [configs]}``): the full-precision step in ``mode``, each layer's rows per step,
+    and every distinct (shape, config) the table lacks. Returns ``(model, seconds spent)``."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    fn = compiled(module) if mode == "compile" else module
+    args, kwargs = call
+    fp_step = time_call(lambda: fn(*args, **kwargs), device, repeats=7)
+    rows = layer_rows(module, call, layers)
+    shapes = {}
+    for name, m in layers.items():
+        shapes[name] = [LayerShape(m.out_features, m.in_features, m.bias is not None,
+                                   str(m.weight.dtype).replace("torch.", ""), r)
+                        for r in rows[name]]
+    table = LatencyTable(device, mode)
+    todo = {(s, c) for name, cs in configs.items() for s in shapes[name]
+            for c in [*cs, full_precision()]}
+    for s, c in tqdm(sorted(todo, key=lambda sc: (sc[0].key, sc[1].label)), desc="latency table",
+                     unit="layer", disable=not progress, leave=False):
+        table.seconds(s, c)
+    table.save()
+    return LatencyModel(table, shapes, fp_step), time.perf_counter() - start

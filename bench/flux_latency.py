@@ -1,0 +1,262 @@
+"""Smaller and faster (the latency issue): step time on the Flux-dev architecture, H100, 1024 px,
+batch 1 (4096 image + 512 text tokens), random bf16 weights -- time and bytes only.
+
+    python bench/flux_latency.py --part eager    [--json bench/results/flux_latency_eager.json]
+    python bench/flux_latency.py --part compile  [--json bench/results/flux_latency_compile.json]
+
+``eager``: the step of bf16 and of each uniform config (every Linear of the transformer that can
+take it); the latency model's table; >= 10 plans drawn by the search (proxy-repaired mutations at
+several budgets, the search's own proposal machinery) predicted vs measured; the fastest plan at
+the bytes of uniform hqq 4-bit. ``compile``: the same under ``torch.compile`` for bf16 and the
+configs with fast compiled kernels, the compile-mode table, and the fastest plans at <= 50% of
+bf16's bytes and at hqq4's bytes, predicted and measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import time
+from collections import Counter
+
+import torch
+
+import autoquant
+from autoquant._bytes import measured_bytes
+from autoquant._format import human_bytes, table
+from autoquant.evaluator import generate_images
+from autoquant.latency import build_model, compiled, time_call
+from autoquant.search import Replay
+from autoquant.settings import EvalSettings, prompt_set
+
+from _common import environment, write_json
+from _flux import build_pipeline, sync
+
+SPACE = {"format": "autoquant-space/1", "components": ["transformer"], "candidates": [
+    {"method": "hqq", "bits": 4, "group_size": 64}, {"method": "hqq", "bits": 8, "group_size": 64},
+    {"method": "bnb", "bits": 4, "type": "nf4"}, {"method": "torchao", "type": "int8"},
+    {"method": "torchao", "type": "int8_dynamic"}, {"method": "torchao", "type": "fp8_dynamic"},
+    {"method": "torchao", "type": "fp8"}, {"method": "higgs", "bits": 4, "p": 2, "group_size": 64},
+    {"method": "none"}],
+    "tie": ["re:(transformer\\.(?:single_)?transformer_blocks\\.\\d+\\.attn)\\.to_[qkv]",
+            "re:(transformer\\.transformer_blocks\\.\\d+\\.attn)\\.add_[qkv]_proj"],
+    "fp_cap": 0.2, "objectives": ["bytes", "psnr", "latency"]}
+# what runs fast compiled: the table for compile mode is measured for these only (minutes each)
+COMPILED = ("none", "torchao-fp8_dynamic", "torchao-int8_dynamic", "torchao-int8", "bnb4-nf4",
+            "hqq4-g64")
+
+
+def layer_type(name: str) -> str:
+    """A layer's role, for 'configs per layer type' (numbers dropped)."""
+    import re
+
+    return re.sub(r"\.\d+\.", ".N.", name.replace("transformer.", "", 1))
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda":
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        self.pipe = build_pipeline(self.device, args.small)
+        settings = EvalSettings(prompts=prompt_set("flux", "search")[:1], seeds=(0,), steps=4,
+                                guidance=3.5, height=args.size, width=args.size, batch_size=1,
+                                extra=(("max_sequence_length", 512),))
+        self.replay = Replay.capture(self.pipe, "transformer", lambda: generate_images(
+            self.pipe, settings, settings.pairs()))
+        self.call = self.replay.step_call()
+        only = None if args.part == "eager" else COMPILED
+        runs_here = [c for c in SPACE["candidates"]  # (fp8_dynamic is CUDA-only: a CPU check)
+                     if autoquant.get_backend(c["method"]).unavailable_reason(
+                         autoquant.config_from_dict(c), self.device) is None]
+        space = {**SPACE, "candidates": [c for c in runs_here
+                                         if only is None or _label(c) in only]}
+        self.search = autoquant.Search(autoquant.SearchConfig(
+            model="flux-dev-architecture-random", budget="100%",
+            space=autoquant.SearchSpace.from_dict(space, name="latency-bench"),
+            settings=settings, clip=None, progress=False, cache_bytes=float("inf"),
+            latency="100x", latency_mode="compile" if args.part == "compile" else "eager"),
+            self.pipe)
+        self.search.replay = self.replay
+        self.transformer = self.pipe.transformer
+        self.fp_bytes = measured_bytes(self.transformer)
+        self.out: dict = {"environment": environment(self.device), "args": vars(args),
+                          "tokens": {"image": self.call[1]["hidden_states"].shape[1],
+                                     "text": self.call[1]["encoder_hidden_states"].shape[1]},
+                          "bf16_bytes": self.fp_bytes}
+
+    def step(self, mode: str) -> tuple[float, float]:
+        """(median step seconds, seconds spent compiling) of the transformer as it stands."""
+        args, kwargs = self.call
+        if mode == "eager":
+            return time_call(lambda: self.transformer(*args, **kwargs), self.device, 10), 0.0
+        torch._dynamo.reset()
+        fn = compiled(self.transformer)
+        t = time.perf_counter()
+        with torch.no_grad():
+            fn(*args, **kwargs)
+        sync(self.device)
+        compile_s = time.perf_counter() - t
+        return time_call(lambda: fn(*args, **kwargs), self.device, 10), compile_s
+
+    def uniform(self, mode: str, labels) -> None:
+        """Step time and bytes of every uniform config (each layer that can take it)."""
+        cache, rows = self.search.cache, {}
+        bf16, cs = self.step(mode)
+        rows["bf16"] = {"step_s": bf16, "bytes": self.fp_bytes, "compile_s": cs}
+        print(f"bf16 {mode}: {bf16 * 1e3:.1f} ms", flush=True)
+        for cfg in [c for c in self.search.space.candidates if not c.full_precision]:
+            if cfg.label not in labels:
+                continue
+            cache.clear()
+            gc.collect()
+            plan = {l.name: cfg for l in self.search.inv if l.component == "transformer"
+                    and l.fits(cfg) is None}
+            cache.assemble(plan)
+            step, cs = self.step(mode)
+            rows[cfg.label] = {"step_s": step, "bytes": measured_bytes(self.transformer),
+                               "vs_bf16": step / bf16, "compile_s": cs, "layers": len(plan)}
+            print(f"{cfg.label} {mode}: {step * 1e3:.1f} ms ({step / bf16:.2f}x bf16), "
+                  f"{human_bytes(rows[cfg.label]['bytes'])}", flush=True)
+            cache.restore()
+        cache.clear()
+        self.out.setdefault("uniform", {})[mode] = rows
+
+    def latency_model(self, mode: str) -> None:
+        t = time.perf_counter()
+        info = self.search.measure_latency()
+        self.search.use_latency(info)
+        if self.search.planner is None:  # fastest_at needs no errors; the planner wants a table
+            self.search.use_sensitivity([[0.0] * len(g.options) for g in
+                                         self.search.groups.groups], "none")
+        self.out.setdefault("table", {})[mode] = {"seconds": time.perf_counter() - t,
+                                                  "fp_step_s": info["fp_step_s"],
+                                                  "entries_measured": info["entries_measured"]}
+        print(f"latency table ({mode}): {info['entries_measured']} entries measured in "
+              f"{time.perf_counter() - t:.0f} s; fp step {info['fp_step_s'] * 1e3:.1f} ms",
+              flush=True)
+
+    def plans(self, n: int) -> None:
+        """>= n plans as the search proposes them (solver plans and proxy-repaired mutations at
+        several budgets; a local error table stands in for the sensitivity pass): predicted vs
+        measured eager step."""
+        search = self.search
+        search.use_sensitivity(_stand_in_errors(search), "stand-in")
+        rng, rows = random.Random(0), []
+        budgets = ["30%", "40%", "50%", "60%"]
+        for i in range(n):
+            search.retarget(budgets[i % len(budgets)], search.cfg.out)
+            base = search.solve_at(search.budget_bytes)
+            choice = base if i < len(budgets) else search.mutate(rng, base)
+            plan = search.groups.plan(choice)
+            search.cache.assemble(plan)
+            measured, _ = self.step("eager")
+            predicted = search.plan_latency(choice)
+            rows.append({"budget": budgets[i % len(budgets)], "bytes": search.plan_bytes(choice),
+                         "predicted_s": predicted, "measured_s": measured,
+                         "error": predicted / measured - 1})
+            print(f"plan {i}: predicted {predicted * 1e3:.1f} ms, measured "
+                  f"{measured * 1e3:.1f} ms ({rows[-1]['error']:+.1%})", flush=True)
+            search.cache.restore()
+            if i % 3 == 2:
+                search.cache.clear()
+        errs = [abs(r["error"]) for r in rows]
+        self.out["plans"] = {"rows": rows, "mean_abs_error": sum(errs) / len(errs),
+                             "worst_abs_error": max(errs)}
+
+    def fastest(self, mode: str, budgets: dict[str, float]) -> None:
+        """The plan with the smallest predicted step at each byte budget, measured."""
+        search = self.search
+        out = {}
+        for name, nbytes in budgets.items():
+            search.retarget(str(int(nbytes)), search.cfg.out)
+            choice = search.planner.fastest_at(search.budget_bytes)
+            plan = search.groups.plan(choice)
+            search.cache.clear()
+            gc.collect()
+            search.cache.assemble(plan)
+            measured, cs = self.step(mode)
+            per_type = Counter(f"{layer_type(n)}: {c.label}" for n, c in plan.items())
+            out[name] = {"budget_bytes": nbytes, "bytes": measured_bytes(self.transformer),
+                         "predicted_s": search.plan_latency(choice), "measured_s": measured,
+                         "compile_s": cs, "configs": dict(Counter(c.label for c in plan.values())),
+                         "per_layer_type": dict(per_type)}
+            print(f"fastest at {name} ({human_bytes(nbytes)}), {mode}: predicted "
+                  f"{out[name]['predicted_s'] * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms; "
+                  f"{out[name]['configs']}", flush=True)
+            search.cache.restore()
+        self.out.setdefault("fastest", {})[mode] = out
+
+
+def _label(entry: dict) -> str:
+    return autoquant.config_from_dict(entry).label
+
+
+@torch.no_grad()
+def _stand_in_errors(search) -> list[list[float]]:
+    """Relative output error of each group at each option on random activations: a cheap
+    stand-in for the sensitivity pass (quality is not what this benchmark measures)."""
+    gen = torch.Generator(device=search.device).manual_seed(0)
+    table = []
+    for g in search.groups.groups:
+        row = []
+        for c in g.options:
+            if c.full_precision:
+                row.append(0.0)
+                continue
+            num = den = 0.0
+            for l in g.layers:
+                x = torch.randn(64, l.in_features, device=search.device, dtype=torch.bfloat16,
+                                generator=gen)
+                ref = search.cache.originals[l.name](x).float()
+                num += (search.cache.module(l.name, c)(x).float() - ref).pow(2).sum().item()
+                den += ref.pow(2).sum().item()
+            row.append(num / den)
+        table.append(row)
+    return table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["eager", "compile"], default="eager")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--plans", type=int, default=12)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="a narrow Flux (checking the script)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    args.json = args.json or f"bench/results/flux_latency_{args.part}.json"
+    torch._dynamo.config.cache_size_limit = 64
+    b = Bench(args)
+    hqq4_bytes = None
+    if args.part == "eager":
+        b.uniform("eager", [c.label for c in b.search.space.candidates])
+        write_json(args.json, b.out)
+        b.latency_model("eager")
+        b.plans(args.plans)
+        write_json(args.json, b.out)
+        hqq4_bytes = b.out["uniform"]["eager"]["hqq4-g64"]["bytes"]
+        b.fastest("eager", {"hqq4 bytes": hqq4_bytes, "50% of bf16": 0.5 * b.fp_bytes})
+    else:
+        b.uniform("compile", COMPILED)
+        write_json(args.json, b.out)
+        b.latency_model("compile")
+        write_json(args.json, b.out)
+        b.fastest("compile", {"50% of bf16": 0.5 * b.fp_bytes})
+    write_json(args.json, b.out)
+    rows = [[k, human_bytes(v["bytes"]), f"{v['step_s'] * 1e3:.1f}",
+             f"{v.get('vs_bf16', 1):.2f}"] for m in b.out["uniform"].values()
+            for k, v in m.items()]
+    print(table(rows, ["plan", "bytes", "step ms", "vs bf16 (same mode)"]))
+    if "plans" in b.out:
+        p = b.out["plans"]
+        print(f"latency model over {len(p['rows'])} plans: mean |error| "
+              f"{p['mean_abs_error']:.1%}, worst {p['worst_abs_error']:.1%} (target mean <= 10%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
