@@ -103,7 +103,10 @@ def _propose(search: Search, study: optuna.Study, rng: random.Random) -> bool:
     """Queue a plan the study has not seen: a mutation of the study-wide best."""
     taken = taken_plans(study)
     best = search.best(study)
-    base = search.groups.choice(best.params) if best else search.seeds()[0][1]
+    seeds = search.seeds() if best is None else []
+    if best is None and not seeds:
+        return False
+    base = search.groups.choice(best.params) if best else seeds[0][1]
     for _ in range(50):
         choice = search.mutate(rng, base)
         if choice is None:

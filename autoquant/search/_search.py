@@ -153,15 +153,18 @@ class Search:
         layers = {l.name: self.cache.originals[l.name] for g in self.groups.groups
                   for l in g.layers}
         options = {l.name: g.options for g in self.groups.groups for l in g.layers}
+        def assemble(plan):
+            self.cache.assemble(plan) if plan is not None else self.cache.restore()
+
         model, seconds = build_model(self.replay.module, self.replay.step_call(), layers,
                                      options, self.device, self.cfg.latency_mode,
-                                     self.cfg.progress)
+                                     self.cfg.progress, assemble)
         opt_lat = [[sum(model.delta(l.name, c) for l in g.layers) for c in g.options]
                    for g in self.groups.groups]
         self.timing["latency_table_s"] = seconds
         return {"fp_step_s": model.fp_step_s, "opt_lat": opt_lat,
                 "mode": self.cfg.latency_mode, "device": str(self.device),
-                "entries_measured": model.table.measured}
+                "entries_measured": model.table.measured, "calibration": model.scale}
 
     def use_latency(self, info: dict) -> None:
         """Predict step times from ``info`` (see :meth:`measure_latency`) from now on."""
@@ -169,10 +172,21 @@ class Search:
 
         b = self.budget
         b.fp_step_s, b.opt_lat = info["fp_step_s"], info["opt_lat"]
-        if self.cfg.latency is not None:
-            kind, value = parse_latency(self.cfg.latency)
-            b.latency_limit_s = value * b.fp_step_s if kind == "relative" else value
         self.latency_info = info
+        if self.cfg.latency is None:
+            return
+        kind, value = parse_latency(self.cfg.latency)
+        b.latency_limit_s = value * b.fp_step_s if kind == "relative" else value
+        fastest = Planner(b, self.groups, [[0.0] * len(g.options) for g in self.groups.groups]
+                          ).fastest_at(b.budget_bytes)
+        best = b.plan_latency(fastest) if fastest is not None else None
+        if best is None or best > b.latency_limit_s:
+            raise InputError(
+                f"--latency {self.cfg.latency} ({b.latency_limit_s * 1e3:.2f} ms per step) cannot "
+                f"be met within the budget: the fastest plan this space allows takes "
+                f"{best * 1e3:.2f} ms ({best / b.fp_step_s:.2f}x full precision's "
+                f"{b.fp_step_s * 1e3:.2f} ms, {self.cfg.latency_mode}) on {self.device}; allow "
+                f"at least that, or a space with faster configs")
 
     # -- what a study records about it ---------------------------------------------------------
     def identity(self) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""Step time as a searched quantity: limits, the per-layer table and its cache, calibration, the
+latency objective and constraint in a search, compiled execution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import autoquant
+from autoquant import InputError
+from autoquant.backends import config_from_dict
+from autoquant.latency import LatencyModel, LatencyTable, LayerShape, parse_latency
+
+HQQ4 = config_from_dict({"method": "hqq", "bits": 4, "group_size": 32})
+
+
+def test_parse_latency():
+    assert parse_latency("1.0x") == ("relative", 1.0)
+    assert parse_latency("150ms") == ("seconds", 0.15)
+    assert parse_latency("0.2s") == ("seconds", 0.2)
+    for bad in ("fast", "0x", "-1ms", "10"):
+        with pytest.raises(InputError, match="latency"):
+            parse_latency(bad)
+
+
+def test_the_table_is_cached_per_device_and_verified(tmp_path):
+    path = tmp_path / "table.json"
+    shape = LayerShape(64, 128, True, "bfloat16", 16)
+    table = LatencyTable(torch.device("cpu"), "eager", path, repeats=3)
+    t = table.seconds(shape, HQQ4)
+    assert t > 0 and table.measured == 1
+    table.save()
+    again = LatencyTable(torch.device("cpu"), "eager", path)
+    assert again.seconds(shape, HQQ4) == t and again.measured == 0  # read, not re-measured
+    data = json.loads(path.read_text())
+    data["entries"][next(iter(data["entries"]))] = 0.0  # tampered: the checksum says so
+    path.write_text(json.dumps(data))
+    assert LatencyTable(torch.device("cpu"), "eager", path).entries == {}
+
+
+def test_calibration_makes_a_uniform_plan_predict_its_measured_step(tmp_path):
+    table = LatencyTable(torch.device("cpu"), "eager", tmp_path / "t.json")
+    shape = LayerShape(64, 128, False, "bfloat16", 16)
+    none = config_from_dict({"method": "none"})
+    table.entries = {f"{shape.key}|{HQQ4.label}": 3e-4, f"{shape.key}|{none.label}": 1e-4}
+    model = LatencyModel(table, {"a": [shape], "b": [shape]}, fp_step_s=0.01)
+    assert model.predict({"a": HQQ4, "b": HQQ4}) == pytest.approx(0.0104)
+    factor = model.calibrate(HQQ4, ["a", "b"], measured_step_s=0.0102)
+    assert factor == pytest.approx(0.5)
+    assert model.predict({"a": HQQ4, "b": HQQ4}) == pytest.approx(0.0102)
+    assert model.predict({"a": HQQ4, "b": none}) == pytest.approx(0.0101)
+
+
+def test_a_latency_limit_binds_the_solver_and_every_trial_records_both_latencies(tmp_path):
+    from autoquant.search import Search, SearchConfig, run_search
+    from autoquant.settings import EvalSettings
+
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="bfloat16")
+    space = autoquant.load_space("hqq-only")
+    settings = EvalSettings.for_model("tiny-flux", "search", seeds=[0])
+    def search_with(latency, out):
+        return Search(SearchConfig(model="tiny-flux", budget="60%", space=space, trials=5,
+                                   out=out, settings=settings, clip=None, progress=False,
+                                   sensitivity="anchored", latency=latency), pipe)
+
+    # on a CPU every quantized layer is slower than bf16: full precision's speed is out of reach
+    with pytest.raises(InputError, match=r"cannot be met within the budget: the fastest plan"):
+        search_with("0.5x", tmp_path / "impossible").prepare()
+    search = search_with("1.6x", tmp_path)
+    assert search.objectives[-1] == "latency"
+    report = run_search(search)
+    limit = search.budget.latency_limit_s
+    assert limit == pytest.approx(1.6 * search.budget.fp_step_s)
+    import optuna
+
+    trials = optuna.load_study(study_name=report["study"],
+                               storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    solver = [t for t in trials if t.user_attrs.get("source", "").startswith("solver@")]
+    assert solver and all(t.user_attrs["predicted_latency_s"] <= limit * 1.000001
+                          for t in solver)
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert all(t.user_attrs["measured_latency_s"] > 0 for t in done)
+    assert all(t.values[-1] == t.user_attrs["predicted_latency_s"] for t in done)
+    if "best" in report:
+        assert report["best"]["latency"] <= limit * 1.000001
+
+
+def test_compile_pipeline_compiles_the_denoiser_only(tiny_sd_factory):
+    pipe = tiny_sd_factory()
+    assert autoquant.compile_pipeline(pipe) == ["unet"]
+    assert pipe.unet._compiled_call_impl is not None  # compiled at its next call
+    assert pipe.vae._compiled_call_impl is None
+    with pytest.raises(InputError, match="no component"):
+        autoquant.compile_pipeline(pipe, ["transformer"])
+
+
+@pytest.mark.slow
+def test_compile_pipeline_runs_the_denoiser_compiled(tiny_sd_factory):
+    from tests.helpers import generate
+
+    pipe = tiny_sd_factory()
+    autoquant.apply_recipe(pipe, autoquant.Recipe.from_dict({
+        "format": "autoquant-recipe/1", "components": ["unet"],
+        "default": {"method": "torchao", "type": "int8"}}), progress=False)
+    eager = generate(pipe)
+    assert autoquant.compile_pipeline(pipe) == ["unet"]
+    compiled = generate(pipe)
+    assert (compiled.float() - eager.float()).abs().max() < 0.05
