@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ._progress import tqdm
 
 from ._bytes import measured_bytes
 from ._errors import BackendError, BackendUnavailableError, InputError

@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p, prompt_set=False, batch_size=20)
     p.add_argument("--sensitivity", default="auto", choices=["auto", "full", "anchored"],
                    help="full: replay the denoiser for every (layer group, config); anchored: "
-                        "once per group (large models); auto: full if it takes <= 10 min")
+                        "once per group (12x fewer on the demo, plans as good); auto: full if it takes <= 30 s")
     p.add_argument("--latency", default=None, metavar="LIMIT",
                    help="search step time too, within LIMIT: 1.0x (full precision's step) or "
                         "150ms; a space with a latency objective searches it without a limit")

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from ._progress import tqdm
 
 from ._bytes import measured_bytes
 from ._errors import AutoquantError, InputError, NonFiniteError

@@ -17,10 +17,13 @@ import base64
 import dataclasses
 import html
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
-import optuna
+with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in notebooks that lack
+    warnings.filterwarnings("ignore", message="IProgress not found")  # ipywidgets
+    import optuna
 
 from ._errors import InputError
 from ._format import human_bytes

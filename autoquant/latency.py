@@ -228,7 +228,7 @@ def build_model(module: nn.Module, call: tuple, layers: dict[str, nn.Module],
     and every distinct (shape, config) the table lacks. With ``assemble(plan or None)`` (put a
     plan's modules in place; None: full precision back), each config's uniform plan is timed
     too and the model calibrated on it. Returns ``(model, seconds spent)``."""
-    from tqdm.auto import tqdm
+    from ._progress import tqdm
 
     start = time.perf_counter()
     fn = compiled(module) if mode == "compile" else module

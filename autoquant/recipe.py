@@ -68,17 +68,19 @@ class Recipe:
 
     # -- plain data ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain data; what a reader wants first (model, budget, metrics, provenance) comes
+        before the layer entries."""
         out: dict[str, Any] = {"format": FORMAT}
         if self.model is not None:
             out["model"] = dict(self.model)
         if self.components is not None:
             out["components"] = list(self.components)
-        if self.default is not None:
-            out["default"] = self.default.to_dict()
-        out["layers"] = {k: v.to_dict() for k, v in self.layers.items()}
         for key in ("budget", "metrics", "provenance"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.default is not None:
+            out["default"] = self.default.to_dict()
+        out["layers"] = {k: v.to_dict() for k, v in self.layers.items()}
         return out
 
     @classmethod
@@ -149,7 +151,9 @@ class Recipe:
                    provenance=_plain(data.get("provenance")))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+        return (f"# autoquant recipe: apply with `autoquant apply --model MODEL --recipe FILE` or "
+                f"autoquant.apply_recipe\n{text}")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

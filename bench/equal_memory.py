@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     search = Search(SearchConfig(model="demo", budget=str(base["hqq4"].bytes),
                                  space=load_space(args.space), trials=args.trials, out=tmp / "x",
                                  settings=search_settings(),
-                                 clip=clip, progress=False), pipe)
+                                 clip=clip, progress=False,
+                                 sensitivity="full"), pipe)
     search.prepare()  # references, inputs, the sensitivity table: once for every budget
     setup = time.perf_counter() - t0
     lo, hi = search.smallest_bytes(), max(r.bytes for r in base.values())

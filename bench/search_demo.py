@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         search = Search(SearchConfig(model="demo", budget=str(budget), space=space,
                                      trials=args.trials, out=folder, settings=search_settings,
-                                     clip=clip, progress=False), pipe)
+                                     clip=clip, progress=False,
+                                 sensitivity="full"), pipe)
         report = run_search(search)
         wall = time.perf_counter() - t0
         best = holdout.evaluate(autoquant.load_recipe(folder / "best.yaml"), f"autoquant@{target}")

@@ -76,7 +76,8 @@ def run_autoquant(pipe, clip, settings, budget, trials, seed):
     start = time.time()
     search = Search(SearchConfig(model="demo", budget=str(budget), space=load_space("default"),
                                  trials=trials, out=folder, settings=settings, clip=clip,
-                                 progress=False, seed=seed), pipe)
+                                 progress=False, seed=seed,
+                                 sensitivity="full"), pipe)
     report = run_search(search)
     study = optuna.load_study(study_name=report["study"], storage=f"sqlite:///{folder / 'study.db'}")
     records = []

@@ -270,3 +270,40 @@ def test_seed_plans_survive_an_interruption(tmp_path):
     again = run_search(make_search(tmp_path, trials=10))
     sources = [t["source"] for t in again["trials_detail"] if t["state"] != "WAITING"]
     assert sum(s.startswith(("solver@", "uniform")) for s in sources) == queued + 1
+
+
+def test_sigterm_ends_the_search_cleanly_with_outputs(tmp_path):
+    """A killed (SIGTERM) search ends its current trial and writes best.yaml and report.json;
+    running the command again continues the study."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "autoquant", "search", "--model", "tiny-flux", "--dtype",
+            "bfloat16", "--budget", "45%", "--trials", "40", "--seeds", "0", "--no-clip",
+            "--space", "hqq-only", "--sensitivity", "anchored", "--out", str(tmp_path), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    study = "autoquant-tiny-flux-45%"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (tmp_path / "study.db").is_file():
+            try:
+                s = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'study.db'}")
+                if any(t.state.name == "COMPLETE" for t in s.trials):
+                    break
+            except KeyError:
+                pass
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: stopping after the current trial" in err
+    report = json.loads(out)
+    assert report["interrupted"] and 1 <= report["trials"]["finished"] < 40
+    assert (tmp_path / "best.yaml").is_file()
+    s = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert not [t for t in s.trials if t.state.name == "RUNNING"]

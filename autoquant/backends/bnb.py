@@ -68,6 +68,14 @@ class BnbConfig(QuantConfig):
             raise ConfigError(f"bnb: threshold must be a number >= 0, got {self.threshold!r}")
         object.__setattr__(self, "threshold", float(self.threshold))
 
+    def to_dict(self):
+        """Only the options that apply: ``{method: bnb, bits: 8, threshold: 0.0}`` or
+        ``{method: bnb, bits: 4, type: nf4, double_quant: false, blocksize: 64}``."""
+        if self.bits == 8:
+            return {"method": self.method, "bits": 8, "threshold": self.threshold}
+        return {"method": self.method, "bits": 4, "type": self.type,
+                "double_quant": self.double_quant, "blocksize": self.blocksize}
+
     @property
     def label(self) -> str:
         if self.bits == 8:

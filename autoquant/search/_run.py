@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from tqdm.auto import tqdm
+from .._progress import tqdm
 
 from .._format import human_bytes
 from ._outputs import tally, write_outputs

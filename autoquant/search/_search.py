@@ -56,7 +56,7 @@ class SearchConfig:
     #: "full": one replay per (group, config); "anchored": one per group (see _sensitivity.py);
     #: "auto": full unless one replay x the number of replays would exceed ``full_sensitivity_s``
     sensitivity: str = "auto"
-    full_sensitivity_s: float = 600.0
+    full_sensitivity_s: float = 30.0
     #: the artifact folder the study's workers share (default OUT/artifacts)
     artifacts: Path | None = None
     #: a step-time limit (``1.0x`` full precision's step, ``150ms``); with it or a ``latency``

@@ -18,7 +18,7 @@ import math
 import time
 
 import torch
-from tqdm.auto import tqdm
+from .._progress import tqdm
 
 from .._errors import InputError
 from ._cache import LayerCache
@@ -133,7 +133,7 @@ def choose_mode(requested: str, replay: Replay, cache: LayerCache, groups: Group
     replays = sum(sum(not c.full_precision for c in g.options) for g in groups.groups)
     full = probe_s * replays <= limit_s
     if not full and progress:
-        print(f"sensitivity: {replays} replays x {probe_s:.2f} s would take "
-              f"{probe_s * replays / 60:.0f} min; measuring {len(groups.groups)} anchors "
-              f"instead (--sensitivity full to insist)", flush=True)
+        tqdm.write(f"sensitivity: {replays} replays x {probe_s:.2f} s would take "
+                   f"{probe_s * replays / 60:.1f} min; measuring {len(groups.groups)} anchors "
+                   f"instead (--sensitivity full to insist)")
     return ("full" if full else "anchored"), probe_s

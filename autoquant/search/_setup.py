@@ -84,11 +84,17 @@ def share(search, study: optuna.Study, storage, store, stop: threading.Event) ->
     """Take setup tasks until the study is seeded, then make sure this worker holds the
     references, the captured inputs and the table. Raises Stopped if asked to stop first."""
     if not study.user_attrs.get(SEEDED):
+        from .._progress import tqdm
+
         setup = _setup_study(storage, study_name(search), len(search.groups.groups))
         worker = _Worker(search, study, setup, storage, store, stop)
-        while not study.user_attrs.get(SEEDED):
-            if not worker.take_one():
-                time.sleep(0.5)
+        total = len(chunks(len(search.groups.groups)))
+        with tqdm(total=total, desc="sensitivity", unit="chunk", disable=not search.cfg.progress,
+                  leave=False) as bar:
+            worker.bar = bar
+            while not study.user_attrs.get(SEEDED):
+                if not worker.take_one():
+                    time.sleep(0.5)
     _load_shared(search, study, store)
 
 
@@ -97,6 +103,7 @@ class _Worker:
         self.search, self.study, self.setup = search, study, setup
         self.storage, self.store, self.stop = storage, store, stop
         self.layer_inputs = None
+        self.bar = None  # progress over the study's chunks (every worker's)
 
     def take_one(self) -> bool:
         """Run the next queued task, if there is one."""
@@ -126,6 +133,10 @@ class _Worker:
             self.setup.tell(task, state=optuna.trial.TrialState.FAIL)
             raise
         self.setup.tell(task, time.perf_counter() - start)
+        if self.bar is not None:
+            self.bar.n = sum(1 for t in self.setup.get_trials(deepcopy=False, states=(COMPLETE,))
+                             if t.user_attrs.get("task") == "chunk")
+            self.bar.refresh()
         return True
 
     def prepare(self) -> None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import optuna
-from tqdm.auto import tqdm
+from .._progress import tqdm
 
 from ._outputs import tally, write_outputs
 from ._study import default_study_name, open_storage
