@@ -185,20 +185,29 @@ def images_png(view: StudyView, trial: Trial | None) -> bytes | None:
 
 
 def front_figure(view: StudyView):
-    """Bytes vs each quality objective: all trials, the Pareto front, baselines, the budget."""
+    """Bytes vs each quality objective: all trials, the Pareto front, baselines, the budget.
+    With step time searched: trials coloured by their step time, and one more panel, the first
+    quality objective vs step time."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     objectives = view.objectives
-    fig = make_subplots(rows=1, cols=len(objectives),
-                        subplot_titles=[f"{_LABELS.get(o, o)} vs bytes" for o in objectives])
+    timed = "latency" in view.info["objectives"]
+    titles = [f"{_LABELS.get(o, o)} vs bytes" for o in objectives]
+    if timed:
+        titles.append(f"{_LABELS.get(objectives[0], objectives[0])} vs step time")
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
     done, front, base = view.complete, view.pareto, view.baselines
+    text = lambda ts: [html.escape(f"trial {t.number} ({t.source})") for t in ts]  # noqa: E731
+    ms = lambda ts: [t.metrics["latency"] * 1e3 for t in ts]  # noqa: E731
     for col, key in enumerate(objectives, start=1):
         mib = lambda ts: [t.bytes / 2**20 for t in ts]  # noqa: E731
         val = lambda ts: [t.metrics[key] for t in ts]  # noqa: E731
-        text = lambda ts: [html.escape(f"trial {t.number} ({t.source})") for t in ts]  # noqa: E731
+        marker = (dict(color=ms(done), colorscale="Viridis", size=8, showscale=col == 1,
+                       colorbar=dict(title="step ms", x=-0.12)) if timed
+                  else dict(color="#9aa5b1", size=7))
         fig.add_trace(go.Scatter(x=mib(done), y=val(done), mode="markers", name="trials",
-                                 text=text(done), marker=dict(color="#9aa5b1", size=7),
+                                 text=text(done), marker=marker,
                                  showlegend=col == 1), row=1, col=col)
         fig.add_trace(go.Scatter(x=mib(front), y=val(front), mode="lines+markers", name="Pareto",
                                  text=text(front), marker=dict(color="#d62728", size=9),
@@ -212,6 +221,16 @@ def front_figure(view: StudyView):
         fig.add_vline(x=view.budget / 2**20, line_dash="dash", line_color="black",
                       annotation_text="budget", row=1, col=col)
         fig.update_xaxes(title_text="bytes of the searched components (MiB)", row=1, col=col)
+        fig.update_yaxes(title_text=_LABELS.get(key, key), row=1, col=col)
+    if timed:
+        col, key = len(titles), objectives[0]
+        fig.add_trace(go.Scatter(x=ms(done), y=[t.metrics[key] for t in done], mode="markers",
+                                 name="trials (step time)", text=text(done),
+                                 marker=dict(color="#9aa5b1", size=7)), row=1, col=col)
+        fig.add_trace(go.Scatter(x=ms(front), y=[t.metrics[key] for t in front],
+                                 mode="markers", name="Pareto (step time)", text=text(front),
+                                 marker=dict(color="#d62728", size=9)), row=1, col=col)
+        fig.update_xaxes(title_text="predicted step (ms)", row=1, col=col)
         fig.update_yaxes(title_text=_LABELS.get(key, key), row=1, col=col)
     fig.update_layout(height=430, margin=dict(t=40, b=40), template="plotly_white")
     return fig

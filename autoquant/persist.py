@@ -145,6 +145,29 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
     from .pipelines import load_pipeline
 
     directory = Path(directory)
+    layers, recipe, configs, flat = _read_folder(directory)
+    if base is None:
+        if not recipe.model or not recipe.model.get("id"):
+            raise SavedFolderError(f"{directory / RECIPE} names no base model; pass base=...")
+        base = load_pipeline(recipe.model["id"], dtype=recipe.model.get("dtype"),
+                             revision=recipe.model.get("revision"))
+    inv = inventory(base)
+    _check_recipe_matches(directory, recipe, configs, inv)
+    device = torch.device(device)
+    per_layer = _tensors_per_layer(directory, layers, flat)
+    _check_states(directory, layers, configs, per_layer, inv, device)
+    built = _rebuild(layers, configs, per_layer, inv, device)
+    comps = components_of(base)
+    for name, module in built.items():
+        swap_module(comps[inv[name].component], inv[name].path, module)
+    for comp in comps.values():
+        comp.to(device)
+    set_applied(base, AppliedState(configs=configs, fingerprint=inv.fingerprint(), recipe=recipe))
+    return base
+
+
+def _read_folder(directory: Path):
+    """The verified header, recipe, per-layer configs and tensors of a saved folder."""
     if not (directory / TENSORS).is_file() or not (directory / RECIPE).is_file():
         raise SavedFolderError(f"{directory} is not a saved autoquant pipeline "
                                f"(needs {RECIPE} and {TENSORS})")
@@ -164,13 +187,11 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
         except (ConfigError, TypeError) as e:
             raise SavedFolderError(f"{directory / TENSORS}: layer {name}: bad config ({e})") \
                 from None
-    flat = _load_tensors(directory / TENSORS, checksums)
-    if base is None:
-        if not recipe.model or not recipe.model.get("id"):
-            raise SavedFolderError(f"{directory / RECIPE} names no base model; pass base=...")
-        base = load_pipeline(recipe.model["id"], dtype=recipe.model.get("dtype"),
-                             revision=recipe.model.get("revision"))
-    inv = inventory(base)
+    return layers, recipe, configs, _load_tensors(directory / TENSORS, checksums)
+
+
+def _check_recipe_matches(directory: Path, recipe, configs, inv) -> None:
+    """The base model is the one saved from, and the recipe resolves to the saved layers."""
     expected = (recipe.model or {}).get("fingerprint")
     if expected and expected != inv.fingerprint():
         raise SavedFolderError(f"the base model's fingerprint {inv.fingerprint()} differs from "
@@ -187,7 +208,9 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
             raise SavedFolderError(
                 f"layer {name}: {TENSORS} holds {held.label if held else 'nothing'}, {RECIPE} "
                 f"says {said.label if said else 'nothing'}: the two were not saved together")
-    device = torch.device(device)
+
+
+def _tensors_per_layer(directory: Path, layers, flat) -> dict[str, dict[str, torch.Tensor]]:
     per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
     for key, t in flat.items():
         name, _, tensor = key.rpartition("/")
@@ -195,6 +218,12 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
             raise SavedFolderError(f"{directory / TENSORS}: tensor {key!r} belongs to no layer "
                                    f"of the header")
         per_layer[name][tensor] = t
+    return per_layer
+
+
+def _check_states(directory: Path, layers, configs, per_layer, inv, device) -> None:
+    """Every layer exists, its backend runs here, and its tensors fit its config -- all checked
+    before any layer is built, so a bad folder fails whole."""
     problems = []
     for name, cfg in configs.items():
         if name not in inv:
@@ -212,22 +241,18 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
     if problems:
         raise SavedFolderError(f"{directory / TENSORS} does not fit this model or its configs:\n"
                                + "\n".join(f"  - {p}" for p in problems[:20]))
+
+
+def _rebuild(layers, configs, per_layer, inv, device) -> dict[str, torch.nn.Module]:
     built = {}
     for name, cfg in configs.items():
         layer = inv[name]
-        backend = get_backend(cfg.method)
         with quietly():
-            module = backend.import_state(cfg, layer.out_features, layer.in_features,
-                                          layer.bias, layer.dtype, per_layer[name],
-                                          layers[name]["meta"], device)
+            module = get_backend(cfg.method).import_state(
+                cfg, layer.out_features, layer.in_features, layer.bias, layer.dtype,
+                per_layer[name], layers[name]["meta"], device)
         if measured_bytes(module) != layer.nbytes(cfg):
             raise SavedFolderError(f"{name}: the rebuilt layer holds {measured_bytes(module)} "
                                    f"bytes, {cfg.label} holds {layer.nbytes(cfg)}")
         built[name] = module
-    comps = components_of(base)
-    for name, module in built.items():
-        swap_module(comps[inv[name].component], inv[name].path, module)
-    for comp in comps.values():
-        comp.to(device)
-    set_applied(base, AppliedState(configs=configs, fingerprint=inv.fingerprint(), recipe=recipe))
-    return base
+    return built

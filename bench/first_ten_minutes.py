@@ -4,7 +4,8 @@ HEAD), a fresh ``$AUTOQUANT_CACHE``, the commands copied from the README's first
     python bench/first_ten_minutes.py [--no-bf16] [--skip-tests] [--json bench/results/first_ten_minutes.json]
 
 ``pip install`` is timed too but uses this environment (the packages are already there: a
-fresh venv's install is the download, not autoquant). ``--no-bf16`` runs as on a CPU without
+fresh venv's install is the download, not autoquant); it points this environment's editable
+autoquant at the clone, and back at this checkout when done. ``--no-bf16`` runs as on a CPU without
 bfloat16 instructions (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``: PyTorch's kernels
 and oneDNN limited to AVX2, so ``--dtype auto`` picks float32), the machine class of the issue.
 Also times ``autoquant --help``, a malformed budget's error, and 8 demo images.
@@ -61,8 +62,24 @@ def main(argv=None) -> int:
                            capture_output=True, text=True, cwd=clone).stdout.strip()
     out["dtype"] = dtype
     install, search = search_cmd.split(" && ", 1)
-    out["runs"]["install"] = timed(install.replace("pip ", f"{sys.executable} -m pip ", 1)
+    pip = f"{sys.executable} -m pip "
+    out["runs"]["install"] = timed(install.replace("pip ", pip, 1)
                                    + " --no-deps --no-build-isolation -q", clone, env)
+    try:
+        run_the_rest(out, search, test_cmd, clone, env, args)
+    finally:  # the install pointed this environment's autoquant at the clone: point it back
+        subprocess.run(f"{pip} install -e . --no-deps --no-build-isolation -q", shell=True,
+                       cwd=ROOT, check=True)
+    for name, r in out["runs"].items():
+        print(f"{name:11s} {r['seconds']:7.1f} s  exit {r['exit']}  {r['command'][:90]}")
+    images = re.search(r"8 images ([0-9.]+)", out["runs"]["images"]["tail"])
+    out["eight_images_s"] = float(images.group(1)) if images else None
+    print(f"dtype {dtype}; 8 demo images {out['eight_images_s']} s")
+    write_json(args.json, out)
+    return 0
+
+
+def run_the_rest(out: dict, search: str, test_cmd: str, clone: Path, env: dict, args) -> None:
     out["runs"]["search"] = timed(search, clone, env)
     out["runs"]["help"] = timed("autoquant --help > /dev/null", clone, env)
     out["runs"]["bad_budget"] = timed("autoquant search --model demo --budget lots", clone, env)
@@ -74,13 +91,6 @@ def main(argv=None) -> int:
     if not args.skip_tests:
         test = test_cmd.split(" && ", 1)[1]
         out["runs"]["tests"] = timed(test, clone, env)
-    for name, r in out["runs"].items():
-        print(f"{name:11s} {r['seconds']:7.1f} s  exit {r['exit']}  {r['command'][:90]}")
-    images = re.search(r"8 images ([0-9.]+)", out["runs"]["images"]["tail"])
-    out["eight_images_s"] = float(images.group(1)) if images else None
-    print(f"dtype {dtype}; 8 demo images {out['eight_images_s']} s")
-    write_json(args.json, out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import autoquant
 from autoquant._bytes import measured_bytes
 from autoquant._format import human_bytes, table
 from autoquant.evaluator import generate_images
-from autoquant.latency import build_model, compiled, time_call
+from autoquant.latency import compiled, time_call
 from autoquant.search import Replay
 from autoquant.settings import EvalSettings, prompt_set
 

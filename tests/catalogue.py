@@ -521,7 +521,14 @@ def cases() -> list[Case]:
     def add(kind: str, id: str, run):
         c.append(Case(f"{kind}/{id}", kind, run))
 
-    # recipes
+    for section in (_recipe_cases, _space_cases, _argument_cases, _saved_cases, _cache_cases,
+                    _study_cases):
+        section(add)
+    return c
+
+
+def _recipe_cases(add) -> None:
+    """Recipes."""
     r = RECIPE
     add("recipe", "not-a-mapping", recipe_api("- a\n- b\n", "RecipeError", "a recipe is a mapping"))
     add("recipe", "wrong-format", recipe_api("format: v9\n", "RecipeError", "format must be"))
@@ -632,7 +639,9 @@ def cases() -> list[Case]:
                      str(ctx.write("r.yaml", r + "default: {method: nope}\n"))],
         "unknown method 'nope'"))
 
-    # spaces
+
+def _space_cases(add) -> None:
+    """Spaces."""
     add("space", "unknown-name", api("SpaceError", "no search space 'fastest'",
                                      lambda ctx: ctx.autoquant.load_space("fastest"),
                                      touches_pipe=False))
@@ -686,7 +695,9 @@ def cases() -> list[Case]:
                          protect=["re:transformer\\..*"], fp_cap=0.05))))],
         "above its fp_cap 0.05", before_model=False))
 
-    # budgets and arguments (the command line)
+
+def _argument_cases(add) -> None:
+    """Budgets and arguments (the command line)."""
     def search(*extra: str) -> Callable[[Ctx], list[str]]:
         return lambda ctx: ["search", "--model", TINY, "--no-clip", "--out",
                             str(ctx.path("o")), *extra]
@@ -777,7 +788,9 @@ def cases() -> list[Case]:
                                            "holds no study.db"))
     add("argument", "report-nothing-given", cli(["report"], "give the search's --out folder"))
 
-    # saved folders
+
+def _saved_cases(add) -> None:
+    """Saved folders."""
     add("saved", "empty-folder", saved_case(lambda f: [p.unlink() for p in f.iterdir()],
                                             "is not a saved autoquant pipeline"))
     add("saved", "no-recipe", saved_case(lambda f: (f / "recipe.yaml").unlink(),
@@ -812,14 +825,18 @@ def cases() -> list[Case]:
         lambda t: t.__setitem__("nowhere/x", t[next(iter(t))].clone()), True),
         "belongs to no layer"))
 
-    # caches
+
+def _cache_cases(add) -> None:
+    """Caches."""
     add("cache", "reference-truncated", cache_case(_cache_truncate, "unreadable"))
     add("cache", "reference-flipped-bytes", cache_case(_cache_flip, "damaged"))
     add("cache", "reference-zeros", cache_case(_cache_zeros, "checksum does not match"))
     add("cache", "reference-wrong-shape", cache_case(_cache_shape, "wrong shape"))
     add("cache", "reference-garbage", cache_case(_cache_garbage, "unreadable"))
 
-    # studies
+
+def _study_cases(add) -> None:
+    """Studies."""
     add("study", "artifact-absolute-path", study_case(
         _set_attr_sql("images_artifact", "/etc/passwd"),
         lambda h: "root:x:0:0" not in h and "cm9vdDp4OjA6" not in h  # nor in base64
@@ -837,7 +854,6 @@ def cases() -> list[Case]:
         lambda h: "<b>bold</b>" not in h and "&lt;b&gt;bold" in h, prompts=["<b>bold</b>"]))
     add("study", "not-autoquant", api("InputError", "was not made by autoquant search",
                                       lambda ctx: _plain_study(ctx), touches_pipe=False))
-    return c
 
 
 def _plain_study(ctx: Ctx):

@@ -108,3 +108,17 @@ def test_compile_pipeline_runs_the_denoiser_compiled(tiny_sd_factory):
     assert autoquant.compile_pipeline(pipe) == ["unet"]
     compiled = generate(pipe)
     assert (compiled.float() - eager.float()).abs().max() < 0.05
+
+
+def test_the_explorer_draws_step_time_when_it_was_searched(tmp_path):
+    from autoquant import explore
+    from autoquant.cli import main
+
+    assert main(["search", "--model", "tiny-flux", "--dtype", "bfloat16", "--budget", "60%",
+                 "--trials", "3", "--seeds", "0", "--no-clip", "--space", "hqq-only",
+                 "--sensitivity", "anchored", "--latency", "3x", "--out", str(tmp_path),
+                 "--json"]) == 0
+    view = explore.open_study(tmp_path)
+    titles = [a.text for a in explore.front_figure(view).layout.annotations]
+    assert "PSNR (dB) vs step time" in titles
+    assert all("latency" in t.metrics for t in view.complete)

@@ -273,7 +273,7 @@ def precheck(storage, name: str, partial: dict) -> None:
     if differences:
         raise InputError(f"study {name!r} was started with other settings, so this worker "
                          f"cannot join it:\n  - " + "\n  - ".join(differences) +
-                         f"\nRun with the study's settings, or pick another --study NAME / --out.")
+                         "\nRun with the study's settings, or pick another --study NAME / --out.")
 
 
 def compare_identity(mine: dict, theirs: dict, only: set | None = None) -> list[str]:
