@@ -170,6 +170,7 @@ def compile_pipeline(target: Any, components: list[str] | None = None) -> list[s
     """Run ``components`` (default: the denoiser) under ``torch.compile`` from the next call on
     (``nn.Module.compile``, in place). Every backend's layers compile in one graph unless the
     Methods table marks it eager-only; the first call compiles (seconds to minutes)."""
+    from ._compat import pin_inductor_simd
     from ._inventory import DENOISERS
 
     comps = components_of(target)
@@ -178,6 +179,7 @@ def compile_pipeline(target: Any, components: list[str] | None = None) -> list[s
     if missing:
         raise InputError(f"no component(s) {missing} to compile; this pipeline has "
                          f"{sorted(comps)}")
+    pin_inductor_simd()
     for name in names:
         comps[name].compile(dynamic=False)
     return names

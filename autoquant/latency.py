@@ -72,6 +72,9 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 15,
 
 def compiled(module: nn.Module) -> Callable:
     """``module`` under ``torch.compile`` (the deployment mode ``compile``)."""
+    from ._compat import pin_inductor_simd
+
+    pin_inductor_simd()
     return torch.compile(module, dynamic=False)
 
 
@@ -193,6 +196,7 @@ class LatencyModel:
                  fp_step_s: float):
         self.table, self.shapes, self.fp_step_s = table, shapes, fp_step_s
         self.scale: dict[str, float] = {}  # config label -> calibration factor
+        self.uniform_step_s: dict[str, float] = {}  # config label -> its uniform plan's step
 
     def raw_delta(self, layer: str, cfg: QuantConfig) -> float:
         if cfg.full_precision:
@@ -208,6 +212,7 @@ class LatencyModel:
     def calibrate(self, cfg: QuantConfig, layers: list[str], measured_step_s: float) -> float:
         """Scale ``cfg``'s deltas so that the plan with ``cfg`` on ``layers`` (and full
         precision elsewhere) predicts ``measured_step_s``. Returns the factor."""
+        self.uniform_step_s[cfg.label] = measured_step_s
         raw = sum(self.raw_delta(name, cfg) for name in layers)
         wanted = measured_step_s - self.fp_step_s
         # a delta lost in noise (or of the other sign) is not scaled
@@ -243,9 +248,13 @@ def build_model(module: nn.Module, call: tuple, layers: dict[str, nn.Module],
     table = LatencyTable(device, mode)
     todo = {(s, c) for name, cs in configs.items() for s in shapes[name]
             for c in [*cs, full_precision()]}
+    saved = time.perf_counter()
     for s, c in tqdm(sorted(todo, key=lambda sc: (sc[0].key, sc[1].label)), desc="latency table",
                      unit="layer", disable=not progress, leave=False):
         table.seconds(s, c)
+        if time.perf_counter() - saved > 30:  # an interrupted run keeps what it measured
+            table.save()
+            saved = time.perf_counter()
     table.save()
     model = LatencyModel(table, shapes, fp_step)
     if assemble is not None:

@@ -45,8 +45,7 @@ SPACE = {"format": "autoquant-space/1", "components": ["transformer"], "candidat
             "re:(transformer\\.transformer_blocks\\.\\d+\\.attn)\\.add_[qkv]_proj"],
     "fp_cap": 0.2, "objectives": ["bytes", "psnr", "latency"]}
 # what runs fast compiled: the table for compile mode is measured for these only (minutes each)
-COMPILED = ("none", "torchao-fp8_dynamic", "torchao-int8_dynamic", "torchao-int8", "bnb4-nf4",
-            "hqq4-g64")
+COMPILED = ("none", "torchao-fp8_dynamic", "bnb4-nf4")
 
 
 def layer_type(name: str) -> str:
@@ -78,7 +77,8 @@ class Bench:
         self.search = autoquant.Search(autoquant.SearchConfig(
             model="flux-dev-architecture-random", budget="100%",
             space=autoquant.SearchSpace.from_dict(space, name="latency-bench"),
-            settings=settings, clip=None, progress=False, cache_bytes=float("inf"),
+            settings=settings, clip=None, progress=args.part == "compile",  # minutes per bar
+            cache_bytes=float("inf"),
             latency="100x", latency_mode="compile" if args.part == "compile" else "eager"),
             self.pipe)
         self.space_dict = space
@@ -146,7 +146,9 @@ class Bench:
                                          self.search.groups.groups], "none")
         self.out.setdefault("table", {})[mode] = {"seconds": time.perf_counter() - t,
                                                   "fp_step_s": info["fp_step_s"],
-                                                  "entries_measured": info["entries_measured"]}
+                                                  "entries_measured": info["entries_measured"],
+                                                  "calibration": info["calibration"],
+                                                  "uniform_step_s": info["uniform_step_s"]}
         print(f"latency table ({mode}): {info['entries_measured']} entries measured in "
               f"{time.perf_counter() - t:.0f} s; fp step {info['fp_step_s'] * 1e3:.1f} ms",
               flush=True)
@@ -219,8 +221,8 @@ def _random_errors(search) -> list[list[float]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["eager", "compile", "rest"], default="eager",
-                    help="rest: what a first eager run did not reach (plans, fastest plans) "
-                         "and the compiled steps that matter, in one go")
+                    help="rest: the eager part without its uniform pass (the latency table, "
+                         "plans and fastest plans; needs --hqq4-bytes)")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--plans", type=int, default=12)
     ap.add_argument("--hqq4-bytes", type=float, default=None,
@@ -232,20 +234,11 @@ def main(argv=None) -> int:
     args.json = args.json or f"bench/results/flux_latency_{args.part}.json"
     torch._dynamo.config.cache_size_limit = 64
     b = Bench(args)
-    hqq4_bytes = None
-    if args.part == "rest":
-        global COMPILED
-        COMPILED = ("none", "torchao-fp8_dynamic", "torchao-int8_dynamic", "bnb4-nf4")
+    if args.part == "rest":  # the eager model, its plans and fastest plans (no uniform pass)
         b.latency_model("eager")
         b.plans(args.plans)
         write_json(args.json, b.out)
         b.fastest("eager", {"hqq4 bytes": args.hqq4_bytes, "50% of bf16": 0.5 * b.fp_bytes})
-        write_json(args.json, b.out)
-        b.uniform("compile", ["torchao-fp8_dynamic"])
-        write_json(args.json, b.out)
-        b.search = b.compile_search()
-        b.latency_model("compile")
-        b.fastest("compile", {"50% of bf16": 0.5 * b.fp_bytes})
     elif args.part == "eager":
         b.uniform("eager", [c.label for c in b.search.space.candidates])
         write_json(args.json, b.out)
@@ -255,14 +248,23 @@ def main(argv=None) -> int:
         hqq4_bytes = b.out["uniform"]["eager"]["hqq4-g64"]["bytes"]
         b.fastest("eager", {"hqq4 bytes": hqq4_bytes, "50% of bf16": 0.5 * b.fp_bytes})
     else:
-        b.uniform("compile", COMPILED)
-        write_json(args.json, b.out)
+        # the compile-mode table's calibration compiles and times each config's uniform plan:
+        # those are the uniform compiled steps (no second compile of each)
         b.latency_model("compile")
+        info = b.search.latency_info
+        fp = info["fp_step_s"]
+        b.out.setdefault("uniform", {})["compile"] = {"bf16": {"step_s": fp, "bytes": b.fp_bytes},
+            **{k: {"step_s": v, "vs_bf16": v / fp} for k, v in info["uniform_step_s"].items()}}
+        for k, v in b.out["uniform"]["compile"].items():
+            print(f"{k} compiled: {v['step_s'] * 1e3:.1f} ms", flush=True)
         write_json(args.json, b.out)
-        b.fastest("compile", {"50% of bf16": 0.5 * b.fp_bytes})
+        budgets = {"50% of bf16": 0.5 * b.fp_bytes}
+        if args.hqq4_bytes:
+            budgets["hqq4 bytes"] = args.hqq4_bytes
+        b.fastest("compile", budgets)
     write_json(args.json, b.out)
-    rows = [[k, human_bytes(v["bytes"]), f"{v['step_s'] * 1e3:.1f}",
-             f"{v.get('vs_bf16', 1):.2f}"] for m in b.out["uniform"].values()
+    rows = [[k, human_bytes(v["bytes"]) if "bytes" in v else "", f"{v['step_s'] * 1e3:.1f}",
+             f"{v.get('vs_bf16', 1):.2f}"] for m in b.out.get("uniform", {}).values()
             for k, v in m.items()]
     print(table(rows, ["plan", "bytes", "step ms", "vs bf16 (same mode)"]))
     if "plans" in b.out:

@@ -85,7 +85,10 @@ def run(args, n: int, folder: Path) -> dict:
             argv.append("--small")
         log = open(folder / f"w{i}.log", "w")
         procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                      env={**__import__("os").environ, **env_base}))
+                                      env={**__import__("os").environ, **env_base,
+                                           # as `autoquant search --devices` does
+                                           "OMP_NUM_THREADS": str(max(1, (__import__("os")
+                                                                       .cpu_count() or 1) // n))}))
     codes = [p.wait() for p in procs]
     wall = time.time() - t0
     study = optuna.load_study(study_name="flux", storage=storage)

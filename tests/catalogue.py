@@ -51,14 +51,14 @@ class Ctx:
 
         self.tmp = tmp
         self.autoquant = autoquant
-        self.pipe = autoquant.load_pipeline(TINY, dtype="bfloat16")
+        self.pipe = autoquant.load_pipeline(TINY, dtype="auto")
         self._saved: Path | None = None
         self._study: Path | None = None
         self.n = 0
 
     def fresh(self):
         """A new base pipeline (a case that wrongly succeeded must not spoil the next)."""
-        self.pipe = self.autoquant.load_pipeline(TINY, dtype="bfloat16")
+        self.pipe = self.autoquant.load_pipeline(TINY, dtype="auto")
         return self.pipe
 
     def path(self, name: str) -> Path:
@@ -76,7 +76,7 @@ class Ctx:
     def saved(self) -> Path:
         if self._saved is None:
             a = self.autoquant
-            pipe = a.load_pipeline(TINY, dtype="bfloat16")
+            pipe = a.load_pipeline(TINY, dtype="auto")
             recipe = a.Recipe.from_dict(yaml.safe_load(RECIPE + """
 components: [transformer]
 default: {method: hqq, bits: 4, group_size: 32}
@@ -101,7 +101,7 @@ layers:
 
             self._study = self.tmp / "study"
             with contextlib.redirect_stdout(io.StringIO()):
-                code = main(["search", "--model", TINY, "--dtype", "bfloat16", "--budget", "45%",
+                code = main(["search", "--model", TINY, "--dtype", "auto", "--budget", "45%",
                              "--trials", "3", "--seeds", "0", "--no-clip", "--space", "hqq-only",
                              "--sensitivity", "anchored", "--out",
                              str(self._study), "--json"])
@@ -708,7 +708,7 @@ def _argument_cases(add) -> None:
     add("argument", "budget-zero-bytes", cli(search("--budget", "0GB"), "bytes must be positive"))
     add("argument", "budget-bpw-huge", cli(search("--budget", "40bpw"),
                                           "bits per weight must be in (0, 32]"))
-    add("argument", "budget-above-full-precision", cli(search("--budget", "20bpw"),
+    add("argument", "budget-above-full-precision", cli(search("--budget", "1GB"),
                                                        "is more than the searched components",
                                                        before_model=False))
     add("argument", "budget-below-smallest", cli(search("--budget", "1%"),
@@ -779,7 +779,7 @@ def _argument_cases(add) -> None:
     add("argument", "resume-nothing", cli(search("--budget", "40%", "--resume"),
                                           "there is no study", before_model=False))
     add("argument", "join-other-settings", cli(
-        lambda ctx: ["search", "--model", TINY, "--dtype", "bfloat16", "--budget", "35%",
+        lambda ctx: ["search", "--model", TINY, "--dtype", "auto", "--budget", "35%",
                      "--trials", "3", "--seeds", "0", "--no-clip", "--space", "hqq-only",
                      "--sensitivity", "anchored", "--out", str(ctx.study()),
                      "--study", "autoquant-tiny-flux-45%"],
@@ -819,7 +819,7 @@ def _saved_cases(add) -> None:
     add("saved", "wrong-base-model", api("SavedFolderError", "wrong base model",
                                          lambda ctx: ctx.autoquant.load_quantized(
                                              ctx.saved(), base=ctx.autoquant.load_pipeline(
-                                                 "tiny-sd", dtype="bfloat16")),
+                                                 "tiny-sd", dtype="auto")),
                                          touches_pipe=False))
     add("saved", "stray-tensor", saved_case(_edit_tensors(
         lambda t: t.__setitem__("nowhere/x", t[next(iter(t))].clone()), True),

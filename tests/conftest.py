@@ -29,11 +29,11 @@ def private_cache(tmp_path_factory):
 def tiny_flux_factory():
     from autoquant.pipelines import load_pipeline
 
-    return lambda: load_pipeline("tiny-flux", dtype="bfloat16")
+    return lambda: load_pipeline("tiny-flux", dtype="auto")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_factory():
     from autoquant.pipelines import load_pipeline
 
-    return lambda: load_pipeline("tiny-sd", dtype="bfloat16")
+    return lambda: load_pipeline("tiny-sd", dtype="auto")

@@ -78,7 +78,7 @@ def search(tmp_path_factory):
     s = Search(SearchConfig(model="tiny-flux", budget="40%", space=space, trials=2,
                             out=tmp_path_factory.mktemp("s"), clip=None, progress=False,
                             settings=EvalSettings.for_model("tiny-flux", "search", seeds=[0])),
-               autoquant.load_pipeline("tiny-flux", dtype="bfloat16"))
+               autoquant.load_pipeline("tiny-flux", dtype="auto"))
     s.prepare()
     return s
 

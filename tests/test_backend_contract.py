@@ -29,10 +29,10 @@ MIN_COSINE = {1: 0.2, 2: 0.9, 3: 0.97, 4: 0.99, 5: 0.99, 6: 0.99, 7: 0.99, 8: 0.
 CONFIGS = [cfg for m in methods() for cfg in get_backend(m).configs()]
 
 
-def _layer_and_input(device):
+def _layer_and_input(device, dtype=DTYPE):
     torch.manual_seed(0)
-    lin = nn.Linear(IN, OUT, bias=True).to(DTYPE).requires_grad_(False)
-    x = torch.randn(TOKENS, IN, dtype=DTYPE)
+    lin = nn.Linear(IN, OUT, bias=True).to(dtype).requires_grad_(False)
+    x = torch.randn(TOKENS, IN, dtype=dtype)
     return lin.to(device), x.to(device)
 
 
@@ -40,15 +40,15 @@ def _rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def _quantized(cfg, device):
+def _quantized(cfg, device, dtype=DTYPE):
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     backend = get_backend(cfg.method)
-    reason = backend.unavailable_reason(cfg, device) or backend.layer_reason(cfg, OUT, IN, DTYPE)
+    reason = backend.unavailable_reason(cfg, device) or backend.layer_reason(cfg, OUT, IN, dtype)
     if reason:
         pytest.skip(f"{cfg.label} on {device.type}: {reason}")
-    lin, x = _layer_and_input(device)
+    lin, x = _layer_and_input(device, dtype)
     return backend, lin, x, backend.quantize(lin, cfg, device)
 
 
@@ -125,25 +125,30 @@ def test_save_and_reload_give_identical_output(cfg, device, tmp_path):
     assert measured_bytes(q2) == backend.nbytes(cfg, OUT, IN, True, DTYPE)
 
 
-# compiling takes seconds: on the CPU one config of each method (its code path), all on the GPU
+# compiling takes seconds: on the CPU one config of each method (its code path) in bfloat16 and
+# in float32 (what --dtype auto runs on a CPU without bfloat16), all configs on the GPU
 _COMPILE_CASES = ([pytest.param(next(c for c in CONFIGS if c.method == m and c.nominal_bits > 1),
-                                "cpu", id=f"{m}-cpu") for m in methods()]
-                  + [pytest.param(c, "cuda", id=f"{c.label}-cuda", marks=pytest.mark.gpu)
+                                "cpu", dt, id=f"{m}-cpu-{str(dt)[6:]}")
+                   for m in methods() for dt in (torch.bfloat16, torch.float32)]
+                  + [pytest.param(c, "cuda", DTYPE, id=f"{c.label}-cuda", marks=pytest.mark.gpu)
                      for c in CONFIGS])
 
 
-@pytest.mark.parametrize("cfg,device", _COMPILE_CASES)
-def test_compiles_in_one_graph_unless_marked_eager_only(cfg, device):
+@pytest.mark.parametrize("cfg,device,dtype", _COMPILE_CASES)
+def test_compiles_in_one_graph_unless_marked_eager_only(cfg, device, dtype):
     """``autoquant apply --compile`` promise: no graph break inside a quantized layer, and the
-    compiled layer computes what the eager one does."""
+    compiled layer computes what the eager one does (compiled as autoquant compiles)."""
     import torch._dynamo as dynamo
 
-    backend, lin, x, q = _quantized(cfg, device)
+    from autoquant._compat import pin_inductor_simd
+
+    backend, lin, x, q = _quantized(cfg, device, dtype)
     if backend.compile_reason:
         pytest.skip(f"{cfg.label} is eager-only: {backend.compile_reason}")
     dynamo.reset()
     explained = dynamo.explain(q)(x)
     assert explained.graph_break_count == 0, explained.break_reasons[:1]
+    pin_inductor_simd()
     with torch.no_grad():
         y, yc = q(x), torch.compile(q, fullgraph=True, dynamic=False)(x)
     assert _rel_err(yc, y) < 0.02

@@ -87,7 +87,7 @@ def test_export_works_for_a_space_file_and_carries_the_fingerprint(tmp_path):
     assert main(["search", "--model", "tiny-flux", "--budget", "50%", "--space", str(space),
                  "--sensitivity", "anchored",
                  "--trials", "2", "--seeds", "0", "--no-clip", "--out", str(out), "--json",
-                 "--dtype", "bfloat16"]) == 0
+                 "--dtype", "auto"]) == 0
     space.unlink()  # the study alone must be enough
     view = explore.open_study(out)
     path = explore.export_recipe(view, view.best, tmp_path / "exported.yaml")

@@ -20,7 +20,10 @@ def test_inventory_of_a_flux_like_pipeline(tiny_flux_factory):
     q = inv["transformer.transformer_blocks.0.attn.to_q"]
     assert (q.component, q.path, q.out_features, q.in_features) == (
         "transformer", "transformer_blocks.0.attn.to_q", 64, 64)
-    assert q.bytes == (64 * 64 + 64) * 2  # bf16 weight + bias
+    # weight + bias in the dtype the model runs in (--dtype auto: bf16, or float32 on a CPU
+    # without bfloat16 instructions)
+    assert q.bytes == (64 * 64 + 64) * q.dtype.itemsize
+    assert q.dtype == pipe.transformer.dtype
     t = inv.components["transformer"]
     assert t["linear_layers"] == sum(1 for l in inv if l.component == "transformer")
     assert t["linear_params"] == sum(l.params for l in inv if l.component == "transformer")

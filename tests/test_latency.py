@@ -57,7 +57,7 @@ def test_a_latency_limit_binds_the_solver_and_every_trial_records_both_latencies
     from autoquant.search import Search, SearchConfig, run_search
     from autoquant.settings import EvalSettings
 
-    pipe = autoquant.load_pipeline("tiny-flux", dtype="bfloat16")
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     space = autoquant.load_space("hqq-only")
     settings = EvalSettings.for_model("tiny-flux", "search", seeds=[0])
     def search_with(latency, out):
@@ -114,7 +114,7 @@ def test_the_explorer_draws_step_time_when_it_was_searched(tmp_path):
     from autoquant import explore
     from autoquant.cli import main
 
-    assert main(["search", "--model", "tiny-flux", "--dtype", "bfloat16", "--budget", "60%",
+    assert main(["search", "--model", "tiny-flux", "--dtype", "auto", "--budget", "60%",
                  "--trials", "3", "--seeds", "0", "--no-clip", "--space", "hqq-only",
                  "--sensitivity", "anchored", "--latency", "3x", "--out", str(tmp_path),
                  "--json"]) == 0

@@ -28,7 +28,7 @@ SPACE = {"format": "autoquant-space/1",
 def make_search(tmp_path, budget="40%", trials=6, resume=False, space=None, prepare=False,
                 sensitivity="anchored"):
     """A search on tiny-flux; anchored sensitivity unless a test is about the full table."""
-    pipe = autoquant.load_pipeline("tiny-flux", dtype="bfloat16")
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     settings = EvalSettings.for_model("tiny-flux", "search", seeds=[0], batch_size=8)
     cfg = SearchConfig(model="tiny-flux", budget=budget, space=space or SearchSpace.from_dict(SPACE),
                        trials=trials, out=tmp_path / "out", resume=resume, settings=settings,
@@ -79,7 +79,7 @@ def test_search_writes_pareto_recipes_best_and_report(tmp_path):
     assert (out / "study.db").is_file() and (out / "report.json").is_file()
     assert report["trials"]["complete"] + report["trials"]["pruned"] == 8
     best = autoquant.load_recipe(out / "best.yaml")
-    pipe = autoquant.load_pipeline("tiny-flux")
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")  # as searched
     inv = autoquant.inventory(pipe)
     plan = best.resolve(inv)  # the exported recipe applies to the model
     assert best.metrics["bytes"] <= search.budget_bytes
@@ -282,7 +282,7 @@ def test_sigterm_ends_the_search_cleanly_with_outputs(tmp_path):
     import time
 
     argv = [sys.executable, "-m", "autoquant", "search", "--model", "tiny-flux", "--dtype",
-            "bfloat16", "--budget", "45%", "--trials", "40", "--seeds", "0", "--no-clip",
+            "auto", "--budget", "45%", "--trials", "40", "--seeds", "0", "--no-clip",
             "--space", "hqq-only", "--sensitivity", "anchored", "--out", str(tmp_path), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

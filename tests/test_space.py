@@ -22,7 +22,7 @@ ATTN = "transformer\\.transformer_blocks\\.0\\.attn"
 
 @pytest.fixture(scope="module")
 def inv():
-    return autoquant.inventory(autoquant.load_pipeline("tiny-flux", dtype="bfloat16"))
+    return autoquant.inventory(autoquant.load_pipeline("tiny-flux", dtype="auto"))
 
 
 def groups(inv, **entries) -> Groups:
@@ -84,7 +84,7 @@ def test_a_space_lists_every_problem_and_refuses_repeated_keys(tmp_path):
 
 
 def test_objectives_are_the_studys_objectives(tmp_path):
-    pipe = autoquant.load_pipeline("tiny-flux", dtype="bfloat16")
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     space = SearchSpace.from_dict({**BASE, "objectives": ["bytes", "ssim", "psnr"]})
     settings = EvalSettings.for_model("tiny-flux", "search", seeds=[0], batch_size=8)
     search = Search(SearchConfig(model="tiny-flux", budget="50%", space=space, trials=3,

@@ -54,7 +54,7 @@ def worker(storage: str, tmp: Path, name: str, trials: int, *extra: str, seeds="
     (tmp / "prompts.txt").write_text("a red cat\na blue car\n")
     log = open(tmp / f"{name}.log", "w")
     argv = [sys.executable, "-m", "autoquant", "search", "--model", "tiny-flux", "--dtype",
-            "bfloat16", "--budget", "45%", "--trials", str(trials), "--seeds", *seeds.split(),
+            "auto", "--budget", "45%", "--trials", str(trials), "--seeds", *seeds.split(),
             "--prompts", str(tmp / "prompts.txt"), "--space", str(tmp / "space.yaml"),
             "--sensitivity", "anchored", "--no-clip", "--storage", storage, "--study", STUDY,
             "--out", str(tmp / name), "--artifacts", str(tmp / "artifacts"), "--json", *extra]

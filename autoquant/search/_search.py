@@ -164,7 +164,8 @@ class Search:
         self.timing["latency_table_s"] = seconds
         return {"fp_step_s": model.fp_step_s, "opt_lat": opt_lat,
                 "mode": self.cfg.latency_mode, "device": str(self.device),
-                "entries_measured": model.table.measured, "calibration": model.scale}
+                "entries_measured": model.table.measured, "calibration": model.scale,
+                "uniform_step_s": model.uniform_step_s}
 
     def use_latency(self, info: dict) -> None:
         """Predict step times from ``info`` (see :meth:`measure_latency`) from now on."""

@@ -40,9 +40,10 @@ def run_workers(args, devices: list[str], out: Path) -> int:
     logs = out / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    cpu_workers = sum(d.startswith("cpu") for d in devices)
-    if cpu_workers > 1 and "OMP_NUM_THREADS" not in env:  # several torch processes, few cores
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
+    if len(devices) > 1 and "OMP_NUM_THREADS" not in env:
+        # the workers share this host's cores (GPU workers too: image metrics, CLIP, decoding and
+        # the sampler run on the CPU); each taking all of them oversubscribes the machine
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(devices)))
     children = []
     for i, device in enumerate(devices):
         log = open(logs / f"{i}-{device.replace(':', '')}.log", "w")
