@@ -154,8 +154,9 @@ def test_a_worker_with_other_settings_is_refused_before_it_writes(storage, tmp_p
     assert finish({"first": worker(storage, tmp_path, "first", 1)}, tmp_path) == [0]
     before = [(t.number, t.state, t.user_attrs) for t in load(storage).trials]
     attrs = load(storage).user_attrs
-    for name, extra in (("budget", ["--budget", "35%"]), ("steps", ["--steps", "2"])):
-        p = worker(storage, tmp_path, name, 1, *extra)
+    refused = {name: worker(storage, tmp_path, name, 1, *extra)  # both at once: they only start
+               for name, extra in (("budget", ["--budget", "35%"]), ("steps", ["--steps", "2"]))}
+    for name, p in refused.items():
         assert p.wait(120) == 2
         log = (tmp_path / f"{name}.log").read_text()
         assert "cannot join it" in log and "Traceback" not in log
