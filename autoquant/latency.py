@@ -189,13 +189,19 @@ class LatencyModel:
 
     A layer timed alone pays launch and synchronization costs that a whole model partly hides
     (the GPU queue stays full), so the raw sum over-predicts (on the H100, Flux-dev: +17% on
-    average over 12 mixed plans). :meth:`calibrate` scales each config's deltas so that its
-    uniform plan's predicted step equals its measured one; mixed plans then add up."""
+    average over 12 mixed plans). :meth:`calibrate` makes each config's uniform plan predict its
+    measured step: by scaling the config's per-layer deltas when they agree in sign with the
+    measured difference, or else — per-layer differences lost in timing noise, as for the demo's
+    small layers on a CPU, where a scaled sum of deltas of mixed signs predicted negative steps —
+    by sharing the measured difference out over the layers in proportion to their time under the
+    config. Either way a mixed plan's step lies between full precision's and its configs'
+    uniform steps."""
 
     def __init__(self, table: LatencyTable, shapes: dict[str, list[LayerShape]],
                  fp_step_s: float):
         self.table, self.shapes, self.fp_step_s = table, shapes, fp_step_s
         self.scale: dict[str, float] = {}  # config label -> calibration factor
+        self.shares: dict[str, dict[str, float]] = {}  # config label -> {layer: seconds}
         self.uniform_step_s: dict[str, float] = {}  # config label -> its uniform plan's step
 
     def raw_delta(self, layer: str, cfg: QuantConfig) -> float:
@@ -207,18 +213,29 @@ class LatencyModel:
 
     def delta(self, layer: str, cfg: QuantConfig) -> float:
         """Seconds this layer adds to a step under ``cfg`` (negative: it saves time)."""
+        shares = self.shares.get(cfg.label)
+        if shares is not None and layer in shares:
+            return shares[layer]
         return self.raw_delta(layer, cfg) * self.scale.get(cfg.label, 1.0)
 
     def calibrate(self, cfg: QuantConfig, layers: list[str], measured_step_s: float) -> float:
-        """Scale ``cfg``'s deltas so that the plan with ``cfg`` on ``layers`` (and full
-        precision elsewhere) predicts ``measured_step_s``. Returns the factor."""
+        """Make the plan with ``cfg`` on ``layers`` (and full precision elsewhere) predict
+        ``measured_step_s``. Returns the factor the deltas were scaled by (1.0 when they were
+        shared out instead)."""
         self.uniform_step_s[cfg.label] = measured_step_s
-        raw = sum(self.raw_delta(name, cfg) for name in layers)
+        raws = {name: self.raw_delta(name, cfg) for name in layers}
+        raw = sum(raws.values())
         wanted = measured_step_s - self.fp_step_s
-        # a delta lost in noise (or of the other sign) is not scaled
-        factor = wanted / raw if abs(raw) > 0.02 * self.fp_step_s and wanted * raw > 0 else 1.0
-        self.scale[cfg.label] = min(max(factor, 0.1), 10.0)
-        return self.scale[cfg.label]
+        if all(v * wanted > 0 for v in raws.values()) and abs(raw) > 0.02 * self.fp_step_s:
+            self.scale[cfg.label] = min(max(wanted / raw, 0.1), 10.0)
+            self.shares.pop(cfg.label, None)
+            return self.scale[cfg.label]
+        times = {name: sum(self.table.seconds(s, cfg) for s in self.shapes[name])
+                 for name in layers}
+        total = sum(times.values()) or 1.0
+        self.shares[cfg.label] = {name: wanted * t / total for name, t in times.items()}
+        self.scale.pop(cfg.label, None)
+        return 1.0
 
     def predict(self, plan: dict[str, QuantConfig]) -> float:
         return self.fp_step_s + sum(self.delta(name, cfg) for name, cfg in plan.items())

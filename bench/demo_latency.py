@@ -59,23 +59,39 @@ def main(argv=None) -> int:
                                           "objectives": [*default.objectives, "latency"]},
                                          name="default+latency")
     runs = {"bytes + quality": (default, None), "+ latency objective": (with_latency, None),
-            "+ latency <= 1.0x": (default, "1.0x")}
+            "+ latency <= 1.0x": (default, "1.0x"), "+ latency, binding": (default, None)}
     out: dict = {"budget_bytes": budget, "hqq4_holdout_psnr": base["hqq4"].metrics["psnr"]["mean"],
                  "runs": {}}
     rows = []
+    fastest_ratio = None
     for name, (space, limit) in runs.items():
+        if name == "+ latency, binding":
+            if fastest_ratio is None:
+                continue
+            # a limit this space can meet at this budget, below the unconstrained best's step
+            limit = f"{fastest_ratio * 1.15:.2f}x"
         folder = Path(tempfile.mkdtemp(prefix="demo-latency-"))
         t0 = time.perf_counter()
         search = Search(SearchConfig(model="demo", budget=str(budget), space=space,
                                      trials=args.trials, out=folder, settings=search_settings(),
                                      clip=clip, progress=False, latency=limit), pipe)
-        report = run_search(search)
+        try:
+            report = run_search(search)
+        except autoquant.InputError as e:  # e.g. no plan at these bytes is as fast as bf16 here
+            out["runs"][name] = {"limit": limit, "refused": str(e)}
+            rows.append([name, "-", "refused", "-", "-", "-", "-"])
+            print(f"{name}: refused: {e}", flush=True)
+            write_json(args.json, out)
+            continue
+        if search.searches_latency and search.planner is not None:
+            fast = search.planner.fastest_at(search.budget_bytes)
+            fastest_ratio = search.plan_latency(fast) / search.latency_info["fp_step_s"]
         wall = time.perf_counter() - t0
         recipe = autoquant.load_recipe(folder / "best.yaml")
         r = holdout.evaluate(recipe, name)
         best = report["best"]
         info = getattr(search, "latency_info", None) or {}
-        entry = {"wall_s": wall, "latency_table_s": search.timing.get("latency_table_s"),
+        entry = {"limit": limit, "wall_s": wall, "latency_table_s": search.timing.get("latency_table_s"),
                  "fp_step_s": info.get("fp_step_s"), "best_search_psnr": best["psnr"],
                  **study_facts(folder, budget, best["trial"]),
                  "holdout": {"bytes": r.bytes, "psnr": r.metrics["psnr"]["mean"],

@@ -53,6 +53,23 @@ def test_calibration_makes_a_uniform_plan_predict_its_measured_step(tmp_path):
     assert model.predict({"a": HQQ4, "b": none}) == pytest.approx(0.0101)
 
 
+def test_calibration_with_noisy_deltas_of_mixed_signs_stays_between_the_measured_steps(tmp_path):
+    """Tiny layers on a CPU: per-shape deltas of both signs (timing noise). Scaling them to the
+    uniform plan's step once predicted a negative step for a mixed plan; the measured difference
+    is shared out instead, so every plan lies between full precision and the uniform plan."""
+    table = LatencyTable(torch.device("cpu"), "eager", tmp_path / "t.json")
+    small, big = LayerShape(64, 128, False, "bfloat16", 16), LayerShape(64, 256, False, "bfloat16", 16)
+    none = config_from_dict({"method": "none"})
+    table.entries = {f"{small.key}|{HQQ4.label}": 5e-4, f"{small.key}|{none.label}": 1e-4,
+                     f"{big.key}|{HQQ4.label}": 1e-4, f"{big.key}|{none.label}": 4.5e-4}
+    model = LatencyModel(table, {"a": [small], "b": [big]}, fp_step_s=0.001)
+    assert model.calibrate(HQQ4, ["a", "b"], measured_step_s=0.0011) == 1.0  # shared, not scaled
+    assert model.predict({"a": HQQ4, "b": HQQ4}) == pytest.approx(0.0011)
+    for plan in ({"a": HQQ4, "b": none}, {"a": none, "b": HQQ4}):
+        assert 0.001 <= model.predict(plan) <= 0.0011
+    assert model.shares[HQQ4.label]["a"] == pytest.approx(1e-4 * 5 / 6)  # by time under hqq4
+
+
 def test_a_latency_limit_binds_the_solver_and_every_trial_records_both_latencies(tmp_path):
     from autoquant.search import Search, SearchConfig, run_search
     from autoquant.settings import EvalSettings
