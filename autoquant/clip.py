@@ -80,7 +80,7 @@ def _open_clip(arch: str, pretrained: str) -> Clip:
         where = "local checkpoint" if os.path.exists(pretrained) else "pretrained tag"
         raise InputError(
             f"could not load CLIP {arch} with {where} {pretrained!r}: {type(e).__name__}: "
-            f"{str(e)[:200]}. Without network use a local checkpoint (ARCH/path/to/ckpt), "
+            f"{(str(e).strip().splitlines() or [''])[0]}. Without network use a local checkpoint (ARCH/path/to/ckpt), "
             f"'demo' for the demo model, or --no-clip.") from e
     tokenizer = open_clip.get_tokenizer(arch)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}

@@ -134,8 +134,10 @@ def _diffusers_load(quant_config) -> nn.Module:
     from autoquant.zoo import DemoPipeline, demo_folder
 
     dtype = autoquant.load_pipeline("demo").transformer.dtype  # what --dtype auto gives here
+    from autoquant._compat import dtype_kwargs
+
     pipe = DemoPipeline.from_pretrained(demo_folder(), quantization_config=quant_config,
-                                        torch_dtype=dtype)
+                                        **dtype_kwargs(dtype))
     return pipe.transformer
 
 
@@ -186,12 +188,12 @@ def diffusers_fqn_row(scorer: Scorer, recipe_path: Path) -> Row:
 
     from autoquant.backends.torchao import _torchao_config
 
-    recipe = autoquant.load_recipe(recipe_path)
-    plan = recipe.resolve(autoquant.inventory(scorer.pipe))
-    mapping = {name.split(".", 1)[1]: _torchao_config(cfg) for name, cfg in plan.items()
-               if name.startswith("transformer.") and cfg.method == "torchao"}
-
     def build():
+        recipe = autoquant.load_recipe(recipe_path)
+        plan = recipe.resolve(autoquant.inventory(scorer.pipe))
+        mapping = {name.split(".", 1)[1]: _torchao_config(cfg)
+                   for name, cfg in plan.configs.items()
+                   if name.startswith("transformer.") and cfg.method == "torchao"}
         return _diffusers_load(PipelineQuantizationConfig(
             quant_mapping={"transformer": TorchAoConfig(FqnToConfig(mapping))}))
     return run_row(scorer, Row("diffusers", "autoquant torchao plan as FqnToConfig", "plan"),
@@ -217,7 +219,41 @@ def _captured_batches(scorer: Scorer, n: int = 16) -> list[tuple[tuple, dict]]:
     finally:
         h.remove()
     with torch.no_grad():
-        return [(a, k, scorer.fp(*a, **k).sample.detach()) for a, k in calls]
+        return [(a, k, _out(scorer.fp(*a, **k)).detach()) for a, k in calls]
+
+
+def _denoising_batches(scorer: Scorer, data: list) -> list:
+    """auto_quantize scores layers by the gradient of its loss; MSE to the full-precision output
+    is zero with zero gradient at the full-precision model, so every format scored 0 and the
+    smallest won at every budget (measured: all-int4 at effective_bits 8). The loss that fits a
+    denoiser is the one it was trained with: for each captured call at timestep t, the clean
+    latent the full-precision prediction implies, noised afresh, and the new noise as target."""
+    sched = scorer.pipe.scheduler
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for args, kwargs, pred in data:
+        h, t = args[0], kwargs["timestep"]
+        abar = sched.alphas_cumprod[t.long().cpu()].view(-1, 1, 1, 1).to(h.dtype)
+        eps_hat = pred[:, :h.shape[1]]
+        x0 = (h - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+        eps = torch.randn(h.shape, generator=gen).to(h.dtype)
+        out.append(((abar.sqrt() * x0 + (1 - abar).sqrt() * eps, *args[1:]), kwargs, eps))
+    return out
+
+
+def _f32(x):
+    """Floating tensors of a captured call in float32 (auto_quantize scores in float32: its
+    gradient pass wants it)."""
+    if isinstance(x, dict):
+        return {k: _f32(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_f32(v) for v in x)
+    return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+
+def _out(result):
+    """The denoiser's prediction, whether it returned a tuple (``return_dict=False``) or not."""
+    return result[0] if isinstance(result, tuple) else result.sample
 
 
 def _deployment_bytes(model: nn.Module, params_total: int) -> tuple[int, float]:
@@ -262,6 +298,7 @@ def modelopt_rows(scorer: Scorer, effective_bits: list[float]) -> list[Row]:
 
     formats = {"INT4_BLOCKWISE_WEIGHT_ONLY_CFG": getattr(mtq, "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
                                                           None),
+               "INT8_WEIGHT_ONLY_CFG": getattr(mtq, "INT8_WEIGHT_ONLY_CFG", None),
                "INT8_DEFAULT_CFG": mtq.INT8_DEFAULT_CFG, "FP8_DEFAULT_CFG": mtq.FP8_DEFAULT_CFG,
                "INT4_AWQ_CFG": mtq.INT4_AWQ_CFG}
     formats = {k: v for k, v in formats.items() if v is not None}
@@ -281,11 +318,13 @@ def modelopt_rows(scorer: Scorer, effective_bits: list[float]) -> list[Row]:
             model = copy.deepcopy(scorer.fp).float().requires_grad_(True)
             model, state = mtq.auto_quantize(
                 model, constraints={"effective_bits": bits},
-                quantization_formats=[formats[k] for k in ("INT4_AWQ_CFG", "INT8_DEFAULT_CFG",
-                                                           "FP8_DEFAULT_CFG") if k in formats],
-                data_loader=[(a, k, y) for a, k, y in data],
-                forward_step=lambda m, b: m(*b[0], **b[1]).sample,
-                loss_func=lambda out, b: torch.nn.functional.mse_loss(out.float(), b[2].float()),
+                quantization_formats=[formats[k] for k in (
+                    "INT4_AWQ_CFG", "INT8_WEIGHT_ONLY_CFG", "INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG")
+                    if k in formats],
+                data_loader=_denoising_batches(scorer, data),
+                forward_step=lambda m, b: _out(m(*_f32(b[0]), **_f32(b[1]))),
+                loss_func=lambda out, b: torch.nn.functional.mse_loss(
+                    out[:, :b[2].shape[1]].float(), b[2].float()),
                 num_calib_steps=len(data), num_score_steps=len(data))
             return model.to(scorer.fp.dtype)
         row = run_row(scorer, Row("modelopt", f"auto_quantize effective_bits={bits:.2f}"), build,
@@ -318,8 +357,15 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=12, help="autoquant trials per matched budget")
     ap.add_argument("--only", default="diffusers,fqn,modelopt")
     ap.add_argument("--json", default="bench/results/peers_cpu.json")
+    ap.add_argument("--pruna-json", default=None,
+                    help="rows from bench/peers_pruna.py (run in Pruna's venv) to match too")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the BENCHMARKS.md table of an earlier run's --json and stop")
     args = ap.parse_args(argv)
-    only = set(args.only.split(","))
+    if args.markdown:
+        print(markdown(__import__("json").loads(Path(args.json).read_text())["rows"]))
+        return 0
+    only = set(args.only.split(",")) if args.only else set()
     pipe, clip, holdout, base = demo_bench({})
     scorer = Scorer(holdout)
     inv = autoquant.inventory(pipe)
@@ -350,6 +396,11 @@ def main(argv=None) -> int:
         bits = [4.5, 6.0, 8.0]
         rows += modelopt_rows(scorer, bits)
         save()
+    if args.pruna_json:  # rows bench/peers_pruna.py measured in Pruna's venv
+        fields = {f.name for f in dataclasses.fields(Row)}
+        for r in __import__("json").loads(Path(args.pruna_json).read_text())["rows"]:
+            rows.append(Row(**{k: v for k, v in r.items() if k in fields}))
+        save()
     for i, row in enumerate(rows):  # autoquant at each row's bytes
         nbytes = row.deployment_bytes or row.bytes
         if row.error is None and nbytes:
@@ -359,14 +410,39 @@ def main(argv=None) -> int:
     for r in rows:
         aq = r.autoquant or {}
         delta = (f"{aq['psnr'] - r.psnr:+.2f}" if "psnr" in aq and r.psnr is not None else "")
-        table_rows.append([r.peer, r.config, r.skip, human_bytes(r.bytes) if r.bytes else "-",
+        shown = r.deployment_bytes or r.bytes  # ModelOpt: what a deployment would hold
+        table_rows.append([r.peer, r.config, r.skip, human_bytes(shown) if shown else "-",
                            f"{r.psnr:.2f}" if r.psnr is not None else (r.error or "")[:60],
                            human_bytes(aq["bytes"]) if "bytes" in aq else aq.get("error", "")[:40],
                            f"{aq['psnr']:.2f}" if "psnr" in aq else "", delta])
     print(table(table_rows, ["peer", "config", "skip", "bytes", "PSNR (held-out)",
                              "autoquant bytes", "autoquant PSNR", "d PSNR"]))
     save()
+    print("\n" + markdown(out["rows"]))
     return 0
+
+
+def markdown(rows: list[dict]) -> str:
+    """The BENCHMARKS.md table: one line per peer row, autoquant at its bytes beside it."""
+    lines = ["| peer | config | skip list | bytes (bits/weight) | PSNR | SSIM | CLIP fid | "
+             "autoquant at those bytes: bytes, PSNR, SSIM, CLIP fid | d PSNR |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shown = r.get("deployment_bytes") or r.get("bytes")
+        if r.get("error"):
+            lines.append(f"| {r['peer']} | {r['config']} | {r['skip']} | - | "
+                         f"**does not run here**: `{r['error']}` | | | | |")
+            continue
+        bits = (f" ({r['effective_bits']:.2f} eff.)" if r.get("effective_bits")
+                else f" ({r['bits_per_weight']:.2f})")
+        aq = r.get("autoquant") or {}
+        ours = (f"{human_bytes(aq['bytes'])}, {aq['psnr']:.2f}, {aq['ssim']:.4f}, "
+                f"{aq['clip_fidelity']:.4f}" if "psnr" in aq else aq.get("error", "-"))
+        delta = f"**{aq['psnr'] - r['psnr']:+.2f}**" if "psnr" in aq else ""
+        lines.append(f"| {r['peer']} | {r['config']} | {r['skip']} | {human_bytes(shown)}{bits} | "
+                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['clip_fidelity']:.4f} | {ours} | "
+                     f"{delta} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,18 @@ def test_plain_diffusers_loads_the_demo_folder_offline():
     assert linears >= 60
 
 
+def test_the_demo_pipeline_pickles_and_is_one_class(demo):
+    """Pruna (and multiprocessing) copy a pipeline through pickle: a class defined inside a
+    function could not be pickled ("Can't pickle local object"), and each load made a new one."""
+    import pickle
+
+    again = pickle.loads(pickle.dumps(demo))
+    assert type(again) is type(demo) is type(autoquant.load_pipeline("demo"))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(demo(["a coat"], generator=gen(), output_type="pt").images,
+                       again(["a coat"], generator=gen(), output_type="pt").images)
+
+
 def test_shipped_weights_are_16_bit_and_small():
     from safetensors import safe_open
 

@@ -70,7 +70,11 @@ def demo_folder() -> Path:
 
 
 @functools.cache
+@functools.cache
 def _demo_pipeline_class():
+    """One class per process (so ``isinstance`` holds across loads), named where pickle finds it
+    (``autoquant.zoo.DemoPipeline``): copying a pipeline through pickle, as Pruna and
+    multiprocessing do, works."""
     from diffusers import PixArtAlphaPipeline
 
     class DemoPipeline(PixArtAlphaPipeline):
@@ -79,6 +83,7 @@ def _demo_pipeline_class():
         def __call__(self, prompt=None, **kwargs):
             return super().__call__(prompt, **{**DEMO_GENERATION, **kwargs})
 
+    DemoPipeline.__module__, DemoPipeline.__qualname__ = __name__, "DemoPipeline"
     return DemoPipeline
 
 
