@@ -24,6 +24,10 @@ def demo_bench(baselines: dict[str, dict]):
     holdout = autoquant.Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip,
                                   progress=False)
     inv = autoquant.inventory(pipe)
-    base = {name: holdout.evaluate(baseline_recipe(inv, config_from_dict(c), ["transformer"]), name)
-            for name, c in baselines.items()}
+    base = {}
+    for name, c in baselines.items():  # {"protect": "default"} keeps the usual layers (--protect)
+        c = dict(c)
+        protect = c.pop("protect", "none")
+        base[name] = holdout.evaluate(baseline_recipe(inv, config_from_dict(c), ["transformer"],
+                                                      protect=protect), name)
     return pipe, clip, holdout, base

@@ -31,7 +31,12 @@ from _common import write_json
 from _demo import demo_bench, search_settings
 from baselines import BASELINES as UNIFORM, HIGGS
 
-BASELINES = {**UNIFORM, **HIGGS}
+# "uniform + protect": what people deploy (the usual layers kept in full precision, as
+# `--protect default` and diffusers/Pruna skip lists do)
+PROTECTED = {f"{name}+protect": {**cfg, "protect": "default"} for name, cfg in
+             (("hqq4", UNIFORM["hqq4"]), ("bnb-nf4", UNIFORM["bnb-nf4"]),
+              ("higgs4", HIGGS["higgs4"]))}
+BASELINES = {**UNIFORM, **HIGGS, **PROTECTED}
 TARGET_DB = 2.0  # the goal: at least +2 dB at the 4-bit baselines' bytes, never worse elsewhere
 
 
@@ -41,8 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ladder", type=int, default=8, help="extra budgets for bytes-to-match")
     ap.add_argument("--space", default="default")
     ap.add_argument("--json", default="bench/results/equal_memory.json")
+    ap.add_argument("--only", default=None, help="comma-separated baselines (default: all)")
     args = ap.parse_args(argv)
-    pipe, clip, holdout, base = demo_bench(BASELINES)
+    chosen = {k: v for k, v in BASELINES.items()
+              if args.only is None or k in args.only.split(",")}
+    pipe, clip, holdout, base = demo_bench(chosen)
     tmp = Path(tempfile.mkdtemp(prefix="equal-memory-"))
     t0 = time.perf_counter()
     search = Search(SearchConfig(model="demo", budget=str(base["hqq4"].bytes),
@@ -53,7 +61,8 @@ def main(argv=None) -> int:
     search.prepare()  # references, inputs, the sensitivity table: once for every budget
     setup = time.perf_counter() - t0
     lo, hi = search.smallest_bytes(), max(r.bytes for r in base.values())
-    ladder = {int(lo * (hi / lo) ** (i / args.ladder)) + 1 for i in range(args.ladder + 1)}
+    ladder = ({int(lo * (hi / lo) ** (i / args.ladder)) + 1 for i in range(args.ladder + 1)}
+              if args.ladder > 0 else set())
     budgets = sorted({r.bytes for r in base.values()} | ladder)
     curve: dict[int, dict] = {}
     for b in budgets:  # autoquant's held-out PSNR against its budget
@@ -78,7 +87,7 @@ def main(argv=None) -> int:
         psnr, fid = r.metrics["psnr"]["mean"], r.metrics["clip_fidelity"]["mean"]
         at = curve[r.bytes]
         match = min((c["bytes"] for c in ok.values() if c["psnr"] >= psnr), default=None)
-        rec = {"baseline": name, "config": BASELINES[name], "bytes": r.bytes, "psnr": psnr,
+        rec = {"baseline": name, "config": chosen[name], "bytes": r.bytes, "psnr": psnr,
                "clip_fidelity": fid, "autoquant": at, "bytes_to_match": match}
         if "psnr" in at:
             rec["d_psnr"], rec["d_clip_fidelity"] = at["psnr"] - psnr, at["clip_fidelity"] - fid
