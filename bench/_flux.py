@@ -6,10 +6,11 @@ share."""
 from __future__ import annotations
 
 import gc
-import statistics
-import time
 
 import torch
+
+from autoquant.latency import sync, time_call  # noqa: F401  (sync: for the benches)
+from autoquant.search._replay import first_sample as first_of_batch  # noqa: F401
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
@@ -80,11 +81,6 @@ def build_pipeline(device: torch.device, small: bool):
     return pipe
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def allocated(device) -> int:
     if device.type != "cuda":
         return 0
@@ -93,24 +89,7 @@ def allocated(device) -> int:
     return torch.cuda.memory_allocated(device)
 
 
-@torch.no_grad()
 def step_latency(module, call, device, repeats: int) -> float:
+    """Median seconds of one denoiser call (autoquant's own timer)."""
     args, kwargs = call
-    for _ in range(2):
-        module(*args, **kwargs)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        module(*args, **kwargs)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def first_of_batch(call, batch: int):
-    def cut(t):
-        return t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
-
-    args, kwargs = call
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+    return time_call(lambda: module(*args, **kwargs), device, repeats, warmup=2)

@@ -23,6 +23,8 @@ from pathlib import Path
 import optuna
 import torch
 
+from autoquant.search._workers import threads_per_worker  # as `search --devices` does
+
 from _common import environment, write_json
 
 SPACE = """format: autoquant-space/1
@@ -86,9 +88,7 @@ def run(args, n: int, folder: Path) -> dict:
         log = open(folder / f"w{i}.log", "w")
         procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                       env={**__import__("os").environ, **env_base,
-                                           # as `autoquant search --devices` does
-                                           "OMP_NUM_THREADS": str(max(1, (__import__("os")
-                                                                       .cpu_count() or 1) // n))}))
+                                           "OMP_NUM_THREADS": str(threads_per_worker(n))}))
     codes = [p.wait() for p in procs]
     wall = time.time() - t0
     study = optuna.load_study(study_name="flux", storage=storage)

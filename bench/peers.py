@@ -49,10 +49,6 @@ from autoquant.space import SearchSpace, load_space
 from _common import environment, write_json
 from _demo import demo_bench, search_settings
 
-#: the 4-bit rows the target (>= +2 dB at equal or fewer bytes) is about
-FOUR_BIT = ("nf4", "fp4", "int4", "intx4", "w4", "INT4")
-
-
 @dataclasses.dataclass
 class Row:
     peer: str

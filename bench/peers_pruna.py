@@ -26,8 +26,6 @@ import time
 
 os.environ.setdefault("PRUNA_METRICS_ENABLED", "false")  # telemetry is on by default; no network
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import autoquant  # noqa: E402
 from autoquant._bytes import measured_bytes  # noqa: E402
@@ -35,12 +33,7 @@ from autoquant.baseline import protected_layers  # noqa: E402
 
 from _common import environment, write_json  # noqa: E402
 from _demo import demo_bench  # noqa: E402
-
-
-def plain_linears(module: nn.Module) -> list[str]:
-    return [n for n, m in module.named_modules() if type(m) is nn.Linear
-            and type(m.weight) in (torch.Tensor, nn.Parameter)
-            and m.weight.dtype.is_floating_point]
+from peers import _plain_linears as plain_linears, _short_error  # noqa: E402
 
 
 def configs(usual: list[str]) -> list[tuple[str, str, dict]]:
@@ -97,8 +90,7 @@ def main(argv=None) -> int:
                            set(plain_linears(pipe.text_encoder))
                            - set(plain_linears(model.text_encoder))))
         except Exception as e:  # a quantizer that cannot run here is a row with its error
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            row["error"] = f"{type(e).__name__}: {msg}"
+            row["error"] = _short_error(e)
         row["seconds"] = time.perf_counter() - t
         out["rows"].append(row)
         status = (f"{row['bytes'] / 2**20:.2f} MiB, {row['psnr']:.2f} dB" if "psnr" in row

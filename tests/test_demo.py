@@ -38,7 +38,7 @@ def test_plain_diffusers_loads_the_demo_folder_offline():
 
 def test_the_demo_pipeline_pickles_and_is_one_class(demo):
     """Pruna (and multiprocessing) copy a pipeline through pickle: a class defined inside a
-    function could not be pickled ("Can't pickle local object"), and each load made a new one."""
+    function could not be pickled ("Can't pickle local object")."""
     import pickle
 
     again = pickle.loads(pickle.dumps(demo))

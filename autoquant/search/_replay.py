@@ -60,14 +60,7 @@ class Replay:
     def step_call(self) -> tuple:
         """One denoiser call for one sample: the first of the captured calls, batch 1 (every
         tensor whose first dimension is the batch is cut to its first row)."""
-        args, kwargs = self.inputs[0]
-        batch = _batch_size(self.inputs[0])
-
-        def cut(t):
-            return t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch \
-                else t
-
-        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+        return first_sample(self.inputs[0], _batch_size(self.inputs[0]))
 
     @torch.no_grad()
     def step_seconds(self, repeats: int = 3) -> float:
@@ -209,3 +202,13 @@ def stack_inputs(inputs: list) -> list:
         return [_cat(inputs, _batch_size(inputs[0]))]
     except (ValueError, TypeError, RuntimeError, StopIteration, AttributeError, KeyError):
         return inputs
+
+
+def first_sample(call: tuple, batch: int) -> tuple:
+    """``(args, kwargs)`` of a denoiser call cut to its first sample: every tensor whose first
+    dimension is ``batch`` keeps its first row."""
+    def cut(t):
+        return t[:1] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
+
+    args, kwargs = call
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}

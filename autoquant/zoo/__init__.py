@@ -70,11 +70,9 @@ def demo_folder() -> Path:
 
 
 @functools.cache
-@functools.cache
 def _demo_pipeline_class():
-    """One class per process (so ``isinstance`` holds across loads), named where pickle finds it
-    (``autoquant.zoo.DemoPipeline``): copying a pipeline through pickle, as Pruna and
-    multiprocessing do, works."""
+    """The class, named where pickle finds it (``autoquant.zoo.DemoPipeline``): copying a
+    pipeline through pickle, as Pruna and multiprocessing do, works."""
     from diffusers import PixArtAlphaPipeline
 
     class DemoPipeline(PixArtAlphaPipeline):
