@@ -115,9 +115,17 @@ def _search(sub) -> argparse.ArgumentParser:
     p.add_argument("--latency-mode", default="eager", choices=["eager", "compile"],
                    help="time steps as deployed: eager, or under torch.compile")
     p.add_argument("--cache-gib", type=_positive_float, default=None,
-                   help="GiB the quantized-layer cache may hold (default: half the free memory)")
+                   help="GiB the quantized-layer cache may hold (default: on a GPU, what "
+                        "--gpu-memory leaves; on a CPU, half the free memory)")
+    _add_gpu_memory(p)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
+
+
+def _add_gpu_memory(p) -> None:
+    p.add_argument("--gpu-memory", default=None, metavar="BYTES",
+                   help="keep the GPU's peak memory under this (24GiB, 16GB); what does not fit "
+                        "streams from the CPU layer by layer (default: what the device has)")
 
 
 def _apply(sub) -> argparse.ArgumentParser:
@@ -148,6 +156,7 @@ def _evaluate(sub) -> argparse.ArgumentParser:
                    help="components whose bytes count (default: the denoiser)")
     p.add_argument("--compile", action="store_true",
                    help="generate with the denoiser under torch.compile (as deployed)")
+    _add_gpu_memory(p)
     p.add_argument("--cache-dir", default=None,
                    help="reference image cache (default $AUTOQUANT_CACHE/references)")
     p.add_argument("--json", action="store_true", help="one JSON object")

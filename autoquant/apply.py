@@ -86,7 +86,8 @@ def _check_available(plan: Plan, device_of: dict[str, torch.device]) -> None:
 
 def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device | None = None,
                  progress: bool = True, keep_originals: bool = False,
-                 scope: list[str] | None = None) -> ApplySummary:
+                 scope: list[str] | None = None,
+                 move: list[str] | None = None) -> ApplySummary:
     """Quantize ``target`` (a diffusers pipeline or an ``nn.Module``) in place as ``recipe`` says.
 
     Everything is validated before any layer is touched. Every replacement module is built first,
@@ -101,6 +102,7 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     (what evaluation and search do between candidates; it costs their memory).
     ``scope``: the components the summary's bytes, bits per weight and full-precision share cover
     (default: the recipe's ``components``, else all).
+    ``move``: the components moved to ``device`` afterwards (default: all of them).
     """
     start = time.perf_counter()
     comps = components_of(target)
@@ -137,15 +139,16 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
             originals[layer.name] = swap_module(comps[layer.component], layer.path,
                                                 built[layer.name])
     if want is not None:
+        moved = {c: m for c, m in comps.items() if move is None or c in move}
         first_device = {c: next((p.device for p in m.parameters()), torch.device("cpu"))
-                        for c, m in comps.items()}
+                        for c, m in moved.items()}
         try:
-            for comp in comps.values():
+            for comp in moved.values():
                 comp.to(want)
         except BaseException:
             for name, original in originals.items():
                 swap_module(comps[inv[name].component], inv[name].path, original)
-            for c, comp in comps.items():
+            for c, comp in moved.items():
                 comp.to(first_device[c])
             raise
 

@@ -148,24 +148,64 @@ def cmd_evaluate(args) -> int:
     settings = _settings(args, args.prompt_set)
     if args.cache_dir:
         writable_folder(args.cache_dir, "--cache-dir")
+    gpu_memory = _gpu_memory(args)
     check_device(args.device)
     pipe = _load(args)
-    if args.device:
+    memory = None
+    if gpu_memory is not None:
+        memory = _evaluation_memory(pipe, args, recipe, gpu_memory)
+    elif args.device:
         pipe.to(args.device)
     clip = _clip(args, args.device or "cpu")
     evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
                           cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
-                          progress=not args.json, compile=args.compile)
+                          progress=not args.json, compile=args.compile, memory=memory)
     label = Path(args.recipe).stem if args.recipe else "full precision"
     result = evaluator.evaluate(recipe, label=label)
     if args.json:
         out = result.to_dict()
         out["settings"] = settings.to_dict()
         out["references_generated"] = evaluator.references_generated
+        if memory is not None:
+            out["memory"] = memory.to_dict()
         print(json.dumps(out, indent=1))
     else:
         print(result.table())
+        if memory is not None:
+            from ._format import human_bytes
+
+            peaks = memory.to_dict()
+            print(f"{memory.describe()}; peak {human_bytes(peaks['peak_allocated_bytes'])} "
+                  f"allocated, {human_bytes(peaks['peak_reserved_bytes'])} reserved")
     return 0
+
+
+def _gpu_memory(args) -> int | None:
+    """``--gpu-memory``, checked before any model loads."""
+    if getattr(args, "gpu_memory", None) is None:
+        return None
+    from .memory import parse_memory
+
+    if not (args.device or "").startswith("cuda"):
+        raise InputError("--gpu-memory bounds a CUDA device's memory: give --device cuda too")
+    return parse_memory(args.gpu_memory)
+
+
+def _evaluation_memory(pipe, args, recipe, cap: int):
+    """The memory plan of ``evaluate``: the recipe's assembled components must fit on the
+    GPU; the rest streams."""
+    from ._inventory import inventory
+    from .evaluator import default_components
+    from .memory import MemoryPlan
+
+    comps = args.components or default_components(pipe)
+    inv = inventory(pipe)
+    configs = recipe.resolve(inv).configs if recipe is not None else {}
+    plan_bytes = sum(inv.components[c]["bytes"] - inv.components[c]["linear_bytes"]
+                     for c in comps) + sum(
+        l.nbytes(configs[l.name]) if l.name in configs else l.bytes
+        for l in inv if l.component in comps)
+    return MemoryPlan(pipe, args.device, cap, comps, plan_bytes, enforce=True).place()
 
 
 def cmd_baseline(args) -> int:
@@ -268,6 +308,13 @@ def cmd_search(args) -> int:
     if args.devices and args.device:
         raise InputError("give --device (this process) or --devices (one worker each), not both")
     devices = devices_list(args.devices) if args.devices else None
+    if args.gpu_memory is not None:
+        from .memory import parse_memory
+
+        parse_memory(args.gpu_memory)  # malformed: said before anything loads
+        if not (args.device or args.devices or "").startswith("cuda") and args.devices != "all":
+            raise InputError("--gpu-memory bounds a CUDA device's memory: give --device cuda "
+                             "(or --devices) too")
     check_device(args.device)
     from .search import Search, SearchConfig, run_search
     from .search._study import open_storage
@@ -286,7 +333,8 @@ def cmd_search(args) -> int:
                        clip=clip, progress=not args.json,
                        cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30,
                        sensitivity=args.sensitivity, artifacts=args.artifacts,
-                       latency=args.latency, latency_mode=args.latency_mode)
+                       latency=args.latency, latency_mode=args.latency_mode,
+                       gpu_memory=args.gpu_memory)
     search = Search(cfg, pipe)
     stop, previous = _stop_on_signals()
     try:
@@ -318,6 +366,10 @@ def _print_search(args, search, report) -> None:
           f" {len(search.groups.groups)} groups; trials: {', '.join(parts)}")
     for f in report["failed"]:
         print(f"  trial {f['trial']} failed: {f['reason']}")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"{search.memory.describe()}; peak {human_bytes(m['peak_allocated_bytes'])} "
+              f"allocated, {human_bytes(m['peak_reserved_bytes'])} reserved")
     print(report["table"])
     if "best" in report:
         b = report["best"]

@@ -99,14 +99,18 @@ class Evaluator:
     def __init__(self, pipe: Any, settings: EvalSettings, clip: Any = None,
                  components: list[str] | None = None, cache: ReferenceCache | None = None,
                  progress: bool = True, key: str | None = None,
-                 references: torch.Tensor | None = None, compile: bool = False):
+                 references: torch.Tensor | None = None, compile: bool = False,
+                 memory: Any = None):
         """``clip``: a :class:`autoquant.clip.Clip`, or None for no CLIP metrics.
         ``key``: :func:`autoquant.references.model_key` of ``pipe``, if already known.
         ``references``: the full-precision images, when another worker of the same study made
-        them (checked against the settings, then used instead of the cache)."""
+        them (checked against the settings, then used instead of the cache).
+        ``memory``: a placed :class:`autoquant.memory.MemoryPlan` (references are made with what
+        does not fit streaming; a recipe is applied onto its GPU)."""
         start = time.perf_counter()
         self.pipe, self.settings, self.clip, self.progress = pipe, settings, clip, progress
         self.compile = compile
+        self.memory = memory
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)  # ours shows progress per batch
         self.components = components or default_components(pipe)
@@ -184,24 +188,33 @@ class Evaluator:
 
     def evaluate(self, recipe: Recipe | None = None, label: str | None = None) -> EvalResult:
         """Score ``recipe`` (None: full precision). The pipeline is back in full precision after."""
+        import contextlib
+
         t0 = time.perf_counter()
         summary = None
-        if recipe is not None:
-            summary = apply_recipe(self.pipe, recipe, progress=False, keep_originals=True,
-                                   scope=self.components)
-        t_apply = time.perf_counter() - t0
-        if self.compile:
-            from .apply import compile_pipeline
-
-            compile_pipeline(self.pipe, self.components)
-        try:
-            comps = components_of(self.pipe)
-            comp_bytes = sum(measured_bytes(comps[c]) for c in self.components)
-            pipe_bytes = sum(measured_bytes(m) for m in comps.values())
-            per, t_gen, t_metrics = self._measure(list(range(len(self.pairs))), self.progress)
-        finally:
+        memory = self.memory
+        # under a memory plan the quantized components run wholly on its GPU
+        with (memory.unstreamed(self.components) if memory is not None and recipe is not None
+              else contextlib.nullcontext()):
             if recipe is not None:
-                revert(self.pipe)
+                summary = apply_recipe(self.pipe, recipe, progress=False, keep_originals=True,
+                                       scope=self.components,
+                                       device=memory.device if memory is not None else None,
+                                       move=self.components if memory is not None else None)
+            t_apply = time.perf_counter() - t0
+            if self.compile:
+                from .apply import compile_pipeline
+
+                compile_pipeline(self.pipe, self.components)
+            try:
+                comps = components_of(self.pipe)
+                comp_bytes = sum(measured_bytes(comps[c]) for c in self.components)
+                pipe_bytes = sum(measured_bytes(m) for m in comps.values())
+                per, t_gen, t_metrics = self._measure(list(range(len(self.pairs))),
+                                                      self.progress)
+            finally:
+                if recipe is not None:
+                    revert(self.pipe)
         total = time.perf_counter() - t0
         bad = {k: v for k, v in per.items() if torch.isnan(v).any() or
                (k != "psnr" and not torch.isfinite(v).all())}

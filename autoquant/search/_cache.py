@@ -25,12 +25,16 @@ class LayerCache:
     """
 
     def __init__(self, pipe: Any, inv: Inventory, device: torch.device,
-                 max_bytes: float | None = None):
+                 max_bytes: float | None = None, streamed=()):
+        """``streamed``: names of layers whose weights stream from the CPU (a memory plan): a
+        plan that keeps one in full precision gets a copy on the device, held here like a
+        quantized layer, so that a trial runs wholly on the GPU."""
         self.comps = components_of(pipe)
         self.inv = inv
         self.device = device
         self.max_bytes = max_bytes
         self.originals = {l.name: self.comps[l.component].get_submodule(l.path) for l in inv}
+        self.streamed = set(streamed)
         self.built: OrderedDict[tuple[str, QuantConfig], nn.Module] = OrderedDict()
         self.sizes: dict[tuple[str, QuantConfig], int] = {}
         self.nbytes = 0  # sum of ``sizes``, kept as it changes
@@ -39,8 +43,12 @@ class LayerCache:
         self.builds = 0
         self.evictions = 0
 
+    def _cached(self, name: str, cfg: QuantConfig) -> bool:
+        """Whether the plan's module for (name, cfg) is held here (not the original)."""
+        return not cfg.full_precision or name in self.streamed
+
     def module(self, name: str, cfg: QuantConfig) -> nn.Module:
-        if cfg.full_precision:
+        if not self._cached(name, cfg):
             return self.originals[name]
         key = (name, cfg)
         if key in self.built:
@@ -49,7 +57,12 @@ class LayerCache:
         size = self.inv[name].nbytes(cfg)
         self._make_room(size)
         t = time.perf_counter()
-        self.built[key] = quantize_layer(self.originals[name], cfg, self.device, name)
+        if cfg.full_precision:  # a streamed layer kept in full precision: a copy on the device
+            from .._streaming import device_copy
+
+            self.built[key] = device_copy(self.originals[name], self.device)
+        else:
+            self.built[key] = quantize_layer(self.originals[name], cfg, self.device, name)
         self.quantize_s += time.perf_counter() - t
         self.sizes[key] = size
         self.nbytes += size
@@ -81,7 +94,7 @@ class LayerCache:
 
     def assemble(self, plan: dict[str, QuantConfig]) -> None:
         """Put ``plan``'s modules in place (layers not in ``plan`` get their originals)."""
-        want = {name: (name, plan[name]) if name in plan and not plan[name].full_precision
+        want = {name: (name, plan[name]) if name in plan and self._cached(name, plan[name])
                 else None for name in self.originals}
         # first take out what changes, so that room can be made from it
         for name, key in want.items():

@@ -179,7 +179,9 @@ def write_outputs(study: optuna.Study, out: str | Path, storage=None,
                        for t in study.get_trials(deepcopy=False)
                        if t.state == optuna.trial.TrialState.FAIL],
             "trials_detail": [_trial_row(t) for t in study.get_trials(deepcopy=False)],
-            "trial_timing": [dict(trial=t.number, state=t.state.name, **t.user_attrs["timing"])
+            "trial_timing": [dict(trial=t.number, state=t.state.name, **t.user_attrs["timing"],
+                                  **({"peak_gpu_bytes": t.user_attrs["peak_gpu_bytes"]}
+                                     if "peak_gpu_bytes" in t.user_attrs else {}))
                              for t in study.get_trials(deepcopy=False)
                              if "timing" in t.user_attrs],
             **(extra or {}),
@@ -212,4 +214,5 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict:
     a = t.user_attrs
     return {"trial": t.number, "state": t.state.name, "source": a.get("source"),
             "worker": a.get("worker"), "values": t.values, "timing": a.get("timing"),
-            "pruned_at": a.get("pruned_at")}
+            "pruned_at": a.get("pruned_at"),
+            **({"infeasible_reason": a["infeasible_reason"]} if "infeasible_reason" in a else {})}

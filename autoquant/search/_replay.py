@@ -82,7 +82,7 @@ class Replay:
         for name, mod in modules.items():
             def hook(_, args, name=name):  # subsampled here: all activations at once would not fit
                 x = args[0].reshape(-1, args[0].shape[-1])
-                seen[name].append(x[::max(1, x.shape[0] // rows)][:rows].clone())
+                seen[name].append(x[::max(1, x.shape[0] // rows)][:rows].to("cpu", copy=True))
             handles.append(mod.register_forward_pre_hook(hook))
         try:
             self.outputs()
@@ -90,9 +90,9 @@ class Replay:
             for h in handles:
                 h.remove()
         out = {}
-        for name, xs in seen.items():
+        for name, xs in seen.items():  # on the CPU: every layer's rows would crowd the GPU
             x = torch.cat(xs)
-            out[name] = x[::max(1, x.shape[0] // rows)][:rows].clone()
+            out[name] = x[::max(1, x.shape[0] // rows)][:rows].to("cpu", copy=True)
         return out
 
     # -- sharing between workers: plain tensors + a JSON skeleton, never a pickle ---------------

@@ -96,6 +96,8 @@ def run_search(search: Search, stop: threading.Event | None = None) -> dict[str,
              "cache": {"max_bytes": search.cache.max_bytes, "builds": search.cache.builds,
                        "evictions": search.cache.evictions},
              "worker": {**worker, "trials_run": ran, "created_study": created}}
+    if getattr(search, "memory", None) is not None:  # where things lived, and the peak
+        extra["memory"] = search.memory.to_dict()
     return write_outputs(study, out, storage, extra, interrupted=stop.is_set())
 
 

@@ -63,6 +63,9 @@ class SearchConfig:
     #: objective in the space, step time is searched too, measured in ``latency_mode``
     latency: str | None = None
     latency_mode: str = "eager"
+    #: bound the search's peak GPU memory (``24GiB``; see :mod:`autoquant.memory`); None: what
+    #: the device has (not enforced)
+    gpu_memory: str | int | None = None
 
     def __post_init__(self):
         if self.sensitivity not in MODES:
@@ -82,6 +85,10 @@ class SearchConfig:
         if self.latency_mode not in LATENCY_MODES:
             raise InputError(f"latency mode {self.latency_mode!r}: choose one of "
                              f"{', '.join(LATENCY_MODES)}")
+        if self.gpu_memory is not None:
+            from ..memory import parse_memory
+
+            self.gpu_memory = parse_memory(self.gpu_memory)
         self.out = Path(self.out)
 
 
@@ -97,8 +104,13 @@ class Search:
         self.cfg, self.pipe = cfg, pipe
         self.device = torch.device(cfg.device) if cfg.device else next(
             components_of(pipe)[default_components(pipe)[0]].parameters()).device
-        if cfg.device:
-            pipe.to(self.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.gpu_memory is not None and self.device.type != "cuda":
+            raise InputError(f"--gpu-memory bounds a CUDA device's memory; this search runs on "
+                             f"{self.device} (give --device cuda)")
+        if cfg.device and self.device.type != "cuda":
+            pipe.to(self.device)  # on a GPU the memory plan places the components
         self.inv = inventory(pipe)
         self.space = cfg.space.for_device(self.device)  # + the configs this device can run
         comps = cfg.space.components or default_components(pipe)
@@ -115,9 +127,11 @@ class Search:
         if cfg.latency is not None and "latency" not in self.objectives:
             self.objectives.append("latency")
         self._check_devices()
+        self.memory = self._place(comps)
         self.cache = LayerCache(pipe, self.inv, self.device,
                                 max_bytes=cfg.cache_bytes if cfg.cache_bytes is not None
-                                else default_cache_bytes(self.device))
+                                else default_cache_bytes(self.device),
+                                streamed=self.memory.streamed_layers() if self.memory else ())
         self.model_key = model_key(pipe)
         self.evaluator: Evaluator | None = None
         self.replay: Replay | None = None
@@ -125,6 +139,25 @@ class Search:
         self.planner: Planner | None = None
         self.sensitivity_mode: str | None = None
         self.timing: dict[str, Any] = {}
+
+    def _place(self, comps: list[str]):
+        """On a GPU: where each component lives under the memory cap (the whole device when
+        none is given). Elsewhere: the prompt embeddings are still kept once per batch."""
+        from .._embeddings import PromptEmbeddings
+        from ..memory import TEXT_ENCODER_PREFIX, MemoryPlan
+
+        if self.device.type != "cuda":
+            PromptEmbeddings.install(self.pipe, [c for c in components_of(self.pipe)
+                                                 if c.startswith(TEXT_ENCODER_PREFIX)
+                                                 and c not in comps])
+            return None
+        memory = MemoryPlan(self.pipe, self.device, self.cfg.gpu_memory, comps,
+                            self.budget.budget_bytes, enforce=self.cfg.gpu_memory is not None)
+        if self.searches_latency and "streamed" in memory.placement.values():
+            raise InputError("--latency times layers resident on the GPU; under this "
+                             "--gpu-memory the denoiser streams. Measure latency on a GPU that "
+                             "holds it, or search without --latency")
+        return memory.place()
 
     @property
     def searches_latency(self) -> bool:
@@ -258,16 +291,51 @@ class Search:
         """The evaluator (its references) and the captured denoiser inputs, once."""
         import time
 
+        import contextlib
+
+        if self.replay is None:
+            t0 = time.perf_counter()
+            pairs = self.settings.pairs()
+            few = pairs[:2]  # two prompts x 3 steps (x2 with guidance) suffice
+            # the first full-precision generation measures the activations (scaled to the
+            # search's batch), which size the layer cache
+            batch = min(self.settings.batch_size, len(pairs))
+            with (self.memory.measure("capture", scale=max(1.0, batch / len(few)))
+                  if self.memory else contextlib.nullcontext()):
+                self.replay = Replay.capture(self.pipe, self.component, lambda: generate_images(
+                    self.pipe, dataclasses.replace(self.settings, batch_size=len(few)), few))
+            self.timing["capture_s"] = time.perf_counter() - t0
+            self._size_cache()
         if self.evaluator is None:
             t0 = time.perf_counter()
             self.evaluator = Evaluator(self.pipe, self.settings, clip=self.cfg.clip,
                                        components=self.groups.components,
                                        progress=self.cfg.progress, key=self.model_key)
             self.timing["references_s"] = time.perf_counter() - t0
-        if self.replay is None:
-            few = self.evaluator.pairs[:2]  # two prompts x 3 steps (x2 with guidance) suffice
-            self.replay = Replay.capture(self.pipe, self.component, lambda: generate_images(
-                self.pipe, dataclasses.replace(self.settings, batch_size=len(few)), few))
+
+    def measure_activations(self) -> None:
+        """Under a memory plan whose cache is not sized yet (a worker that loaded the shared
+        inputs instead of capturing them): one full-precision generation of two prompts measures
+        the activations."""
+        if self.memory is None or self.memory.cache_bytes is not None:
+            return
+        pairs = self.settings.pairs()
+        few = pairs[:2]
+        batch = min(self.settings.batch_size, len(pairs))
+        with self.memory.measure("generation", scale=max(1.0, batch / len(few))):
+            generate_images(self.pipe, dataclasses.replace(self.settings, batch_size=len(few)),
+                            few)
+        self._size_cache()
+
+    def _size_cache(self) -> None:
+        """Under a memory plan: the layer cache gets what the cap leaves (said once)."""
+        if self.memory is None or self.memory.cache_bytes is not None:
+            return
+        self.cache.max_bytes = self.memory.size_cache(self.cfg.cache_bytes)
+        if self.cfg.progress:
+            from .._progress import tqdm
+
+            tqdm.write(self.memory.describe())
 
     def measure_sensitivity(self, mode: str = "auto") -> tuple[list[list[float]], str]:
         """``(table, mode)``: the sensitivity table measured here (``auto`` picks the mode)."""

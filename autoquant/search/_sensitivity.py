@@ -61,6 +61,7 @@ def full_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: list[i
 def _local_errors(replay: Replay, cache: LayerCache, group: Group,
                   xs: dict[str, torch.Tensor]) -> list[float]:
     """Relative output error of the group's own layers at each option, on their real inputs."""
+    xs = {l.name: xs[l.name].to(cache.device) for l in group.layers}  # kept on the CPU
     refs = {l.name: cache.originals[l.name](xs[l.name]).float() for l in group.layers}
     den = sum(r.pow(2).sum().item() for r in refs.values()) or 1.0
     row = []

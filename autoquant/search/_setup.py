@@ -255,6 +255,7 @@ def _load_inputs(search, study, store) -> None:
                                         _download(store, prepared["replay"],
                                                   Path(tmp) / "replay.safetensors"),
                                         search.device)
+    search.measure_activations()  # under a memory plan: this worker's own, once
 
 
 def _load_shared(search, study, store) -> None:

@@ -54,6 +54,17 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
         trial.set_user_attr("pruned_at", "constraints")
         study.tell(trial, state=PRUNED)
         return
+    memory = getattr(search, "memory", None)
+    room = memory.room_for_plan() if memory is not None else None
+    if room is not None and search.plan_bytes(choice) > room:  # would not fit: no image either
+        trial.set_user_attr("pruned_at", "gpu memory")
+        trial.set_user_attr("infeasible_reason", (
+            f"the assembled plan needs {search.plan_bytes(choice):,} bytes on the GPU; "
+            f"{room:,} are left for it under the {memory.cap:,}-byte cap"))
+        study.tell(trial, state=PRUNED)
+        return
+    if memory is not None:
+        memory.start_trial()
     t0 = time.perf_counter()
     try:
         search.cache.assemble(search.groups.plan(choice))
@@ -99,6 +110,8 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
             trial.set_user_attr("images_artifact", search.upload_grid(
                 trial, store, images, Path(f"trial-{trial.number}.png")))
         _timing(trial, t_assemble, t_proxy, gen, met, t0)
+        if memory is not None:
+            trial.set_user_attr("peak_gpu_bytes", memory.trial_peak())
         trial.set_user_attr("metrics", metrics)
         study.tell(trial, values)
     except BaseException as e:
