@@ -68,6 +68,15 @@ class LayerStreamer:
         self.prev = None
         self.window_bytes = 0
 
+    def release(self) -> None:
+        """Drop every copy on the device (prefetched ones too), e.g. after an out-of-memory."""
+        for m in list(self.loaded):
+            self._drop(m)
+        for m, home in self.home.items():
+            for name, t in home.items():
+                getattr(m, name).data = t
+        self.prev = None
+
     def streams(self, module: nn.Module) -> bool:
         return module in self.home
 

@@ -46,6 +46,10 @@ def parse_memory(text: str | float | int) -> int:
     return int(value)
 
 
+class _Retry(Exception):
+    """The first generation ran out of memory under the cap (see ``first_generation``)."""
+
+
 def margin(cap: int) -> int:
     """Headroom kept free: allocator fragmentation, library workspaces (cuBLAS, attention)."""
     return max(512 * 2**20, int(0.03 * cap))
@@ -245,6 +249,38 @@ class MemoryPlan:
         used = max(0, peak - base - self.streamer.peak_window_bytes)
         self.measured[what] = used
         self.activations = max(self.activations or 0, int(used * scale))
+
+    @contextlib.contextmanager
+    def first_generation(self, what: str, scale: float = 1.0):
+        """Measure the first full-precision work (see :meth:`measure`). If it runs out of
+        memory under the cap, it is done again without the cap (the card may hold more) to learn
+        what it needs, and the search is refused with the smallest cap that would work."""
+        try:
+            with self.measure(what, scale):
+                yield
+        except torch.cuda.OutOfMemoryError:
+            self.streamer.release()
+            torch.cuda.empty_cache()
+            raise _Retry() from None
+
+    def refuse_after_oom(self, rerun) -> None:
+        """``rerun()`` the first generation with the cap lifted, measuring it; then refuse
+        with the smallest cap (or a lower bound, if even the whole card is too small)."""
+        torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+        try:
+            with self.measure("first generation, uncapped"):
+                rerun()
+        except torch.cuda.OutOfMemoryError:
+            self.streamer.release()
+            raise InputError(
+                f"--gpu-memory {human_bytes(self.cap)} cannot hold one full-precision "
+                f"generation of this pipeline at these settings, nor can the whole "
+                f"{human_bytes(self.device_bytes)} card; use a smaller --batch-size or --size") \
+                from None
+        torch.cuda.synchronize(self.device)
+        need = (torch.cuda.memory_allocated(self.device) + self.streamer.planned_window_bytes
+                + (self.activations or 0) + margin(self.cap) + self.plan_bytes)
+        raise InputError(self._too_small(max(need, int(self.cap * 1.05)), measured=True))
 
     def size_cache(self, user_bytes: float | None = None) -> int:
         """The layer cache's bytes: what the cap leaves after the tensors on the GPU now, the

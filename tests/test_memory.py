@@ -167,7 +167,10 @@ def test_streaming_on_a_gpu_matches_resident_and_holds_a_window():
     assert all(m.weight.device.type == "cpu" and m.weight.is_pinned() for m in linears)
     for _ in range(3):
         assert torch.equal(model(x), want)
-    assert streamer.peak_window_bytes <= streamer.planned_window_bytes and not streamer.loaded
+    assert streamer.peak_window_bytes <= streamer.planned_window_bytes
+    assert set(streamer.loaded) <= {linears[0]}  # the next call's first layer, prefetched
+    streamer.release()
+    assert not streamer.loaded and streamer.window_bytes == 0
 
 
 @pytest.mark.gpu

@@ -291,7 +291,6 @@ class Search:
         """The evaluator (its references) and the captured denoiser inputs, once."""
         import time
 
-        import contextlib
 
         if self.replay is None:
             t0 = time.perf_counter()
@@ -300,10 +299,21 @@ class Search:
             # the first full-precision generation measures the activations (scaled to the
             # search's batch), which size the layer cache
             batch = min(self.settings.batch_size, len(pairs))
-            with (self.memory.measure("capture", scale=max(1.0, batch / len(few)))
-                  if self.memory else contextlib.nullcontext()):
+
+            def capture():
                 self.replay = Replay.capture(self.pipe, self.component, lambda: generate_images(
                     self.pipe, dataclasses.replace(self.settings, batch_size=len(few)), few))
+
+            if self.memory is None:
+                capture()
+            else:
+                from ..memory import _Retry
+
+                try:
+                    with self.memory.first_generation("capture", max(1.0, batch / len(few))):
+                        capture()
+                except _Retry:  # out of memory under the cap: refused with what it needs
+                    self.memory.refuse_after_oom(capture)
             self.timing["capture_s"] = time.perf_counter() - t0
             self._size_cache()
         if self.evaluator is None:
