@@ -168,7 +168,7 @@ def test_streaming_on_a_gpu_matches_resident_and_holds_a_window():
     for _ in range(3):
         assert torch.equal(model(x), want)
     assert streamer.peak_window_bytes <= streamer.planned_window_bytes
-    assert set(streamer.loaded) <= {linears[0]}  # the next call's first layer, prefetched
+    assert set(streamer.loaded) <= set(linears[:2])  # the next call's first layers, prefetched
     streamer.release()
     assert not streamer.loaded and streamer.window_bytes == 0
 
