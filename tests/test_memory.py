@@ -205,3 +205,31 @@ def test_a_search_with_the_denoiser_streamed_proposes_what_the_resident_one_does
     assert all(abs(a - b) <= 1e-3 * max(abs(a), 1e-9) for r0, r1 in zip(t0, t1)
                for a, b in zip(r0, r1))
     assert abs(p0 - p1) < 0.05
+
+
+def test_out_of_memory_in_the_sensitivity_pass_gives_cache_memory_back_and_retries():
+    from autoquant.backends import config_from_dict
+    from autoquant.search._cache import LayerCache
+    from autoquant.search._sensitivity import _retrying
+    from autoquant._inventory import inventory
+
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
+    inv = inventory(pipe)
+    cache = LayerCache(pipe, inv, torch.device("cpu"), max_bytes=10**9)
+    cfg = config_from_dict({"method": "hqq", "bits": 4, "group_size": 32})
+    for layer in list(inv)[:6]:
+        cache.module(layer.name, cfg)
+    held = cache.nbytes
+    attempts = []
+
+    def work():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return 42
+
+    assert _retrying(cache, work) == 42 and len(attempts) == 2
+    assert cache.shrinks == 1 and cache.nbytes < held and cache.max_bytes <= 0.85 * held
+    cache.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing left to give: it goes on up
+        _retrying(cache, lambda: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))

@@ -42,6 +42,7 @@ class LayerCache:
         self.quantize_s = 0.0
         self.builds = 0
         self.evictions = 0
+        self.shrinks = 0
 
     def _cached(self, name: str, cfg: QuantConfig) -> bool:
         """Whether the plan's module for (name, cfg) is held here (not the original)."""
@@ -80,6 +81,20 @@ class LayerCache:
                 del self.built[key]
                 self.nbytes -= self.sizes.pop(key)
                 self.evictions += 1
+
+    def shrink(self, fraction: float = 0.85) -> bool:
+        """After an out-of-memory under a memory cap: hold at most ``fraction`` of what the
+        cache holds now (least recently used first; installed modules stay). False when there is
+        nothing left to give back."""
+        if not self.built:
+            return False
+        before = self.nbytes
+        self.max_bytes = min(self.max_bytes or before, before) * fraction
+        self._make_room(0)
+        self.shrinks += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return self.nbytes < before
 
     def clear(self) -> None:
         """Drop every replacement (the pipeline gets its originals back)."""

@@ -94,7 +94,8 @@ def run_search(search: Search, stop: threading.Event | None = None) -> dict[str,
         search.cache.restore()
     extra = {"timing": search.timing, "quantize_s": search.cache.quantize_s,
              "cache": {"max_bytes": search.cache.max_bytes, "builds": search.cache.builds,
-                       "evictions": search.cache.evictions},
+                       "evictions": search.cache.evictions,
+                       "shrinks_after_out_of_memory": search.cache.shrinks},
              "worker": {**worker, "trials_run": ran, "created_study": created}}
     if getattr(search, "memory", None) is not None:  # where things lived, and the peak
         extra["memory"] = search.memory.to_dict()

@@ -33,6 +33,17 @@ def _only(cache: LayerCache, g: Group, cfg) -> None:
     cache.assemble({l.name: cfg for l in g.layers})
 
 
+def _retrying(cache: LayerCache, work):
+    """``work()``; if the GPU runs out of memory, the layer cache gives memory back and the
+    work is done again (a memory cap is a promise the search keeps)."""
+    while True:
+        try:
+            return work()
+        except torch.cuda.OutOfMemoryError:
+            if not cache.shrink():
+                raise
+
+
 def full_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: list[int],
               progress: bool = True) -> dict[int, list[float]]:
     rows = {}
@@ -47,8 +58,8 @@ def full_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: list[i
                 if cfg.full_precision:
                     row.append(0.0)
                 else:
-                    _only(cache, g, cfg)
-                    row.append(replay.error())
+                    row.append(_retrying(cache, lambda: (_only(cache, g, cfg),
+                                                         replay.error())[1]))
                 bar.update()
             rows[i] = row
     finally:
@@ -88,12 +99,12 @@ def anchored_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: li
         for i in tqdm(indices, desc="sensitivity (anchored)", unit="group",
                       disable=not progress, leave=False, mininterval=1):
             g = groups.groups[i]
-            local = _local_errors(replay, cache, g, xs)
+            local = _retrying(cache, lambda: _local_errors(replay, cache, g, xs))
             quantized = sorted((k for k, c in enumerate(g.options) if not c.full_precision),
                                key=lambda k: local[k])
             anchor = quantized[len(quantized) // 2]
-            _only(cache, g, g.options[anchor])
-            replayed = replay.error()
+            replayed = _retrying(cache, lambda: (_only(cache, g, g.options[anchor]),
+                                                 replay.error())[1])
             if not math.isfinite(replayed) or local[anchor] <= 0 or \
                     not all(map(math.isfinite, local)):
                 rows[i] = full_rows(replay, cache, groups, [i], progress=False)[i]

@@ -119,6 +119,8 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
         if is_trial_failure(e):
             trial.set_user_attr("fail_reason", reason)
             study.tell(trial, state=FAIL)
+            if is_out_of_memory(e) and memory is not None:
+                search.cache.shrink()  # under a cap: the next trials get the room back
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return
