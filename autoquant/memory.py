@@ -144,6 +144,7 @@ class MemoryPlan:
         self.measured: dict[str, int] = {}
         self.cache_bytes: int | None = None
         self.peaks = {"allocated": 0, "reserved": 0}
+        self.fragmentation = 0  # reserved but unallocated at the measured peak
         self.placement, need = decide(self.sizes, self.encoders, self.cap, self.plan_bytes,
                                       int(PROVISIONAL_ACTIVATIONS * self.cap))
         for c, where in (placement or {}).items():
@@ -251,6 +252,9 @@ class MemoryPlan:
         used = max(0, peak - base - self.streamer.peak_window_bytes)
         self.measured[what] = used
         self.activations = max(self.activations or 0, int(used * scale))
+        # the cap holds what the allocator reserves: its fragmentation counts too
+        self.fragmentation = max(self.fragmentation,
+                                 torch.cuda.max_memory_reserved(self.device) - peak)
 
     @contextlib.contextmanager
     def first_generation(self, what: str, scale: float = 1.0):
@@ -291,7 +295,7 @@ class MemoryPlan:
         torch.cuda.synchronize(self.device)
         self.resident_bytes = torch.cuda.memory_allocated(self.device)
         fixed = (self.resident_bytes + self.streamer.planned_window_bytes
-                 + (self.activations or 0) + margin(self.cap))
+                 + (self.activations or 0) + self.fragmentation + margin(self.cap))
         room = self.cap - fixed
         # streamed: the whole assembled plan is in the cache; resident: its quantized layers
         need = self.plan_bytes
@@ -336,6 +340,7 @@ class MemoryPlan:
              "component_bytes": {c: s.total for c, s in self.sizes.items()},
              "plan_bytes": self.plan_bytes, "activations_bytes": self.activations,
              "activations_measured": dict(self.measured), "cache_bytes": self.cache_bytes,
+             "fragmentation_bytes": self.fragmentation, "margin_bytes": margin(self.cap),
              "resident_bytes": getattr(self, "resident_bytes", None),
              "streaming": {"window_bytes": self.streamer.planned_window_bytes,
                            "peak_window_bytes": self.streamer.peak_window_bytes,

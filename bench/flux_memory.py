@@ -30,9 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the CLI does
 
-from _common import write_json
+import torch  # noqa: E402
+
+from _common import write_json  # noqa: E402
 
 SPACE = """format: autoquant-space/1
 description: bench space - Flux with every layer of a block tied (the memory bench)
@@ -67,7 +69,6 @@ def run_search_mode(args) -> dict:
     from _flux import build_pipeline
 
     os.environ["AUTOQUANT_CACHE"] = tempfile.mkdtemp(prefix="aq-cache-")  # every phase done
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")  # what the CLI sets
     t0 = time.perf_counter()
     pipe = build_pipeline(torch.device("cpu"), args.layers == "small", encoders="full")
     build_s = time.perf_counter() - t0
@@ -213,8 +214,12 @@ def main(argv=None) -> int:
         try:
             out = run_search_mode(args)
         except Exception as e:  # a refusal or an OOM is a result too
+            import traceback
+
             out = {"mode": args.mode, "gpu_memory": args.gpu_memory,
-                   "error": f"{type(e).__name__}: {e}"}
+                   "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc().splitlines()[-14:]}
+            print("\n".join(out["traceback"]), flush=True)
             print(out["error"], flush=True)
             if torch.cuda.is_available():
                 out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()

@@ -224,11 +224,11 @@ def test_out_of_memory_in_the_sensitivity_pass_gives_cache_memory_back_and_retri
 
     def work():
         attempts.append(1)
-        if len(attempts) == 1:
+        if len(attempts) <= 2:  # the allocator's cache emptied first, then the layer cache's
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return 42
 
-    assert _retrying(cache, work) == 42 and len(attempts) == 2
+    assert _retrying(cache, work) == 42 and len(attempts) == 3
     assert cache.shrinks == 1 and cache.nbytes < held and cache.max_bytes <= 0.85 * held
     cache.clear()
     with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing left to give: it goes on up

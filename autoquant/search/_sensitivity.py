@@ -36,10 +36,15 @@ def _only(cache: LayerCache, g: Group, cfg) -> None:
 def _retrying(cache: LayerCache, work):
     """``work()``; if the GPU runs out of memory, the layer cache gives memory back and the
     work is done again (a memory cap is a promise the search keeps)."""
+    emptied = False
     while True:
         try:
             return work()
         except torch.cuda.OutOfMemoryError:
+            if not emptied:  # first, what the allocator holds but does not use
+                emptied = True
+                torch.cuda.empty_cache()
+                continue
             if not cache.shrink():
                 raise
 
