@@ -80,9 +80,9 @@ def decide(sizes: dict[str, ComponentSize], encoders: list[str], cap: int, plan_
                 total += sizes[c].total
             elif where == "streamed":
                 total += sizes[c].total - sizes[c].linear
-                window = max(window, (depth + 1) * sizes[c].largest_linear)
+                window = max(window, 2 * (depth + 1) * sizes[c].largest_linear)
             else:  # encoding happens before the plan and the cache exist; its window only
-                window = max(window, (depth + 1) * sizes[c].largest_linear)
+                window = max(window, 2 * (depth + 1) * sizes[c].largest_linear)
         return total + window
 
     for c in sorted((c for c in place if place[c] == "resident"),
@@ -243,8 +243,9 @@ class MemoryPlan:
         """Measure the activations of the work inside (peak allocated above the start, less the
         streaming window) and keep the largest, times ``scale``."""
         torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
         self._reset_peak()
+        torch.cuda.empty_cache()  # what the allocator holds from before is not this work's
+        base = torch.cuda.memory_allocated(self.device)
         self.streamer.peak_window_bytes = self.streamer.window_bytes
         yield
         torch.cuda.synchronize(self.device)
