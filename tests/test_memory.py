@@ -233,3 +233,33 @@ def test_out_of_memory_in_the_sensitivity_pass_gives_cache_memory_back_and_retri
     cache.clear()
     with pytest.raises(torch.cuda.OutOfMemoryError):  # nothing left to give: it goes on up
         _retrying(cache, lambda: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+
+
+def test_modules_the_layer_cache_drops_are_freed_even_in_reference_cycles():
+    """torchao's (and bitsandbytes') quantized modules sit in reference cycles: dropped from the
+    cache they would hold their memory until Python's cycle collector happened to run."""
+    import gc
+    import weakref
+
+    from autoquant.backends import config_from_dict
+    from autoquant.search._cache import LayerCache
+    from autoquant._inventory import inventory
+
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
+    inv = inventory(pipe)
+    shape = max((l.out_features, l.in_features) for l in inv if l.component == "transformer")
+    layers = [l for l in inv if (l.out_features, l.in_features) == shape][:3]
+    assert len(layers) == 3
+    cfg = config_from_dict({"method": "torchao", "type": "int8"})
+    size = max(l.nbytes(cfg) for l in layers)
+    cache = LayerCache(pipe, inv, torch.device("cpu"), max_bytes=size)  # room for one
+    cache.collect_every = 1
+    gc.disable()
+    try:
+        first = weakref.ref(cache.module(layers[0].name, cfg))
+        for layer in layers[1:]:
+            cache.module(layer.name, cfg)
+        assert cache.evictions == len(layers) - 1
+        assert first() is None and cache.unfreed == 0
+    finally:
+        gc.enable()

@@ -21,7 +21,7 @@ import torch
 from .._progress import tqdm
 
 from .._errors import InputError
-from ._cache import LayerCache
+from ._cache import LayerCache, collect_garbage
 from ._groups import Group, Groups
 from ._replay import Replay
 
@@ -41,9 +41,9 @@ def _retrying(cache: LayerCache, work):
         try:
             return work()
         except torch.cuda.OutOfMemoryError:
-            if not emptied:  # first, what the allocator holds but does not use
+            if not emptied:  # first, garbage and what the allocator holds but does not use
                 emptied = True
-                torch.cuda.empty_cache()
+                collect_garbage()
                 continue
             if not cache.shrink():
                 raise
