@@ -46,7 +46,7 @@ class LayerStreamer:
             home = {}
             for name, p in m.named_parameters(recurse=False):
                 t = p.data.detach().to("cpu")
-                if self.cuda:
+                if self.cuda and not t.is_pinned():
                     t = t.pin_memory()
                 p.data = t
                 home[name] = t
@@ -54,21 +54,20 @@ class LayerStreamer:
             self.handles[m] = [m.register_forward_pre_hook(self._before),
                                m.register_forward_hook(self._after)]
 
-    def detach(self, device: torch.device | str | None = None) -> None:
-        """Stop streaming; the parameters stay on the CPU, or move to ``device``."""
-        for m, hs in self.handles.items():
-            for h in hs:
+    def detach(self, modules=None, device: torch.device | str | None = None) -> None:
+        """Stop streaming ``modules`` (default: all); their parameters stay on the CPU (pinned),
+        or move to ``device``."""
+        self.release()
+        for m in list(self.home if modules is None else modules):
+            if m not in self.home:
+                continue
+            for h in self.handles.pop(m):
                 h.remove()
+            home = self.home.pop(m)
             if device is not None:
-                for name, t in self.home[m].items():
+                for name, t in home.items():
                     getattr(m, name).data = t.to(device)
-        self.home.clear()
-        self.handles.clear()
-        self.loaded.clear()
-        self.next.clear()
-        self.prev = None
-        self.window_bytes = 0
-        self.pending.clear()
+        self.next = {a: b for a, b in self.next.items() if a in self.home and b in self.home}
 
     def release(self) -> None:
         """Drop every copy on the device (prefetched ones too), e.g. after an out-of-memory."""

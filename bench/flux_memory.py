@@ -175,7 +175,7 @@ def run_offload_mode(args) -> dict:
             sub._apply(lambda t: t.to(device), recurse=False)
     measure(f"autoquant layer streaming (depth {args.depth})", model,
             {"window_bytes": streamer.planned_window_bytes})
-    streamer.detach(device)
+    streamer.detach(device=device)
     measure("resident (whole model on the GPU)", model)
     del model, streamer, linears, others
     torch.cuda.empty_cache()

@@ -263,3 +263,34 @@ def test_modules_the_layer_cache_drops_are_freed_even_in_reference_cycles():
         assert first() is None and cache.unfreed == 0
     finally:
         gc.enable()
+
+
+@pytest.mark.gpu
+def test_evaluate_with_the_denoiser_streamed_scores_like_the_resident_one():
+    """``evaluate --gpu-memory``: references made with the transformer streaming, the recipe
+    applied onto the GPU, the same scores as with everything resident; afterwards the
+    transformer streams again."""
+    from autoquant.evaluator import Evaluator
+    from autoquant.memory import MemoryPlan
+    from autoquant.recipe import Recipe
+    from autoquant.references import ReferenceCache
+    from autoquant.settings import EvalSettings
+
+    from .test_apply import MIXED
+
+    settings = EvalSettings.for_model("tiny-flux", "holdout", seeds=[0], batch_size=4)
+    scores = []
+    for i, placement in enumerate(("resident", "streamed")):
+        pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
+        memory = MemoryPlan(pipe, torch.device("cuda"), 4 * GiB, ["transformer"], 10**7,
+                            placement={"transformer": placement}).place()
+        ev = Evaluator(pipe, settings, clip=None, progress=False, memory=memory,
+                       cache=ReferenceCache(f"/tmp/aq-refs-{i}"))
+        result = ev.evaluate(Recipe.from_dict(MIXED))
+        scores.append((ev.references, result.metrics["psnr"]["mean"]))
+        linears = memory.linear_modules["transformer"]
+        if placement == "streamed":
+            assert all(m.weight.device.type == "cpu" and memory.streamer.streams(m)
+                       for m in linears)
+    (r0, p0), (r1, p1) = scores
+    assert torch.equal(r0, r1) and abs(p0 - p1) < 1e-3
