@@ -3,11 +3,14 @@ full-size text encoders (T5-XXL v1.1 and CLIP-L, random weights from their publi
 1024 px, budget 30%, anchored sensitivity. Each mode runs in its own process (its own reference
 cache, so every phase is really done):
 
-    python bench/flux_memory.py --mode uncapped --json bench/results/flux_memory_uncapped.json
+    python bench/flux_memory.py --mode uncapped --json bench/results/flux_memory_uncapped_h100.json
     python bench/flux_memory.py --mode capped --gpu-memory 24GiB \\
-        --compare bench/results/flux_memory_uncapped.json --json bench/results/flux_memory_24gib.json
-    python bench/flux_memory.py --mode capped --gpu-memory 16GiB --table-from ... --json ...
-    python bench/flux_memory.py --mode offload --json bench/results/flux_offload.json
+        --compare bench/results/flux_memory_uncapped_h100.json \\
+        --json bench/results/flux_memory_24gib_h100.json
+    python bench/flux_memory.py --mode capped --gpu-memory 16GiB \\
+        --table-from bench/results/flux_memory_uncapped_h100.json \\
+        --json bench/results/flux_memory_16gib_h100.json
+    python bench/flux_memory.py --mode offload --json bench/results/flux_offload_h200.json
 
 ``capped`` enforces the cap with ``torch.cuda.set_per_process_memory_fraction`` (what
 ``--gpu-memory`` does) and reports ``max_memory_allocated`` and the reserved peak. ``--compare``:
