@@ -294,7 +294,8 @@ class MemoryPlan:
     def size_cache(self, user_bytes: float | None = None) -> int:
         """The layer cache's bytes: what the cap leaves after the tensors on the GPU now, the
         streaming window and the measured activations. Refuses if one assembled plan at the
-        budget does not fit."""
+        budget does not fit. ``user_bytes`` (``--cache-gib``) is taken as given, unless a cap
+        was asked for and it exceeds what the cap leaves."""
         torch.cuda.synchronize(self.device)
         self.resident_bytes = torch.cuda.memory_allocated(self.device)
         fixed = (self.resident_bytes + self.streamer.planned_window_bytes
@@ -304,7 +305,7 @@ class MemoryPlan:
         need = self.plan_bytes
         if room < need:
             raise InputError(self._too_small(fixed + need, measured=True))
-        if user_bytes is not None and user_bytes > room:
+        if user_bytes is not None and self.enforced and user_bytes > room:
             raise InputError(f"--cache-gib {user_bytes / GiB:.2f} does not fit under "
                              f"--gpu-memory {human_bytes(self.cap)}: at most "
                              f"{room / GiB:.2f} GiB is left for the layer cache")
