@@ -266,7 +266,7 @@ def test_modules_the_layer_cache_drops_are_freed_even_in_reference_cycles():
 
 
 @pytest.mark.gpu
-def test_evaluate_with_the_denoiser_streamed_scores_like_the_resident_one():
+def test_evaluate_with_the_denoiser_streamed_scores_like_the_resident_one(tmp_path):
     """``evaluate --gpu-memory``: references made with the transformer streaming, the recipe
     applied onto the GPU, the same scores as with everything resident; afterwards the
     transformer streams again."""
@@ -285,7 +285,7 @@ def test_evaluate_with_the_denoiser_streamed_scores_like_the_resident_one():
         memory = MemoryPlan(pipe, torch.device("cuda"), 4 * GiB, ["transformer"], 10**7,
                             placement={"transformer": placement}).place()
         ev = Evaluator(pipe, settings, clip=None, progress=False, memory=memory,
-                       cache=ReferenceCache(f"/tmp/aq-refs-{i}"))
+                       cache=ReferenceCache(tmp_path / str(i)))
         result = ev.evaluate(Recipe.from_dict(MIXED))
         scores.append((ev.references, result.metrics["psnr"]["mean"]))
         linears = memory.linear_modules["transformer"]
@@ -294,3 +294,38 @@ def test_evaluate_with_the_denoiser_streamed_scores_like_the_resident_one():
                        for m in linears)
     (r0, p0), (r1, p1) = scores
     assert torch.equal(r0, r1) and abs(p0 - p1) < 1e-3
+
+
+def test_evaluate_under_a_memory_plan_applies_onto_its_device_and_streams_again_after(tmp_path):
+    """The plumbing of ``evaluate --gpu-memory`` on the CPU (a plan built by hand: the real one
+    needs CUDA): the recipe is applied with streaming paused, scores like a plain evaluate, and
+    every transformer Linear streams again after, hooked once."""
+    from autoquant._inventory import components_of
+    from autoquant.evaluator import Evaluator
+    from autoquant.memory import MemoryPlan
+    from autoquant.recipe import Recipe
+    from autoquant.references import ReferenceCache
+    from autoquant.settings import EvalSettings
+
+    from .test_apply import MIXED
+
+    settings = EvalSettings.for_model("tiny-flux", "holdout", seeds=[0], batch_size=4)
+    plain = autoquant.load_pipeline("tiny-flux", dtype="auto")
+    want = Evaluator(plain, settings, clip=None, progress=False,
+                     cache=ReferenceCache(tmp_path / "plain")).evaluate(Recipe.from_dict(MIXED))
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
+    memory = MemoryPlan.__new__(MemoryPlan)
+    memory.pipe, memory.device, memory.comps = pipe, torch.device("cpu"), components_of(pipe)
+    memory.placement = {"transformer": "streamed"}
+    memory.linear_modules = {"transformer": [m for m in pipe.transformer.modules()
+                                             if type(m) is nn.Linear]}
+    memory.streamer = LayerStreamer(torch.device("cpu"))
+    memory._put("transformer", "streamed")
+    got = Evaluator(pipe, settings, clip=None, progress=False, memory=memory,
+                    cache=ReferenceCache(tmp_path / "streamed")).evaluate(Recipe.from_dict(MIXED))
+    assert got.metrics["psnr"]["mean"] == pytest.approx(want.metrics["psnr"]["mean"], abs=1e-4)
+    assert got.bytes == want.bytes
+    linears = memory.linear_modules["transformer"]
+    assert all(memory.streamer.streams(m) and len(m._forward_pre_hooks) == 1 for m in linears)
+    # the originals are back in place: the recipe's modules are gone from the tree
+    assert {m for m in pipe.transformer.modules() if type(m) is nn.Linear} == set(linears)
