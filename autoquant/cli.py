@@ -205,7 +205,7 @@ def _evaluation_memory(pipe, args, recipe, cap: int):
                      for c in comps) + sum(
         l.nbytes(configs[l.name]) if l.name in configs else l.bytes
         for l in inv if l.component in comps)
-    return MemoryPlan(pipe, args.device, cap, comps, plan_bytes, enforce=True).place()
+    return MemoryPlan(pipe, args.device, cap, comps, plan_bytes, enforce=True, inv=inv).place()
 
 
 def cmd_baseline(args) -> int:

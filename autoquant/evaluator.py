@@ -8,6 +8,7 @@ full-precision layers back -- the pipeline is never reloaded between candidates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -188,8 +189,6 @@ class Evaluator:
 
     def evaluate(self, recipe: Recipe | None = None, label: str | None = None) -> EvalResult:
         """Score ``recipe`` (None: full precision). The pipeline is back in full precision after."""
-        import contextlib
-
         t0 = time.perf_counter()
         summary = None
         memory = self.memory

@@ -36,6 +36,18 @@ PROVISIONAL_ACTIVATIONS = 0.25
 ALLOCATOR_SLACK = 64 * 2**20
 
 
+def spare_encoders(pipe: Any, searched: list[str]) -> list[str]:
+    """The text encoders whose embeddings can be kept once per batch: not searched, and the
+    pipeline has an ``encode_prompt`` to memoize (without one they are components like any
+    other)."""
+    from ._inventory import components_of
+
+    if not callable(getattr(pipe, "encode_prompt", None)):
+        return []
+    return [c for c in components_of(pipe) if c.startswith(TEXT_ENCODER_PREFIX)
+            and c not in searched]
+
+
 def parse_memory(text: str | float | int) -> int:
     """Bytes from ``24GiB``, ``24GB``, ``16000MiB`` or a number of bytes."""
     from .space import parse_budget
@@ -106,10 +118,10 @@ class MemoryPlan:
 
     def __init__(self, pipe: Any, device: torch.device, cap: int | None, searched: list[str],
                  plan_bytes: int, enforce: bool = False, encode_once: bool = True,
-                 placement: dict[str, str] | None = None):
+                 placement: dict[str, str] | None = None, inv: Any = None):
         """``placement``: where components go, overriding the choice (``resident``,
-        ``streamed``, ``encode``; a benchmark comparing them, a test on a small model)."""
-        from ._bytes import measured_bytes
+        ``streamed``, ``encode``; a benchmark comparing them, a test on a small model).
+        ``inv``: the pipeline's :func:`~autoquant._inventory.inventory`, if the caller has it."""
         from ._inventory import components_of, inventory
         from ._streaming import LayerStreamer
 
@@ -127,25 +139,22 @@ class MemoryPlan:
         self.enforced = enforce
         self.searched, self.plan_bytes = list(searched), int(plan_bytes)
         self.comps = components_of(pipe)
-        inv = inventory(pipe)
+        self.inv = inv = inv if inv is not None else inventory(pipe)
         self.linear_modules = {c: [m.get_submodule(l.path) for l in inv if l.component == c]
                                for c, m in self.comps.items()}
         self.sizes = {}
-        for c, m in self.comps.items():
-            layers = [l for l in inv if l.component == c]
-            self.sizes[c] = ComponentSize(measured_bytes(m), sum(l.bytes for l in layers),
-                                          max((l.bytes for l in layers), default=0))
-        # memoizing the embeddings needs the pipeline's encode_prompt; without one the encoders
-        # are components like any other
-        self.encoders = [c for c in self.comps if c.startswith(TEXT_ENCODER_PREFIX)
-                         and c not in searched] if encode_once and callable(
-            getattr(pipe, "encode_prompt", None)) else []
+        for c in self.comps:
+            layer_bytes = [l.bytes for l in inv if l.component == c]
+            self.sizes[c] = ComponentSize(inv.components[c]["bytes"], sum(layer_bytes),
+                                          max(layer_bytes, default=0))
+        self.encoders = spare_encoders(pipe, searched) if encode_once else []
         self.streamer = LayerStreamer(self.device)
         self.activations: int | None = None
         self.measured: dict[str, int] = {}
         self.cache_bytes: int | None = None
         self.peaks = {"allocated": 0, "reserved": 0}
         self.fragmentation = 0  # reserved but unallocated at the measured peak
+        self.resident_bytes: int | None = None  # on the GPU when the cache was sized
         self.placement, need = decide(self.sizes, self.encoders, self.cap, self.plan_bytes,
                                       int(PROVISIONAL_ACTIVATIONS * self.cap))
         for c, where in (placement or {}).items():
@@ -207,10 +216,7 @@ class MemoryPlan:
 
     def streamed_layers(self) -> set[str]:
         """Names of the Linear layers that stream (the layer cache copies them in for trials)."""
-        from ._inventory import inventory
-
-        return {l.name for l in inventory(self.pipe)
-                if self.placement.get(l.component) == "streamed"}
+        return {l.name for l in self.inv if self.placement.get(l.component) == "streamed"}
 
     @contextlib.contextmanager
     def unstreamed(self, components: list[str]):
@@ -286,20 +292,23 @@ class MemoryPlan:
                 f"generation of this pipeline at these settings, nor can the whole "
                 f"{human_bytes(self.device_bytes)} card; use a smaller --batch-size or --size") \
                 from None
-        torch.cuda.synchronize(self.device)
-        need = (torch.cuda.memory_allocated(self.device) + self.streamer.planned_window_bytes
-                + (self.activations or 0) + margin(self.cap) + self.plan_bytes)
+        need = self._fixed_bytes() + self.plan_bytes
         raise InputError(self._too_small(max(need, int(self.cap * 1.05)), measured=True))
+
+    def _fixed_bytes(self) -> int:
+        """What the GPU holds besides the layer cache: the tensors on it now, the streaming
+        window, the measured activations and fragmentation, and the margin."""
+        torch.cuda.synchronize(self.device)
+        self.resident_bytes = torch.cuda.memory_allocated(self.device)
+        return (self.resident_bytes + self.streamer.planned_window_bytes
+                + (self.activations or 0) + self.fragmentation + margin(self.cap))
 
     def size_cache(self, user_bytes: float | None = None) -> int:
         """The layer cache's bytes: what the cap leaves after the tensors on the GPU now, the
         streaming window and the measured activations. Refuses if one assembled plan at the
         budget does not fit. ``user_bytes`` (``--cache-gib``) is taken as given, unless a cap
         was asked for and it exceeds what the cap leaves."""
-        torch.cuda.synchronize(self.device)
-        self.resident_bytes = torch.cuda.memory_allocated(self.device)
-        fixed = (self.resident_bytes + self.streamer.planned_window_bytes
-                 + (self.activations or 0) + self.fragmentation + margin(self.cap))
+        fixed = self._fixed_bytes()
         room = self.cap - fixed
         # streamed: the whole assembled plan is in the cache; resident: its quantized layers
         need = self.plan_bytes
@@ -310,10 +319,6 @@ class MemoryPlan:
                              f"--gpu-memory {human_bytes(self.cap)}: at most "
                              f"{room / GiB:.2f} GiB is left for the layer cache")
         self.cache_bytes = int(user_bytes if user_bytes is not None else room)
-        return self.cache_bytes
-
-    def room_for_plan(self) -> int | None:
-        """Bytes one assembled plan may take (None: no limit known yet)."""
         return self.cache_bytes
 
     def _too_small(self, need: int, measured: bool) -> str:
@@ -345,7 +350,7 @@ class MemoryPlan:
              "plan_bytes": self.plan_bytes, "activations_bytes": self.activations,
              "activations_measured": dict(self.measured), "cache_bytes": self.cache_bytes,
              "fragmentation_bytes": self.fragmentation, "margin_bytes": margin(self.cap),
-             "resident_bytes": getattr(self, "resident_bytes", None),
+             "resident_bytes": self.resident_bytes,
              "streaming": {"window_bytes": self.streamer.planned_window_bytes,
                            "peak_window_bytes": self.streamer.peak_window_bytes,
                            "bytes_copied": self.streamer.bytes_copied,

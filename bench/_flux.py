@@ -79,6 +79,25 @@ def full_size_encoders(device="cpu"):
     return random_init(clip, device, 1), random_init(t5, device, 2)
 
 
+def block_space(candidates: list[str], objectives: str, description: str) -> str:
+    """A Flux space (YAML text) with every layer of a transformer block tied -- one group per
+    block, 57 in all: the benches' coarse space. ``candidates``: flow-style YAML entries."""
+    lines = "\n".join(f"  - {c}" for c in candidates)
+    return f"""format: autoquant-space/1
+description: {description}
+components: [transformer]
+candidates:
+{lines}
+tie:
+  - "re:(transformer\\\\.(?:single_)?transformer_blocks\\\\.\\\\d+)\\\\..*"
+protect:
+  - "re:transformer\\\\.(x_embedder|context_embedder|proj_out)"
+  - "re:transformer\\\\.(time_text_embed|norm_out)\\\\..*"
+fp_cap: 0.20
+objectives: {objectives}
+"""
+
+
 FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16,
                 down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),

@@ -38,24 +38,16 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch  # noqa: E402
 
 from _common import write_json  # noqa: E402
+from _flux import block_space, build_pipeline, flux_transformer  # noqa: E402
 
-SPACE = """format: autoquant-space/1
-description: bench space - Flux with every layer of a block tied (the memory bench)
-components: [transformer]
-candidates:
-  - {method: hqq, bits: 3, group_size: 64}
-  - {method: hqq, bits: 4, group_size: 64}
-  - {method: bnb, bits: 4, type: nf4}
-  - {method: torchao, type: int8}
-  - {method: none}
-tie:
-  - "re:(transformer\\\\.(?:single_)?transformer_blocks\\\\.\\\\d+)\\\\..*"
-protect:
-  - "re:transformer\\\\.(x_embedder|context_embedder|proj_out)"
-  - "re:transformer\\\\.(time_text_embed|norm_out)\\\\..*"
-fp_cap: 0.20
-objectives: [bytes, psnr, clip_fidelity]
-"""
+SPACE = block_space([
+    "{method: hqq, bits: 3, group_size: 64}",
+    "{method: hqq, bits: 4, group_size: 64}",
+    "{method: bnb, bits: 4, type: nf4}",
+    "{method: torchao, type: int8}",
+    "{method: none}",
+], "[bytes, psnr, clip_fidelity]",
+    "bench space - Flux with every layer of a block tied (the memory bench)")
 
 
 def _seeds(search) -> list[dict]:
@@ -68,8 +60,6 @@ def run_search_mode(args) -> dict:
     from autoquant.search import Search, SearchConfig, run_search
     from autoquant.settings import EvalSettings, prompt_set
     from autoquant.space import load_space
-
-    from _flux import build_pipeline
 
     os.environ["AUTOQUANT_CACHE"] = tempfile.mkdtemp(prefix="aq-cache-")  # every phase done
     t0 = time.perf_counter()
@@ -148,8 +138,6 @@ def run_offload_mode(args) -> dict:
 
     from autoquant._streaming import LayerStreamer
     from autoquant.latency import time_call
-
-    from _flux import flux_transformer
 
     device = torch.device("cuda")
     small = dict(num_layers=1, num_single_layers=2, num_attention_heads=4) \

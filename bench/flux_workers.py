@@ -26,32 +26,22 @@ import torch
 from autoquant.search._workers import threads_per_worker  # as `search --devices` does
 
 from _common import environment, write_json
+from _flux import block_space, build_pipeline
 
-SPACE = """format: autoquant-space/1
-description: Flux with one group per transformer block (the benchmark's coarse space).
-components: [transformer]
-candidates:
-  - {method: hqq, bits: 4, group_size: 64}
-  - {method: hqq, bits: 8, group_size: 64}
-  - {method: bnb, bits: 4, type: nf4}
-  - {method: torchao, type: int8}
-  - {method: none}
-tie:
-  - "re:(transformer\\\\.(?:single_)?transformer_blocks\\\\.\\\\d+)\\\\..*"
-protect:
-  - "re:transformer\\\\.(x_embedder|context_embedder|proj_out)"
-  - "re:transformer\\\\.(time_text_embed|norm_out)\\\\..*"
-fp_cap: 0.20
-objectives: [bytes, psnr]
-"""
+SPACE = block_space([
+    "{method: hqq, bits: 4, group_size: 64}",
+    "{method: hqq, bits: 8, group_size: 64}",
+    "{method: bnb, bits: 4, type: nf4}",
+    "{method: torchao, type: int8}",
+    "{method: none}",
+], "[bytes, psnr]",
+    "Flux with one group per transformer block (the benchmark's coarse space).")
 
 
 def worker(args) -> int:
     """One worker: the pipeline on ``args.device``, then the shared search."""
     import autoquant
     from autoquant.settings import EvalSettings, prompt_set
-
-    from _flux import build_pipeline
 
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -144,15 +144,14 @@ class Search:
         """On a GPU: where each component lives under the memory cap (the whole device when
         none is given). Elsewhere: the prompt embeddings are still kept once per batch."""
         from .._embeddings import PromptEmbeddings
-        from ..memory import TEXT_ENCODER_PREFIX, MemoryPlan
+        from ..memory import MemoryPlan, spare_encoders
 
         if self.device.type != "cuda":
-            PromptEmbeddings.install(self.pipe, [c for c in components_of(self.pipe)
-                                                 if c.startswith(TEXT_ENCODER_PREFIX)
-                                                 and c not in comps])
+            PromptEmbeddings.install(self.pipe, spare_encoders(self.pipe, comps))
             return None
         memory = MemoryPlan(self.pipe, self.device, self.cfg.gpu_memory, comps,
-                            self.budget.budget_bytes, enforce=self.cfg.gpu_memory is not None)
+                            self.budget.budget_bytes, enforce=self.cfg.gpu_memory is not None,
+                            inv=self.inv)
         if self.searches_latency and "streamed" in memory.placement.values():
             raise InputError("--latency times layers resident on the GPU; under this "
                              "--gpu-memory the denoiser streams. Measure latency on a GPU that "
@@ -291,31 +290,14 @@ class Search:
         """The evaluator (its references) and the captured denoiser inputs, once."""
         import time
 
-
         if self.replay is None:
             t0 = time.perf_counter()
-            pairs = self.settings.pairs()
-            few = pairs[:2]  # two prompts x 3 steps (x2 with guidance) suffice
-            # the first full-precision generation measures the activations (scaled to the
-            # search's batch), which size the layer cache
-            batch = min(self.settings.batch_size, len(pairs))
 
             def capture():
-                self.replay = Replay.capture(self.pipe, self.component, lambda: generate_images(
-                    self.pipe, dataclasses.replace(self.settings, batch_size=len(few)), few))
+                self.replay = Replay.capture(self.pipe, self.component, self._generate_two)
 
-            if self.memory is None:
-                capture()
-            else:
-                from ..memory import _Retry
-
-                try:
-                    with self.memory.first_generation("capture", max(1.0, batch / len(few))):
-                        capture()
-                except _Retry:  # out of memory under the cap: refused with what it needs
-                    self.memory.refuse_after_oom(capture)
+            self._first_generation("capture", capture)
             self.timing["capture_s"] = time.perf_counter() - t0
-            self._size_cache()
         if self.evaluator is None:
             t0 = time.perf_counter()
             self.evaluator = Evaluator(self.pipe, self.settings, clip=self.cfg.clip,
@@ -323,19 +305,37 @@ class Search:
                                        progress=self.cfg.progress, key=self.model_key)
             self.timing["references_s"] = time.perf_counter() - t0
 
+    def _generate_two(self):
+        """Full-precision images of the first two search prompts (two prompts x 3 steps, x2
+        with guidance, are all the captured inputs need)."""
+        few = self.settings.pairs()[:2]
+        return generate_images(self.pipe, dataclasses.replace(self.settings,
+                                                              batch_size=len(few)), few)
+
+    def _first_generation(self, what: str, work) -> None:
+        """``work()`` -- the study's first full-precision generation. Under a memory plan it
+        measures the activations (scaled from its two prompts to the search's batch), which size
+        the layer cache; if it runs out of memory under the cap, the search is refused with what
+        it needs."""
+        if self.memory is None:
+            work()
+            return
+        from ..memory import _Retry
+
+        pairs = self.settings.pairs()
+        scale = max(1.0, min(self.settings.batch_size, len(pairs)) / len(pairs[:2]))
+        try:
+            with self.memory.first_generation(what, scale):
+                work()
+        except _Retry:
+            self.memory.refuse_after_oom(work)
+        self._size_cache()
+
     def measure_activations(self) -> None:
         """Under a memory plan whose cache is not sized yet (a worker that loaded the shared
-        inputs instead of capturing them): one full-precision generation of two prompts measures
-        the activations."""
-        if self.memory is None or self.memory.cache_bytes is not None:
-            return
-        pairs = self.settings.pairs()
-        few = pairs[:2]
-        batch = min(self.settings.batch_size, len(pairs))
-        with self.memory.measure("generation", scale=max(1.0, batch / len(few))):
-            generate_images(self.pipe, dataclasses.replace(self.settings, batch_size=len(few)),
-                            few)
-        self._size_cache()
+        inputs instead of capturing them): one full-precision generation measures them."""
+        if self.memory is not None and self.memory.cache_bytes is None:
+            self._first_generation("generation", self._generate_two)
 
     def _size_cache(self) -> None:
         """Under a memory plan: the layer cache gets what the cap leaves (said once)."""

@@ -55,7 +55,7 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
         study.tell(trial, state=PRUNED)
         return
     memory = getattr(search, "memory", None)
-    room = memory.room_for_plan() if memory is not None else None
+    room = memory.cache_bytes if memory is not None else None  # what one plan may take
     if room is not None and search.plan_bytes(choice) > room:  # would not fit: no image either
         trial.set_user_attr("pruned_at", "gpu memory")
         trial.set_user_attr("infeasible_reason", (
