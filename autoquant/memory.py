@@ -59,10 +59,6 @@ def parse_memory(text: str | float | int) -> int:
     return int(value)
 
 
-class _Retry(Exception):
-    """The first generation ran out of memory under the cap (see ``first_generation``)."""
-
-
 def margin(cap: int) -> int:
     """Headroom kept free: allocator fragmentation (0.4 GiB reserved but unallocated under a
     24 GiB cap on Flux), library workspaces, and the quantized layers' dequantization
@@ -265,18 +261,20 @@ class MemoryPlan:
         self.fragmentation = max(self.fragmentation,
                                  torch.cuda.max_memory_reserved(self.device) - peak)
 
-    @contextlib.contextmanager
-    def first_generation(self, what: str, scale: float = 1.0):
-        """Measure the first full-precision work (see :meth:`measure`). If it runs out of
-        memory under the cap, it is done again without the cap (the card may hold more) to learn
-        what it needs, and the search is refused with the smallest cap that would work."""
+    def first_generation(self, what: str, work, scale: float = 1.0) -> None:
+        """``work()`` -- the first full-precision generation -- measured (see :meth:`measure`).
+        If it runs out of memory under the cap, it is done again without the cap (the card may
+        hold more) to learn what it needs, and the search is refused with the smallest cap that
+        would work."""
         try:
             with self.measure(what, scale):
-                yield
+                work()
+            return
         except torch.cuda.OutOfMemoryError:
             self.streamer.release()
-            torch.cuda.empty_cache()
-            raise _Retry() from None
+        # outside the except: its traceback would keep the failed run's tensors alive
+        torch.cuda.empty_cache()
+        self.refuse_after_oom(work)
 
     def refuse_after_oom(self, rerun) -> None:
         """``rerun()`` the first generation with the cap lifted, measuring it; then refuse

@@ -320,15 +320,9 @@ class Search:
         if self.memory is None:
             work()
             return
-        from ..memory import _Retry
-
         pairs = self.settings.pairs()
         scale = max(1.0, min(self.settings.batch_size, len(pairs)) / len(pairs[:2]))
-        try:
-            with self.memory.first_generation(what, scale):
-                work()
-        except _Retry:
-            self.memory.refuse_after_oom(work)
+        self.memory.first_generation(what, work, scale)
         self._size_cache()
 
     def measure_activations(self) -> None:
