@@ -43,7 +43,8 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
     # Optuna's own constraint record (what constraints-aware samplers and dashboards read)
     trial.set_constraint("bytes_over_budget", cons[0])
     trial.set_constraint("fp_weights_over_cap", cons[1])
-    trial.set_user_attr("predicted_bytes", search.plan_bytes(choice))
+    plan_bytes = search.plan_bytes(choice)
+    trial.set_user_attr("predicted_bytes", plan_bytes)
     trial.set_user_attr("proxy_error_additive", search.proxy(choice))
     predicted_latency = search.plan_latency(choice)
     if predicted_latency is not None:
@@ -56,10 +57,10 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
         return
     memory = getattr(search, "memory", None)
     room = memory.cache_bytes if memory is not None else None  # what one plan may take
-    if room is not None and search.plan_bytes(choice) > room:  # would not fit: no image either
+    if room is not None and plan_bytes > room:  # would not fit: no image either
         trial.set_user_attr("pruned_at", "gpu memory")
         trial.set_user_attr("infeasible_reason", (
-            f"the assembled plan needs {search.plan_bytes(choice):,} bytes on the GPU; "
+            f"the assembled plan needs {plan_bytes:,} bytes on the GPU; "
             f"{room:,} are left for it under the {memory.cap:,}-byte cap"))
         study.tell(trial, state=PRUNED)
         return
@@ -99,7 +100,7 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
             images = ev.last_images
         if predicted_latency is not None:  # measured too, eager, one step of one sample
             trial.set_user_attr("measured_latency_s", search.replay.step_seconds())
-        values = [search.plan_bytes(choice)] + [
+        values = [plan_bytes] + [
             predicted_latency if o == "latency" else metrics[o]["mean"]
             for o in search.objectives[1:]]
         if any(math.isnan(v) for v in values) or any(
