@@ -171,9 +171,10 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
 
 def compile_pipeline(target: Any, components: list[str] | None = None) -> list[str]:
     """Run ``components`` (default: the denoiser) under ``torch.compile`` from the next call on
-    (``nn.Module.compile``, in place). Every backend's layers compile in one graph unless the
-    Methods table marks it eager-only; the first call compiles (seconds to minutes)."""
-    from ._compat import pin_inductor_simd
+    (``nn.Module.compile``, in place; block by block where the model declares repeated blocks,
+    as diffusers' ``compile_repeated_blocks``). Every backend's layers compile in one graph
+    unless the Methods table marks it eager-only; the first call compiles (seconds to minutes)."""
+    from ._compile import compile_module
     from ._inventory import DENOISERS
 
     comps = components_of(target)
@@ -182,9 +183,8 @@ def compile_pipeline(target: Any, components: list[str] | None = None) -> list[s
     if missing:
         raise InputError(f"no component(s) {missing} to compile; this pipeline has "
                          f"{sorted(comps)}")
-    pin_inductor_simd()
     for name in names:
-        comps[name].compile(dynamic=False)
+        compile_module(comps[name])
     return names
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -70,12 +71,18 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 15,
     return statistics.median(times)
 
 
-def compiled(module: nn.Module) -> Callable:
-    """``module`` under ``torch.compile`` (the deployment mode ``compile``)."""
-    from ._compat import pin_inductor_simd
+@contextlib.contextmanager
+def compiled(module: nn.Module, whole: bool = False) -> Iterator[Callable]:
+    """``module`` under ``torch.compile`` as deployed (regionally where it declares repeated
+    blocks, see :mod:`autoquant._compile`; ``whole``: one graph) inside the ``with`` block,
+    eager again after."""
+    from ._compile import compile_module, uncompile
 
-    pin_inductor_simd()
-    return torch.compile(module, dynamic=False)
+    done = compile_module(module, whole)
+    try:
+        yield module
+    finally:
+        uncompile(done)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +167,16 @@ class LatencyTable:
         linear.requires_grad_(False)
         module = quantize_layer(linear, cfg, self.device)
         x = torch.randn(shape.rows, shape.in_features, generator=gen).to(self.device, dtype)
-        fn = compiled(module) if self.mode == "compile" else module
-        return time_call(lambda: fn(x), self.device, self.repeats)
+        with _deployed(module, self.mode) as fn:
+            return time_call(lambda: fn(x), self.device, self.repeats)
+
+
+def _deployed(module: nn.Module, mode: str) -> contextlib.AbstractContextManager[Callable]:
+    """``module`` as ``mode`` runs it (compiled afresh in ``compile`` mode)."""
+    if mode != "compile":
+        return contextlib.nullcontext(module)
+    torch._dynamo.reset()
+    return compiled(module)
 
 
 def _digest(entries: dict) -> str:
@@ -253,9 +268,9 @@ def build_model(module: nn.Module, call: tuple, layers: dict[str, nn.Module],
     from ._progress import tqdm
 
     start = time.perf_counter()
-    fn = compiled(module) if mode == "compile" else module
     args, kwargs = call
-    fp_step = time_call(lambda: fn(*args, **kwargs), device, repeats=7)
+    with _deployed(module, mode) as fn:
+        fp_step = time_call(lambda: fn(*args, **kwargs), device, repeats=7)
     rows = layer_rows(module, call, layers)
     shapes = {}
     for name, m in layers.items():
@@ -280,10 +295,8 @@ def build_model(module: nn.Module, call: tuple, layers: dict[str, nn.Module],
                         disable=not progress, leave=False):
             names = [n for n, cs in configs.items() if cfg in cs]
             assemble({n: cfg for n in names})
-            if mode == "compile":
-                torch._dynamo.reset()
-            fn = compiled(module) if mode == "compile" else module
-            model.calibrate(cfg, names, time_call(lambda: fn(*args, **kwargs), device,
-                                                  repeats=5))
+            with _deployed(module, mode) as fn:
+                step = time_call(lambda: fn(*args, **kwargs), device, repeats=5)
+            model.calibrate(cfg, names, step)
             assemble(None)
     return model, time.perf_counter() - start

@@ -15,7 +15,6 @@ bf16's bytes and at hqq4's bytes, predicted and measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import random
 import sys
@@ -90,38 +89,31 @@ class Bench:
                                      "text": self.call[1]["encoder_hidden_states"].shape[1]},
                           "bf16_bytes": self.fp_bytes}
 
-    def compile_search(self):
-        """A search over the configs with fast compiled kernels, timed in compile mode."""
-        space = {**self.space_dict, "candidates": [c for c in self.space_dict["candidates"]
-                                                   if _label(c) in COMPILED]}
-        search = autoquant.Search(dataclasses.replace(
-            self.search.cfg, space=autoquant.SearchSpace.from_dict(space, name="compiled"),
-            latency_mode="compile", budget="100%"), self.pipe)
-        search.replay = self.replay
-        return search
-
-    def step(self, mode: str) -> tuple[float, float]:
-        """(median step seconds, seconds spent compiling) of the transformer as it stands."""
+    def step(self, mode: str, whole: bool = False) -> tuple[float, float]:
+        """(median step seconds, seconds spent compiling) of the transformer as it stands
+        (``whole``: compiled as one graph rather than block by block)."""
         args, kwargs = self.call
         if mode == "eager":
             return time_call(lambda: self.transformer(*args, **kwargs), self.device, 10), 0.0
         torch._dynamo.reset()
-        fn = compiled(self.transformer)
-        t = time.perf_counter()
-        with torch.no_grad():
-            fn(*args, **kwargs)
-        sync(self.device)
-        compile_s = time.perf_counter() - t
-        return time_call(lambda: fn(*args, **kwargs), self.device, 10), compile_s
+        with compiled(self.transformer, whole) as fn:
+            t = time.perf_counter()
+            with torch.no_grad():
+                fn(*args, **kwargs)
+            sync(self.device)
+            compile_s = time.perf_counter() - t
+            return time_call(lambda: fn(*args, **kwargs), self.device, 10), compile_s
 
-    def uniform(self, mode: str, labels) -> None:
+    def uniform(self, mode: str, labels, bf16: bool = True) -> None:
         """Step time and bytes of every uniform config (each layer that can take it)."""
-        cache, rows = self.search.cache, {}
-        bf16, cs = self.step(mode)
-        rows["bf16"] = {"step_s": bf16, "bytes": self.fp_bytes, "compile_s": cs}
-        print(f"bf16 {mode}: {bf16 * 1e3:.1f} ms", flush=True)
-        for cfg in [c for c in self.search.space.candidates if not c.full_precision]:
-            if cfg.label not in labels:
+        cache, rows = self.search.cache, self.out.setdefault("uniform", {}).setdefault(mode, {})
+        fp = rows["bf16"]["step_s"] if "bf16" in rows else None
+        if bf16 or fp is None:
+            fp, cs = self.step(mode)
+            rows["bf16"] = {"step_s": fp, "bytes": self.fp_bytes, "compile_s": cs}
+            print(f"bf16 {mode}: {fp * 1e3:.1f} ms", flush=True)
+        for cfg in map(autoquant.config_from_dict, SPACE["candidates"]):
+            if cfg.full_precision or cfg.label not in labels:
                 continue
             cache.clear()
             gc.collect()
@@ -130,12 +122,12 @@ class Bench:
             cache.assemble(plan)
             step, cs = self.step(mode)
             rows[cfg.label] = {"step_s": step, "bytes": measured_bytes(self.transformer),
-                               "vs_bf16": step / bf16, "compile_s": cs, "layers": len(plan)}
-            print(f"{cfg.label} {mode}: {step * 1e3:.1f} ms ({step / bf16:.2f}x bf16), "
-                  f"{human_bytes(rows[cfg.label]['bytes'])}", flush=True)
+                               "vs_bf16": step / fp, "compile_s": cs, "layers": len(plan)}
+            print(f"{cfg.label} {mode}: {step * 1e3:.1f} ms ({step / fp:.2f}x bf16), "
+                  f"{human_bytes(rows[cfg.label]['bytes'])}, compiled in {cs:.0f} s", flush=True)
+            write_json(self.args.json, self.out)
             cache.restore()
         cache.clear()
-        self.out.setdefault("uniform", {})[mode] = rows
 
     def latency_model(self, mode: str) -> None:
         t = time.perf_counter()
@@ -227,6 +219,11 @@ def main(argv=None) -> int:
     ap.add_argument("--plans", type=int, default=12)
     ap.add_argument("--hqq4-bytes", type=float, default=None,
                     help="uniform hqq4's measured bytes (from an earlier --part eager run)")
+    ap.add_argument("--whole-too", action="store_true",
+                    help="compile: also compile bf16 whole (vs block by block)")
+    ap.add_argument("--slow-configs", default="",
+                    help="compile: also time these configs' uniform plans compiled (labels, comma-"
+                         "separated: hqq4-g64,torchao-int8,...)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a narrow Flux (checking the script)")
     ap.add_argument("--json", default=None)
@@ -240,7 +237,7 @@ def main(argv=None) -> int:
         write_json(args.json, b.out)
         b.fastest("eager", {"hqq4 bytes": args.hqq4_bytes, "50% of bf16": 0.5 * b.fp_bytes})
     elif args.part == "eager":
-        b.uniform("eager", [c.label for c in b.search.space.candidates])
+        b.uniform("eager", [_label(c) for c in SPACE["candidates"]])
         write_json(args.json, b.out)
         b.latency_model("eager")
         b.plans(args.plans)
@@ -248,6 +245,17 @@ def main(argv=None) -> int:
         hqq4_bytes = b.out["uniform"]["eager"]["hqq4-g64"]["bytes"]
         b.fastest("eager", {"hqq4 bytes": hqq4_bytes, "50% of bf16": 0.5 * b.fp_bytes})
     else:
+        # bf16 compiled as deployed (block by block), and once whole: what regional compilation
+        # changes in step time and compile time
+        fp, cs = b.step("compile")
+        b.out["bf16_compile"] = {"regional": {"step_s": fp, "compile_s": cs}}
+        print(f"bf16 compiled block by block: {fp * 1e3:.1f} ms (compiled in {cs:.0f} s)",
+              flush=True)
+        if args.whole_too:
+            step, cs = b.step("compile", whole=True)
+            b.out["bf16_compile"]["whole"] = {"step_s": step, "compile_s": cs}
+            print(f"bf16 compiled whole: {step * 1e3:.1f} ms (compiled in {cs:.0f} s)", flush=True)
+        write_json(args.json, b.out)
         # the compile-mode table's calibration compiles and times each config's uniform plan:
         # those are the uniform compiled steps (no second compile of each)
         b.latency_model("compile")
@@ -262,6 +270,9 @@ def main(argv=None) -> int:
         if args.hqq4_bytes:
             budgets["hqq4 bytes"] = args.hqq4_bytes
         b.fastest("compile", budgets)
+        write_json(args.json, b.out)
+        if args.slow_configs:  # the configs without fast compiled kernels, uniform, compiled
+            b.uniform("compile", args.slow_configs.split(","), bf16=False)
     write_json(args.json, b.out)
     rows = [[k, human_bytes(v["bytes"]) if "bytes" in v else "", f"{v['step_s'] * 1e3:.1f}",
              f"{v.get('vs_bf16', 1):.2f}"] for m in b.out.get("uniform", {}).values()

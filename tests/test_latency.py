@@ -113,6 +113,44 @@ def test_compile_pipeline_compiles_the_denoiser_only(tiny_sd_factory):
         autoquant.compile_pipeline(pipe, ["transformer"])
 
 
+def test_a_flux_denoiser_compiles_block_by_block_one_graph_per_block_variant(tiny_flux_factory):
+    """Regional compilation: identical blocks share a graph, a block with other layer types
+    compiles its own; none falls back to eager, and the images match the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from autoquant._compile import regions
+    from tests.helpers import generate
+
+    pipe = tiny_flux_factory()
+    blocks = regions(pipe.transformer)
+    assert {type(b).__name__ for b in blocks} == set(pipe.transformer._repeated_blocks)
+    autoquant.apply_recipe(pipe, autoquant.Recipe.from_dict({
+        "format": "autoquant-recipe/1", "components": ["transformer"], "layers": {
+            r"re:transformer\.transformer_blocks\.0\..*": {"method": "torchao",
+                                                              "type": "int8"}}}),
+        progress=False)
+    eager = generate(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    assert autoquant.compile_pipeline(pipe) == ["transformer"]
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert pipe.transformer._compiled_call_impl is None  # the embedders and head stay eager
+    compiled = generate(pipe)
+    # double block 0 (int8), double block 1 (bf16), and the single blocks twice: the first
+    # receives the concatenated text + image tokens with other strides than the next
+    assert counters["stats"]["unique_graphs"] == 4
+    assert (compiled.float() - eager.float()).abs().max() < 0.05
+
+
+def test_compiled_undoes_itself():
+    from autoquant.latency import compiled
+
+    layer = torch.nn.Linear(4, 4)
+    with compiled(layer) as fn:
+        assert fn is layer and layer._compiled_call_impl is not None
+    assert layer._compiled_call_impl is None
+
+
 @pytest.mark.slow
 def test_compile_pipeline_runs_the_denoiser_compiled(tiny_sd_factory):
     from tests.helpers import generate
