@@ -77,7 +77,7 @@ class Bench:
             model="flux-dev-architecture-random", budget="100%",
             space=autoquant.SearchSpace.from_dict(space, name="latency-bench"),
             settings=settings, clip=None, progress=args.part == "compile",  # minutes per bar
-            cache_bytes=float("inf"),
+            cache_bytes=30 * 2**30,  # the calibration builds every config: room, evicting
             latency="100x", latency_mode="compile" if args.part == "compile" else "eager"),
             self.pipe)
         self.space_dict = space
@@ -158,6 +158,9 @@ class Bench:
             base = search.solve_at(search.budget_bytes)
             choice = base if i < len(budgets) else search.mutate(rng, base)
             plan = search.groups.plan(choice)
+            search.cache.clear()  # dropped quantized modules hold memory until collected
+            gc.collect()
+            torch.cuda.empty_cache() if self.device.type == "cuda" else None
             search.cache.assemble(plan)
             measured, _ = self.step("eager")
             predicted = search.plan_latency(choice)
@@ -167,8 +170,7 @@ class Bench:
             print(f"plan {i}: predicted {predicted * 1e3:.1f} ms, measured "
                   f"{measured * 1e3:.1f} ms ({rows[-1]['error']:+.1%})", flush=True)
             search.cache.restore()
-            if i % 3 == 2:
-                search.cache.clear()
+            write_json(self.args.json, self.out | {"plans": {"rows": rows}})
         errs = [abs(r["error"]) for r in rows]
         self.out["plans"] = {"rows": rows, "mean_abs_error": sum(errs) / len(errs),
                              "worst_abs_error": max(errs)}
@@ -233,6 +235,7 @@ def main(argv=None) -> int:
     b = Bench(args)
     if args.part == "rest":  # the eager model, its plans and fastest plans (no uniform pass)
         b.latency_model("eager")
+        write_json(args.json, b.out)
         b.plans(args.plans)
         write_json(args.json, b.out)
         b.fastest("eager", {"hqq4 bytes": args.hqq4_bytes, "50% of bf16": 0.5 * b.fp_bytes})
@@ -240,6 +243,7 @@ def main(argv=None) -> int:
         b.uniform("eager", [_label(c) for c in SPACE["candidates"]])
         write_json(args.json, b.out)
         b.latency_model("eager")
+        write_json(args.json, b.out)
         b.plans(args.plans)
         write_json(args.json, b.out)
         hqq4_bytes = b.out["uniform"]["eager"]["hqq4-g64"]["bytes"]
