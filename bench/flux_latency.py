@@ -183,20 +183,39 @@ class Bench:
             search.retarget(str(int(nbytes)), search.cfg.out)
             choice = search.planner.fastest_at(search.budget_bytes)
             plan = search.groups.plan(choice)
+            per_type = Counter(f"{layer_type(n)}: {c.label}" for n, c in plan.items())
+            # a compiled step compiles one graph per distinct block: say how many before it runs
+            out[name] = {"budget_bytes": nbytes, "predicted_s": search.plan_latency(choice),
+                         "block_variants": block_variants(plan),
+                         "configs": dict(Counter(c.label for c in plan.values())),
+                         "per_layer_type": dict(per_type)}
+            print(f"fastest at {name}: predicted {out[name]['predicted_s'] * 1e3:.1f} ms, "
+                  f"{out[name]['block_variants']} block variants; {out[name]['configs']}",
+                  flush=True)
+            write_json(self.args.json, self.out | {"fastest": {mode: out}})
             search.cache.clear()
             gc.collect()
             search.cache.assemble(plan)
             measured, cs = self.step(mode)
-            per_type = Counter(f"{layer_type(n)}: {c.label}" for n, c in plan.items())
-            out[name] = {"budget_bytes": nbytes, "bytes": measured_bytes(self.transformer),
-                         "predicted_s": search.plan_latency(choice), "measured_s": measured,
-                         "compile_s": cs, "configs": dict(Counter(c.label for c in plan.values())),
-                         "per_layer_type": dict(per_type)}
+            out[name].update(bytes=measured_bytes(self.transformer), measured_s=measured,
+                             compile_s=cs)
             print(f"fastest at {name} ({human_bytes(nbytes)}), {mode}: predicted "
                   f"{out[name]['predicted_s'] * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms; "
                   f"{out[name]['configs']}", flush=True)
             search.cache.restore()
         self.out.setdefault("fastest", {})[mode] = out
+
+
+def block_variants(plan: dict) -> int:
+    """Distinct repeated blocks (their class and their layers' configs) of a plan."""
+    import re
+
+    blocks: dict[str, list] = {}
+    for name, cfg in sorted(plan.items()):
+        m = re.match(r"(transformer\.(?:single_)?transformer_blocks\.\d+)\.(.+)", name)
+        if m:
+            blocks.setdefault(m.group(1), []).append((m.group(2), cfg.label))
+    return len({(k.split(".")[1], tuple(v)) for k, v in blocks.items()})
 
 
 def _label(entry: dict) -> str:
