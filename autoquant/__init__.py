@@ -31,6 +31,7 @@ _EXPORTS = {
     "compile_pipeline": ".apply",
     "Clip": ".clip", "load_clip": ".clip",
     "EvalResult": ".evaluator", "Evaluator": ".evaluator", "EvalSettings": ".settings",
+    "noise_seed": ".settings",
     "QuantConfig": ".backends", "config_from_dict": ".backends", "get_backend": ".backends",
     "methods": ".backends",
     "Inventory": "._inventory", "LayerInfo": "._inventory", "inventory": "._inventory",

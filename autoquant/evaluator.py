@@ -24,7 +24,7 @@ from ._inventory import DENOISERS, components_of, inventory
 from .metrics import aggregate, clip_features, clip_metrics, pixel_metrics
 from .recipe import Recipe
 from .references import ReferenceCache, model_key
-from .settings import EvalSettings
+from .settings import EvalSettings, noise_seed
 
 
 def default_components(pipe: Any) -> list[str]:
@@ -36,14 +36,15 @@ def default_components(pipe: Any) -> list[str]:
 
 def generate_images(pipe: Any, settings: EvalSettings, pairs: list[tuple[str, int]],
                     progress: bool = False, desc: str = "generating") -> torch.Tensor:
-    """Images in [0, 1], ``[N, 3, H, W]`` on the CPU; each with a CPU generator seeded with its seed
-    (so its noise does not depend on the batch it is in, nor on the device)."""
+    """Images in [0, 1], ``[N, 3, H, W]`` on the CPU; each with its own CPU generator, seeded with
+    :func:`~autoquant.settings.noise_seed` of its prompt and seed (so its noise does not depend on
+    the batch it is in, nor on the device, and no two prompts share a starting latent)."""
     out = []
     kwargs = settings.pipeline_kwargs()
     chunks = range(0, len(pairs), settings.batch_size)
     for i in tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = pairs[i:i + settings.batch_size]
-        gens = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        gens = [torch.Generator("cpu").manual_seed(noise_seed(p, seed)) for p, seed in chunk]
         images = pipe([p for p, _ in chunk], generator=gens, output_type="pt", **kwargs).images
         if not torch.is_tensor(images):
             raise AutoquantError(f"{type(pipe).__name__} did not return tensors for output_type='pt'")

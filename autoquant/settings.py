@@ -4,6 +4,12 @@ Each built-in model ships two prompt sets -- ``search`` (what a search scores ca
 ``holdout`` (never used while searching; for reporting) -- and default seeds for each. Other
 models use the generic sets (``autoquant/prompts/generic-*.txt``). Users pass their own with a
 prompts file (one prompt per line) and ``--seeds``.
+
+Every image of a set starts from its own noise: the image of ``(prompt, seed)`` is generated with
+``torch.Generator("cpu").manual_seed(noise_seed(prompt, seed))``. Seeding each image with the
+bare seed gave every prompt of a seed the same starting latent, so 20 prompts x 2 seeds held two
+distinct noises: a search fitted its plan to those two (on the demo, +4 dB on the search set
+against the baseline and +0.7 dB on held-out seeds).
 """
 
 from __future__ import annotations
@@ -18,6 +24,16 @@ from ._errors import InputError
 from .builtin_models import generation_defaults, prompt_family
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
+#: how an image's noise follows from its prompt and seed (part of every image's key: references
+#: made under another scheme are not reused)
+NOISE_SCHEME = "sha256(seed, prompt)"
+
+
+def noise_seed(prompt: str, seed: int) -> int:
+    """The generator seed of the image of ``(prompt, seed)``: its own noise per image, the same
+    whatever the image's batch, position or device."""
+    digest = hashlib.sha256(f"{int(seed)}\0{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 DEFAULT_SEEDS = {"search": (0, 1), "holdout": (1000, 1001)}
 
 
@@ -105,9 +121,10 @@ class EvalSettings:
         return kw
 
     def image_key(self) -> str:
-        """Hash of everything but prompts, seeds and batch size (which do not change an image)."""
-        return hashlib.sha256(json.dumps(self.pipeline_kwargs(), sort_keys=True,
-                                         default=str).encode()).hexdigest()[:16]
+        """Hash of everything but prompts, seeds and batch size (which do not change an image),
+        with the noise scheme."""
+        return hashlib.sha256(json.dumps({**self.pipeline_kwargs(), "noise": NOISE_SCHEME},
+                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

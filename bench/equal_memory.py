@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--space", default="default")
     ap.add_argument("--json", default="bench/results/equal_memory.json")
     ap.add_argument("--only", default=None, help="comma-separated baselines (default: all)")
+    ap.add_argument("--seeds", default="0",
+                    help="search seeds, comma-separated (the search's own default: 0,1)")
     args = ap.parse_args(argv)
     chosen = {k: v for k, v in BASELINES.items()
               if args.only is None or k in args.only.split(",")}
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     search = Search(SearchConfig(model="demo", budget=str(base["hqq4"].bytes),
                                  space=load_space(args.space), trials=args.trials, out=tmp / "x",
-                                 settings=search_settings(),
+                                 settings=search_settings(
+                                     [int(x) for x in args.seeds.split(",")]),
                                  clip=clip, progress=False,
                                  sensitivity="full"), pipe)
     search.prepare()  # references, inputs, the sensitivity table: once for every budget
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
           f"its own bytes: {'met' if not worse else 'NOT met (' + ', '.join(worse) + ')'}")
     out = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "space": args.space,
-           "trials_per_budget": args.trials, "sensitivity_s": setup,
+           "trials_per_budget": args.trials, "search_seeds": args.seeds, "sensitivity_s": setup,
            "curve": [{"budget": b, **c} for b, c in sorted(curve.items())], "rows": records,
            "target": {"d_psnr_4bit_min": worst4, "met": worst4 >= TARGET_DB,
                       "worse_than_baseline": worse}}

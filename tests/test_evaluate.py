@@ -36,6 +36,29 @@ def small_settings():
     return EvalSettings(**{**s.__dict__, "prompts": s.prompts[:4]})
 
 
+def test_every_image_of_a_set_starts_from_its_own_noise(demo, small_settings):
+    """Prompts of one seed do not share a starting latent, an image is the same in any batch,
+    and a plain diffusers call with ``noise_seed`` reproduces it."""
+    from autoquant.evaluator import generate_images
+
+    pairs = small_settings.pairs()[:3]
+    seeds = {autoquant.noise_seed(p, s) for p, s in pairs}
+    assert len(seeds) == 3 and len({s for _, s in pairs}) == 1
+    together = generate_images(demo, small_settings, pairs)
+    alone = generate_images(demo, small_settings, pairs[1:2])
+    close = lambda a, b: (a - b).abs().max() < 0.02  # noqa: E731  (bf16 matmuls per batch size)
+    assert close(together[1], alone[0])
+    prompt, seed = pairs[2]
+    plain = demo(prompt, generator=torch.Generator("cpu").manual_seed(
+        autoquant.noise_seed(prompt, seed)), output_type="pt",
+        **small_settings.pipeline_kwargs()).images.float()
+    assert close(together[2], plain[0])
+    # the bare seed (every prompt's old noise) would give another image
+    bare = demo(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
+                **small_settings.pipeline_kwargs()).images.float()
+    assert (together[2] - bare[0]).abs().mean() > 0.02
+
+
 def test_prompt_sets_are_disjoint_and_settings_key_ignores_batching():
     assert not set(prompt_set("demo", "search")) & set(prompt_set("demo", "holdout"))
     assert not set(prompt_set("some/model", "search")) & set(prompt_set("some/model", "holdout"))
