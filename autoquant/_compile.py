@@ -23,10 +23,12 @@ REGIONAL_SHARE = 0.9
 def regions(module: nn.Module) -> list[nn.Module]:
     """The submodules compiled one by one (empty: the module compiles whole)."""
     names = set(getattr(module, "_repeated_blocks", None) or ())
-    blocks = [m for m in module.modules() if type(m).__name__ in names] if names else []
+    blocks = [m for m in module.modules() if type(m).__name__ in names]
+    if not blocks:
+        return []
     held = sum(p.numel() for b in blocks for p in b.parameters())
     total = sum(p.numel() for p in module.parameters())
-    return blocks if blocks and held >= REGIONAL_SHARE * total else []
+    return blocks if held >= REGIONAL_SHARE * total else []
 
 
 def compile_module(module: nn.Module, whole: bool = False) -> list[nn.Module]:

@@ -20,6 +20,12 @@ import torch
 from torch import nn
 
 
+def window_bytes(depth: int, largest_layer: int) -> int:
+    """The most weight bytes a stream holds on the device at once: ``depth + 1`` of the largest
+    layers loaded, and as many the GPU may still be computing with."""
+    return 2 * (depth + 1) * largest_layer
+
+
 class LayerStreamer:
     def __init__(self, device: torch.device, depth: int = 3):
         self.device = torch.device(device)
@@ -89,9 +95,7 @@ class LayerStreamer:
 
     @property
     def planned_window_bytes(self) -> int:
-        """The most weight bytes the stream holds on the device at once: ``depth + 1`` of the
-        largest layers loaded, and as many the GPU may still be computing with."""
-        return 2 * (self.depth + 1) * self.layer_bytes
+        return window_bytes(self.depth, self.layer_bytes)
 
     # -- the hooks -------------------------------------------------------------------------------
     def _copy(self, m: nn.Module) -> None:

@@ -28,6 +28,7 @@ import torch
 
 from ._errors import InputError
 from ._format import human_bytes
+from ._streaming import window_bytes
 
 GiB = 2**30
 TEXT_ENCODER_PREFIX = "text_encoder"
@@ -87,11 +88,10 @@ def decide(sizes: dict[str, ComponentSize], encoders: list[str], cap: int, plan_
         for c, where in place.items():
             if where == "resident":
                 total += sizes[c].total
-            elif where == "streamed":
-                total += sizes[c].total - sizes[c].linear
-                window = max(window, 2 * (depth + 1) * sizes[c].largest_linear)
-            else:  # encoding happens before the plan and the cache exist; its window only
-                window = max(window, 2 * (depth + 1) * sizes[c].largest_linear)
+            else:  # streamed, or encode: before the plan and the cache exist, its window only
+                if where == "streamed":
+                    total += sizes[c].total - sizes[c].linear
+                window = max(window, window_bytes(depth, sizes[c].largest_linear))
         return total + window
 
     for c in sorted((c for c in place if place[c] == "resident"),

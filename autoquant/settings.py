@@ -34,6 +34,8 @@ def noise_seed(prompt: str, seed: int) -> int:
     whatever the image's batch, position or device."""
     digest = hashlib.sha256(f"{int(seed)}\0{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
 DEFAULT_SEEDS = {"search": (0, 1), "holdout": (1000, 1001)}
 
 

@@ -15,7 +15,6 @@ bf16's bytes and at hqq4's bytes, predicted and measured.
 from __future__ import annotations
 
 import argparse
-import gc
 import random
 import sys
 import time
@@ -29,6 +28,7 @@ from autoquant._format import human_bytes, table
 from autoquant.evaluator import generate_images
 from autoquant.latency import compiled, time_call
 from autoquant.search import Replay
+from autoquant.search._cache import collect_garbage
 from autoquant.settings import EvalSettings, prompt_set
 
 from _common import environment, write_json
@@ -116,7 +116,7 @@ class Bench:
             if cfg.full_precision or cfg.label not in labels:
                 continue
             cache.clear()
-            gc.collect()
+            collect_garbage()
             plan = {l.name: cfg for l in self.search.inv if l.component == "transformer"
                     and l.fits(cfg) is None}
             cache.assemble(plan)
@@ -159,8 +159,7 @@ class Bench:
             choice = base if i < len(budgets) else search.mutate(rng, base)
             plan = search.groups.plan(choice)
             search.cache.clear()  # dropped quantized modules hold memory until collected
-            gc.collect()
-            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+            collect_garbage()
             search.cache.assemble(plan)
             measured, _ = self.step("eager")
             predicted = search.plan_latency(choice)
@@ -194,7 +193,7 @@ class Bench:
                   flush=True)
             write_json(self.args.json, self.out | {"fastest": {mode: out}})
             search.cache.clear()
-            gc.collect()
+            collect_garbage()
             search.cache.assemble(plan)
             measured, cs = self.step(mode)
             out[name].update(bytes=measured_bytes(self.transformer), measured_s=measured,

@@ -33,6 +33,12 @@ def _only(cache: LayerCache, g: Group, cfg) -> None:
     cache.assemble({l.name: cfg for l in g.layers})
 
 
+def _replayed(replay: Replay, cache: LayerCache, g: Group, cfg) -> float:
+    """The denoiser's relative output error with only group ``g`` at ``cfg``."""
+    _only(cache, g, cfg)
+    return replay.error()
+
+
 def _retrying(cache: LayerCache, work):
     """``work()``; if the GPU runs out of memory, the layer cache gives memory back and the
     work is done again (a memory cap is a promise the search keeps)."""
@@ -63,8 +69,7 @@ def full_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: list[i
                 if cfg.full_precision:
                     row.append(0.0)
                 else:
-                    row.append(_retrying(cache, lambda: (_only(cache, g, cfg),
-                                                         replay.error())[1]))
+                    row.append(_retrying(cache, lambda: _replayed(replay, cache, g, cfg)))
                 bar.update()
             rows[i] = row
     finally:
@@ -108,8 +113,7 @@ def anchored_rows(replay: Replay, cache: LayerCache, groups: Groups, indices: li
             quantized = sorted((k for k, c in enumerate(g.options) if not c.full_precision),
                                key=lambda k: local[k])
             anchor = quantized[len(quantized) // 2]
-            replayed = _retrying(cache, lambda: (_only(cache, g, g.options[anchor]),
-                                                 replay.error())[1])
+            replayed = _retrying(cache, lambda: _replayed(replay, cache, g, g.options[anchor]))
             if not math.isfinite(replayed) or local[anchor] <= 0 or \
                     not all(map(math.isfinite, local)):
                 rows[i] = full_rows(replay, cache, groups, [i], progress=False)[i]
