@@ -8,7 +8,9 @@ candidates:                        # configs a group may take (recipe syntax)
   - {method: bnb, bits: 4, type: nf4}
   - {method: none}                 # full precision, limited by fp_cap
 tie:                               # optional: layers that share one config. A "re:" regex whose
-  - "re:(.*\\.attn\\d?)\\.to_[qkv]"  #   first group names the tied set (here a block's q, k, v)
+  - "re:(.*\\.attn\\d?)\\.to_[qkv]"  #   groups name the tied set (here a block's q, k, v; with
+                                   #   "re:(.*_blocks)\\.\\d+\\.(.*)" one layer position across
+                                   #   the blocks of a kind: one compiled graph per kind)
 protect: ["re:.*proj_out"]         # optional: always full precision (counts towards fp_cap);
                                    #   exact layer names or "re:" regexes, as in recipes
 fp_cap: 0.20                       # at most this share of Linear weights in full precision
@@ -199,10 +201,10 @@ def _check_tie(i: int, entry: str, problems: list[str]) -> None:
         return
     if not pattern.is_regex:
         problems.append(f"tie[{i}]: {entry!r} is an exact name, which ties nothing: write "
-                        f"'re:' and a regex whose first group names the tied set, e.g. "
+                        f"'re:' and a regex whose groups name the tied set, e.g. "
                         f"re:(.*\\.attn)\\.to_[qkv]")
     elif pattern.compiled.groups < 1:
-        problems.append(f"tie[{i}]: {entry!r} has no group: its first group must name the "
+        problems.append(f"tie[{i}]: {entry!r} has no group: a group must name the "
                         f"tied set, e.g. re:(.*\\.attn)\\.to_[qkv]")
 
 

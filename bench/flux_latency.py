@@ -9,7 +9,14 @@ take it); the latency model's table; >= 10 plans drawn by the search (proxy-repa
 several budgets, the search's own proposal machinery) predicted vs measured; the fastest plan at
 the bytes of uniform hqq 4-bit. ``compile``: the same under ``torch.compile`` for bf16 and the
 configs with fast compiled kernels, the compile-mode table, and the fastest plans at <= 50% of
-bf16's bytes and at hqq4's bytes, predicted and measured.
+bf16's bytes and at hqq4's bytes, predicted and measured; its space ties each layer position across
+the blocks of a kind (``BY_POSITION``), so a plan compiles two block graphs. ``compile-slow`` (on a
+second GPU beside ``compile``): bf16 and ``--slow-configs`` uniform plans compiled, bf16 compiled
+whole with ``--whole-too``.
+
+    CUDA_VISIBLE_DEVICES=0 python bench/flux_latency.py --part compile --hqq4-bytes 6698977408 &
+    CUDA_VISIBLE_DEVICES=1 python bench/flux_latency.py --part compile-slow --whole-too \
+        --slow-configs hqq4-g64,torchao-int8,torchao-int8_dynamic,hqq8-g64,higgs4-p2-g64
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ SPACE = {"format": "autoquant-space/1", "components": ["transformer"], "candidat
     "fp_cap": 0.2, "objectives": ["bytes", "psnr", "latency"]}
 # what runs fast compiled: the table for compile mode is measured for these only (minutes each)
 COMPILED = ("none", "torchao-fp8_dynamic", "bnb4-nf4")
+# compiled plans: one layer position takes one config across all blocks of a kind, so a plan
+# compiles one graph per block kind (2) -- a free mix of configs over 57 blocks compiles one graph
+# per distinct block (dozens, ~10 s each); run time is the same either way
+BY_POSITION = "re:(transformer\\.(?:single_)?transformer_blocks)\\.\\d+\\.(.*)"
 
 
 def layer_type(name: str) -> str:
@@ -67,18 +78,21 @@ class Bench:
         self.replay = Replay.capture(self.pipe, "transformer", lambda: generate_images(
             self.pipe, settings, settings.pairs()))
         self.call = self.replay.step_call()
-        only = None if args.part in ("eager", "rest") else COMPILED
+        only = (None if args.part in ("eager", "rest", "compile-slow")
+                else args.compiled_configs.split(","))
         runs_here = [c for c in SPACE["candidates"]  # (fp8_dynamic is CUDA-only: a CPU check)
                      if autoquant.get_backend(c["method"]).unavailable_reason(
                          autoquant.config_from_dict(c), self.device) is None]
         space = {**SPACE, "candidates": [c for c in runs_here
                                          if only is None or _label(c) in only]}
+        if args.part == "compile":
+            space["tie"] = [BY_POSITION]
         self.search = autoquant.Search(autoquant.SearchConfig(
             model="flux-dev-architecture-random", budget="100%",
             space=autoquant.SearchSpace.from_dict(space, name="latency-bench"),
             settings=settings, clip=None, progress=args.part == "compile",  # minutes per bar
             cache_bytes=30 * 2**30,  # the calibration builds every config: room, evicting
-            latency="100x", latency_mode="compile" if args.part == "compile" else "eager"),
+            latency="100x", latency_mode="eager" if args.part in ("eager", "rest") else "compile"),
             self.pipe)
         self.space_dict = space
         self.search.replay = self.replay
@@ -181,6 +195,10 @@ class Bench:
         for name, nbytes in budgets.items():
             search.retarget(str(int(nbytes)), search.cfg.out)
             choice = search.planner.fastest_at(search.budget_bytes)
+            if choice is None:
+                out[name] = {"budget_bytes": nbytes, "error": "no plan of the space fits"}
+                print(f"fastest at {name}: no plan of the space fits", flush=True)
+                continue
             plan = search.groups.plan(choice)
             per_type = Counter(f"{layer_type(n)}: {c.label}" for n, c in plan.items())
             # a compiled step compiles one graph per distinct block: say how many before it runs
@@ -232,9 +250,12 @@ def _random_errors(search) -> list[list[float]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["eager", "compile", "rest"], default="eager",
+    ap.add_argument("--part", choices=["eager", "compile", "compile-slow", "rest"],
+                    default="eager",
                     help="rest: the eager part without its uniform pass (the latency table, "
-                         "plans and fastest plans; needs --hqq4-bytes)")
+                         "plans and fastest plans; needs --hqq4-bytes); compile-slow: only "
+                         "bf16 and --slow-configs compiled, and --whole-too (another GPU, "
+                         "beside --part compile)")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--plans", type=int, default=12)
     ap.add_argument("--hqq4-bytes", type=float, default=None,
@@ -244,6 +265,11 @@ def main(argv=None) -> int:
     ap.add_argument("--slow-configs", default="",
                     help="compile: also time these configs' uniform plans compiled (labels, comma-"
                          "separated: hqq4-g64,torchao-int8,...)")
+    ap.add_argument("--compiled-configs", default=",".join(COMPILED),
+                    help="compile: the configs of the compile-mode space (labels)")
+    ap.add_argument("--fastest", default="50%,hqq4",
+                    help="compile: the fastest plans to measure (50%%: at half bf16's bytes; "
+                         "hqq4: at --hqq4-bytes); the bf16 regional step is timed only with 50%%")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a narrow Flux (checking the script)")
     ap.add_argument("--json", default=None)
@@ -266,14 +292,25 @@ def main(argv=None) -> int:
         write_json(args.json, b.out)
         hqq4_bytes = b.out["uniform"]["eager"]["hqq4-g64"]["bytes"]
         b.fastest("eager", {"hqq4 bytes": hqq4_bytes, "50% of bf16": 0.5 * b.fp_bytes})
+    elif args.part == "compile-slow":
+        b.uniform("compile", args.slow_configs.split(",") if args.slow_configs else [])
+        b.out["bf16_compile"] = {"regional": {k: b.out["uniform"]["compile"]["bf16"][k]
+                                              for k in ("step_s", "compile_s")}}
+        if args.whole_too:
+            write_json(args.json, b.out)
+            step, cs = b.step("compile", whole=True)
+            b.out["bf16_compile"]["whole"] = {"step_s": step, "compile_s": cs}
+            print(f"bf16 compiled whole: {step * 1e3:.1f} ms (compiled in {cs:.0f} s)", flush=True)
     else:
         # bf16 compiled as deployed (block by block) -- and, last, once whole: what regional
         # compilation changes in step time and compile time
-        fp, cs = b.step("compile")
-        b.out["bf16_compile"] = {"regional": {"step_s": fp, "compile_s": cs}}
-        print(f"bf16 compiled block by block: {fp * 1e3:.1f} ms (compiled in {cs:.0f} s)",
-              flush=True)
-        write_json(args.json, b.out)
+        wanted = args.fastest.split(",")
+        if "50%" in wanted:
+            fp, cs = b.step("compile")
+            b.out["bf16_compile"] = {"regional": {"step_s": fp, "compile_s": cs}}
+            print(f"bf16 compiled block by block: {fp * 1e3:.1f} ms (compiled in {cs:.0f} s)",
+                  flush=True)
+            write_json(args.json, b.out)
         # the compile-mode table's calibration compiles and times each config's uniform plan:
         # those are the uniform compiled steps (no second compile of each)
         b.latency_model("compile")
@@ -284,8 +321,8 @@ def main(argv=None) -> int:
         for k, v in b.out["uniform"]["compile"].items():
             print(f"{k} compiled: {v['step_s'] * 1e3:.1f} ms", flush=True)
         write_json(args.json, b.out)
-        budgets = {"50% of bf16": 0.5 * b.fp_bytes}
-        if args.hqq4_bytes:
+        budgets = {"50% of bf16": 0.5 * b.fp_bytes} if "50%" in wanted else {}
+        if args.hqq4_bytes and "hqq4" in wanted:
             budgets["hqq4 bytes"] = args.hqq4_bytes
         b.fastest("compile", budgets)
         write_json(args.json, b.out)

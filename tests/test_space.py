@@ -36,6 +36,25 @@ def test_a_tie_written_with_re_ties_its_layers(inv):
         [["to_k", "to_q", "to_v"]]
 
 
+def test_a_tie_with_two_groups_ties_one_layer_position_across_the_blocks_of_a_kind(inv):
+    # what a compiled plan wants: every block of a kind alike, one graph per kind
+    g = groups(inv, tie=["re:(transformer\\.(?:single_)?transformer_blocks)\\.\\d+\\.(.*)"])
+    tied = {x.name: sorted(l.name for l in x.layers) for x in g.groups if x.name.startswith("tie:")}
+    blocks = {n.split(".")[1] for n in (l.name for l in inv) if "_blocks." in n}
+    assert blocks == {"transformer_blocks", "single_transformer_blocks"}
+    for key, members in tied.items():
+        kind, position = key[len("tie:"):].split("*")
+        assert members == sorted(l.name for l in inv if l.name.startswith(kind + ".")
+                                 and l.name.split(".", 3)[3] == position)
+    n_blocks = {k: len({n.split(".")[2] for n in (l.name for l in inv) if n.split(".")[1] == k})
+                for k in blocks}
+    assert all(len(m) == n_blocks[k.split("*")[0].split(".")[1]] for k, m in tied.items())
+    assert min(n_blocks.values()) >= 2  # (else nothing was tied)
+    # a layer position of double blocks is not tied with the same position of single ones
+    assert any(k.endswith("*attn.to_q") and "single" in k for k in tied)
+    assert any(k.endswith("*attn.to_q") and "single" not in k for k in tied)
+
+
 def test_a_tie_without_re_or_without_a_group_is_refused():
     for entry, part in ((f"({ATTN})\\.to_[qkv]", "is an exact name, which ties nothing"),
                         (f"re:{ATTN}\\.to_[qkv]", "has no group"), (3, "must be a non-empty list")):

@@ -56,8 +56,9 @@ class Groups:
                 hits = pattern.matching(names)
                 if not hits:
                     problems.append(f"tie: {entry!r} matches no layer of {components}")
-                for name, m in hits:
-                    ties.setdefault(name, "tie:" + m.group(1))
+                for name, m in hits:  # the groups, joined, name the set: "(blocks)\.\d+\.(.*)"
+                    # ties one layer position across the blocks of one kind
+                    ties.setdefault(name, "tie:" + "*".join(g or "" for g in m.groups()))
         except PatternError as e:
             problems.append(str(e))
         if problems:
