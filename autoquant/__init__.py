@@ -42,9 +42,10 @@ _EXPORTS = {
     "Search": ".search", "SearchConfig": ".search", "run_search": ".search",
     "SearchSpace": ".space", "load_space": ".space",
     "applied_state": "._state",
+    "calibrate": ".calibration",
 }
 _SUBMODULES = ("zoo", "explore", "search", "backends", "space", "recipe", "apply", "persist",
-               "evaluator", "settings", "metrics", "clip", "pipelines", "cli")
+               "evaluator", "settings", "metrics", "clip", "pipelines", "cli", "calibration")
 
 __all__ = sorted([*_EXPORTS, "RECIPE_FORMAT", "__version__"])
 

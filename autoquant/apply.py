@@ -84,6 +84,54 @@ def _check_available(plan: Plan, device_of: dict[str, torch.device]) -> None:
             "cannot apply this recipe here (nothing was changed):\n  - " + "\n  - ".join(problems))
 
 
+def _calibrate_for(target: Any, recipe: Recipe | Plan, plan: Plan,
+                   modules: dict[str, nn.Module], progress: bool) -> None:
+    """Calibration data for the plan's layers whose method needs it (gptq) and lack it: the
+    model's search prompts through ``target`` (a full-precision pipeline, untouched so far)."""
+    from .calibration import calibrate, hessian
+
+    need = {name: modules[name] for name, cfg in plan.configs.items()
+            if getattr(get_backend(cfg.method), "calibrated", False)
+            and hessian(modules[name]) is None}
+    if not need:
+        return
+    model = (recipe.model or {}).get("id") if isinstance(recipe, Recipe) else None
+    if "" in components_of(target) or not model:
+        raise InputError(
+            f"{len(need)} layer(s) use a calibrated method ({sorted({plan.configs[n].label for n in need})}) "
+            f"and have no calibration data: apply the recipe to the full-precision pipeline of a "
+            f"recipe that names its model (it calibrates on the model's search prompts), or call "
+            f"autoquant.calibrate(pipe, settings, layers) first. Nothing was changed.")
+    calibrate(target, calibration_settings(recipe, model), need, progress)
+
+
+def calibration_settings(recipe: Recipe, model: str):
+    """What a recipe's calibrated layers are calibrated on: the generation its search recorded
+    (``provenance.calibration``: prompts, seeds, steps, guidance, size), else the model's search
+    prompt set. Recorded settings are untrusted data: checked, never run."""
+    from .settings import EvalSettings
+
+    base = EvalSettings.for_model(model, "search")
+    rec = (recipe.provenance or {}).get("calibration")
+    if rec is None:
+        return base
+    prompts, seeds = rec.get("prompts") if isinstance(rec, dict) else None, \
+        rec.get("seeds") if isinstance(rec, dict) else None
+    if not (isinstance(prompts, list) and 0 < len(prompts) <= 10_000
+            and all(isinstance(p, str) and len(p) <= 10_000 for p in prompts)
+            and isinstance(seeds, list) and 0 < len(seeds) <= 1_000):
+        raise InputError("the recipe's provenance.calibration must hold 'prompts' (a list of "
+                         "strings) and 'seeds' (a list of whole numbers), as a search writes it")
+    import dataclasses
+
+    extra = {k: rec.get(k) for k in ("steps", "guidance", "height", "width")
+             if rec.get(k) is not None}
+    if not isinstance(extra.get("guidance", 0.0), (int, float)) or \
+            isinstance(extra.get("guidance"), bool):
+        raise InputError("the recipe's provenance.calibration.guidance must be a number")
+    return dataclasses.replace(base, prompts=tuple(prompts), seeds=tuple(seeds), **extra)
+
+
 def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device | None = None,
                  progress: bool = True, keep_originals: bool = False,
                  scope: list[str] | None = None,
@@ -114,6 +162,7 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     modules = {layer.name: comps[layer.component].get_submodule(layer.path) for layer in inv}
     device_of = {name: want or modules[name].weight.device for name in plan.configs}
     _check_available(plan, device_of)
+    _calibrate_for(target, recipe, plan, modules, progress)
 
     # Build every replacement before touching the target: any failure (a library's, a bug,
     # Ctrl-C) leaves it exactly as it was.

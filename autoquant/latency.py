@@ -152,6 +152,9 @@ class LatencyTable:
             pass
 
     def seconds(self, shape: LayerShape, cfg: QuantConfig) -> float:
+        from .backends import backend_for
+
+        cfg = backend_for(cfg).timing_config(cfg)  # (a calibrated method: its storage's kernels)
         key = f"{shape.key}|{cfg.label}"
         if key not in self.entries:
             self.entries[key] = self._measure(shape, cfg)

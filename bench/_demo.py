@@ -30,5 +30,6 @@ def demo_bench(baselines: dict[str, dict]):
         c = dict(c)
         protect = c.pop("protect", "none")
         base[name] = holdout.evaluate(baseline_recipe(inv, config_from_dict(c), ["transformer"],
-                                                      protect=protect), name)
+                                                      protect=protect, model={"id": "demo"}),
+                                      name)
     return pipe, clip, holdout, base

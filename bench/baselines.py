@@ -38,6 +38,9 @@ BASELINES = {
     "torchao-intx3": {"method": "torchao", "type": "intx", "bits": 3},
     "torchao-intx2": {"method": "torchao", "type": "intx", "bits": 2},
 }
+# calibrated (on the search prompts, when applied): hqq's storage, GPTQ's rounding
+GPTQ = {"gptq4": {"method": "gptq", "bits": 4}, "gptq3": {"method": "gptq", "bits": 3},
+        "gptq2": {"method": "gptq", "bits": 2}}
 HIGGS = {"higgs4": {"method": "higgs", "bits": 4, "p": 2},
          "higgs3": {"method": "higgs", "bits": 3, "p": 2},
          "higgs2": {"method": "higgs", "bits": 2, "p": 2}}

@@ -29,14 +29,14 @@ from autoquant.space import load_space
 
 from _common import write_json
 from _demo import demo_bench, search_settings
-from baselines import BASELINES as UNIFORM, HIGGS
+from baselines import BASELINES as UNIFORM, GPTQ, HIGGS
 
 # "uniform + protect": what people deploy (the usual layers kept in full precision, as
 # `--protect default` and diffusers/Pruna skip lists do)
 PROTECTED = {f"{name}+protect": {**cfg, "protect": "default"} for name, cfg in
              (("hqq4", UNIFORM["hqq4"]), ("bnb-nf4", UNIFORM["bnb-nf4"]),
-              ("higgs4", HIGGS["higgs4"]))}
-BASELINES = {**UNIFORM, **HIGGS, **PROTECTED}
+              ("higgs4", HIGGS["higgs4"]), ("gptq4", GPTQ["gptq4"]))}
+BASELINES = {**UNIFORM, **HIGGS, **GPTQ, **PROTECTED}
 TARGET_DB = 2.0  # the goal: at least +2 dB at the 4-bit baselines' bytes, never worse elsewhere
 
 

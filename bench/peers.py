@@ -397,10 +397,13 @@ def main(argv=None) -> int:
         for r in __import__("json").loads(Path(args.pruna_json).read_text())["rows"]:
             rows.append(Row(**{k: v for k, v in r.items() if k in fields}))
         save()
+    matched: dict[int, dict] = {}  # rows of equal bytes share one search
     for i, row in enumerate(rows):  # autoquant at each row's bytes
         nbytes = row.deployment_bytes or row.bytes
         if row.error is None and nbytes:
-            row.autoquant = autoquant_at(search, holdout, nbytes, tmp / f"r{i}")
+            if nbytes not in matched:
+                matched[nbytes] = autoquant_at(search, holdout, nbytes, tmp / f"r{i}")
+            row.autoquant = matched[nbytes]
             save()
     table_rows = []
     for r in rows:

@@ -534,8 +534,8 @@ def _recipe_cases(add) -> None:
     add("recipe", "wrong-format", recipe_api("format: v9\n", "RecipeError", "format must be"))
     add("recipe", "unknown-top-key", recipe_api(r + "layerz: {}\n", "RecipeError",
                                                 "unknown top-level key"))
-    add("recipe", "unknown-method", recipe_api(r + f"layers: {{{Q0}: {{method: gptq}}}}\n",
-                                               "RecipeError", "unknown method 'gptq'"))
+    add("recipe", "unknown-method", recipe_api(r + f"layers: {{{Q0}: {{method: awq}}}}\n",
+                                               "RecipeError", "unknown method 'awq'"))
     add("recipe", "bad-bits", recipe_api(r + f"layers: {{{Q0}: {{method: hqq, bits: 5}}}}\n",
                                          "RecipeError", "bits=5 is not supported"))
     add("recipe", "bool-bits", recipe_api(r + f"layers: {{{Q0}: {{method: hqq, bits: true}}}}\n",
@@ -774,8 +774,8 @@ def _argument_cases(add) -> None:
         lambda ctx: ["baseline", "--model", TINY, "--method", "hqq", "--options", "speed=3",
                      "--out", str(ctx.path("b.yaml"))], "unknown option(s) ['speed']"))
     add("argument", "baseline-unknown-method", cli(
-        lambda ctx: ["baseline", "--model", TINY, "--method", "gptq", "--out",
-                     str(ctx.path("b.yaml"))], "invalid choice: 'gptq'"))
+        lambda ctx: ["baseline", "--model", TINY, "--method", "awq", "--out",
+                     str(ctx.path("b.yaml"))], "invalid choice: 'awq'"))
     add("argument", "resume-nothing", cli(search("--budget", "40%", "--resume"),
                                           "there is no study", before_model=False))
     add("argument", "join-other-settings", cli(

@@ -49,6 +49,10 @@ def _quantized(cfg, device, dtype=DTYPE):
     if reason:
         pytest.skip(f"{cfg.label} on {device.type}: {reason}")
     lin, x = _layer_and_input(device, dtype)
+    if backend.calibrated:  # (gptq) calibrated on the inputs it is then scored on
+        from autoquant.calibration import observe
+
+        observe(lin, x)
     return backend, lin, x, backend.quantize(lin, cfg, device)
 
 
@@ -203,11 +207,12 @@ def _accepted(method: str, **fields) -> set[int]:
 
 def test_the_suite_covers_every_bit_width_each_method_accepts():
     """``configs()`` (what this suite runs) against what the config classes accept."""
-    assert set(methods()) == {"none", "hqq", "bnb", "torchao", "higgs"}
+    assert set(methods()) == {"none", "hqq", "bnb", "torchao", "higgs", "gptq"}
     covered = lambda **match: {c.bits for c in CONFIGS  # noqa: E731
                                if all(getattr(c, k, None) == v for k, v in match.items())}
     assert _accepted("hqq") == covered(method="hqq") == {1, 2, 3, 4, 8}
     assert _accepted("bnb") == covered(method="bnb") == {4, 8}
+    assert _accepted("gptq") == covered(method="gptq") == {2, 3, 4, 8}
     assert _accepted("torchao", type="intx") == covered(method="torchao", type="intx") \
         == set(range(1, 9))
     for p in (1, 2):

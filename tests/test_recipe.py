@@ -71,7 +71,7 @@ def test_precedence_exact_then_first_regex_then_default(flux_inv):
 
 
 BAD_CONFIGS = [
-    ({"method": "gptq", "bits": 4}, "unknown method 'gptq'"),
+    ({"method": "awq", "bits": 4}, "unknown method 'awq'"),
     ({"method": "hqq", "bits": 5}, "bits=5 is not supported"),
     ({"method": "hqq", "bits": 4, "group_size": 60}, "multiple of 8"),
     ({"method": "hqq", "bits": 4, "axis": 0}, "unknown option(s) ['axis']"),

@@ -18,13 +18,14 @@ from .._errors import BackendError, ConfigError
 from ._base import Backend, QuantConfig
 from .bnb import BnbBackend
 from .higgs import HiggsBackend
+from .gptq import GPTQBackend
 from .hqq import HQQBackend
 from .none import NoneBackend
 from .torchao import TorchaoBackend
 
 #: method name -> backend. The order is that of `methods()`, the inventory's columns and spaces.
 _REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    NoneBackend(), HQQBackend(), BnbBackend(), TorchaoBackend(), HiggsBackend())}
+    NoneBackend(), HQQBackend(), BnbBackend(), TorchaoBackend(), HiggsBackend(), GPTQBackend())}
 
 
 def register_backend(backend: Backend) -> Backend:

@@ -101,6 +101,14 @@ class Backend(ABC):
         """Why a Linear of this shape and dtype cannot take ``cfg``, or None when it can."""
         return None
 
+    #: whether quantizing needs :mod:`autoquant.calibration` data (search and apply collect it)
+    calibrated: ClassVar[bool] = False
+
+    def timing_config(self, cfg: QuantConfig) -> QuantConfig:
+        """The config whose layer the latency table times for ``cfg`` (the same kernels; a
+        calibrated method is timed as its uncalibrated storage, which needs no data)."""
+        return cfg
+
     def owns(self, module: nn.Module) -> bool:
         """Is ``module`` a layer this method built (so it is no longer a plain, quantizable
         ``nn.Linear``)?"""

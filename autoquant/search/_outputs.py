@@ -62,14 +62,24 @@ def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
             layers[name] = configs[params[group]]
     settings = info["settings"]
     prompts_hash = hashlib.sha256("\n".join(settings["prompts"]).encode()).hexdigest()[:12]
+    provenance = {**info["versions"], "study": study, "trial": trial,
+                  "space": info["space_name"], "prompts_sha256": prompts_hash,
+                  "seeds": list(settings["seeds"])}
+    from ..backends import backend_for
+
+    if any(getattr(backend_for(c), "calibrated", False) for c in layers.values()):
+        # what apply calibrates on, so that its gptq layers are the ones this search scored
+        provenance["calibration"] = {k: settings[k] for k in CALIBRATION_KEYS}
     return Recipe(
         layers=dict(sorted(layers.items())), components=list(info["components"]),
         model={**info["source"], "fingerprint": info["fingerprint"]},
         budget={"spec": info["budget"], "bytes": int(info["budget_bytes"])},
         metrics=metrics,
-        provenance={**info["versions"], "study": study, "trial": trial,
-                    "space": info["space_name"], "prompts_sha256": prompts_hash,
-                    "seeds": list(settings["seeds"])})
+        provenance=provenance)
+
+
+#: the generation settings a recipe with calibrated layers records (provenance.calibration)
+CALIBRATION_KEYS = ("prompts", "seeds", "steps", "guidance", "height", "width")
 
 
 def storage_label(storage) -> str:

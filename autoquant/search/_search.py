@@ -304,6 +304,24 @@ class Search:
                                        components=self.groups.components,
                                        progress=self.cfg.progress, key=self.model_key)
             self.timing["references_s"] = time.perf_counter() - t0
+        self.calibrate()
+
+    def calibrate(self) -> None:
+        """Calibration data for the layers a calibrated method (gptq) may quantize: the search's
+        prompt set through the full-precision pipeline, once per process."""
+        import time
+
+        from ..backends import backend_for
+        from ..calibration import calibrate, hessian
+
+        layers = {l.name: self.cache.originals[l.name] for g in self.groups.groups
+                  if any(getattr(backend_for(c), "calibrated", False) for c in g.options)
+                  for l in g.layers}
+        if not layers or all(hessian(m) is not None for m in layers.values()):
+            return
+        self.cache.restore()  # (the originals in place: they are what the hooks watch)
+        info = calibrate(self.pipe, self.settings, layers, progress=self.cfg.progress)
+        self.timing["calibration_s"] = info["seconds"]
 
     def _generate_two(self):
         """Full-precision images of the first two search prompts (two prompts x 3 steps, x2

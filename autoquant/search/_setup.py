@@ -256,6 +256,7 @@ def _load_inputs(search, study, store) -> None:
                                                   Path(tmp) / "replay.safetensors"),
                                         search.device)
     search.measure_activations()  # under a memory plan: this worker's own, once
+    search.calibrate()  # (gptq in the space: this worker's own calibration data, once)
 
 
 def _load_shared(search, study, store) -> None:

@@ -1,0 +1,87 @@
+"""Calibration data for the methods that need it (``gptq``): each Linear layer's input Hessian
+H = X^T X / n, collected while the full-precision pipeline generates a prompt set.
+
+:func:`calibrate` hooks the layers, generates the images (the search's prompt set, or the
+model's by default when a recipe is applied) and keeps each layer's H on the CPU, in float32,
+beside the layer (a weak reference: it goes when the layer goes). Layers that read the same input
+tensor -- a block's q, k and v -- share one matrix. Memory: in_features^2 * 4 bytes per distinct
+input (Flux-dev: a few GiB; the demo: a few MiB).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+_HESSIANS: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def hessian(linear: nn.Module) -> torch.Tensor | None:
+    """``linear``'s input Hessian (float32, CPU), or None if it was never calibrated."""
+    return _HESSIANS.get(linear)
+
+
+def register(linear: nn.Module, h: torch.Tensor) -> None:
+    """Give ``linear`` an input Hessian (``in_features`` x ``in_features``) computed elsewhere."""
+    n = linear.in_features
+    if tuple(h.shape) != (n, n):
+        raise ValueError(f"a Hessian for a layer of {n} inputs is {n} x {n}, not {tuple(h.shape)}")
+    _HESSIANS[linear] = h.detach().float().cpu()
+
+
+def observe(linear: nn.Linear, x: torch.Tensor) -> None:
+    """Register the Hessian of inputs ``x`` (rows of ``in_features``) for ``linear``."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    register(linear, x.T @ x / max(x.shape[0], 1))
+
+
+def calibrate(pipe: Any, settings, layers: dict[str, nn.Linear], progress: bool = False
+              ) -> dict[str, Any]:
+    """Generate ``settings``' images with ``pipe`` (as it is: full precision) and register the
+    input Hessian of every layer in ``layers`` ({name: module}). Returns what it did."""
+    from .evaluator import generate_images
+
+    start = time.perf_counter()
+    sums: dict[nn.Module, list] = {}  # layer -> [sum of x^T x, rows] (or the layer it shares)
+    shares: dict[nn.Module, nn.Module] = {}
+    last_input: dict[int, tuple[weakref.ref, nn.Module]] = {}  # (weak: no input kept alive)
+
+    def hook(module, args):
+        x = args[0]
+        if module in shares:
+            return
+        seen = last_input.get(id(x))
+        if seen is not None and seen[0]() is x and module not in sums:
+            shares[module] = seen[1]  # same input tensor as a layer before it: one matrix
+            return
+        last_input[id(x)] = (weakref.ref(x), module)
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        acc = sums.setdefault(module, [None, 0])
+        acc[0] = flat.T @ flat if acc[0] is None else acc[0].add_(flat.T @ flat)
+        acc[1] += flat.shape[0]
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
+    try:
+        with torch.no_grad():
+            generate_images(pipe, settings, settings.pairs(), progress=progress)
+    finally:
+        for h in handles:
+            h.remove()
+        last_input.clear()
+    missing = [name for name, m in layers.items() if m not in sums and m not in shares]
+    if missing:
+        raise RuntimeError(f"calibration: {len(missing)} layer(s) never ran while generating, "
+                           f"e.g. {missing[:3]}")
+    matrices = {m: (acc[0] / max(acc[1], 1)).cpu() for m, acc in sums.items()}
+    for m in layers.values():
+        _HESSIANS[m] = matrices[shares.get(m, m)]
+    return {"layers": len(layers), "matrices": len(matrices),
+            "bytes": sum(h.numel() * 4 for h in matrices.values()),
+            "images": len(settings.pairs()), "seconds": time.perf_counter() - start}
+
+
+__all__ = ["calibrate", "hessian", "register", "observe"]
