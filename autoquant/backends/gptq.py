@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
 from ._base import QuantConfig, check_int
 from .hqq import HQQBackend, HQQConfig

@@ -309,7 +309,6 @@ class Search:
     def calibrate(self) -> None:
         """Calibration data for the layers a calibrated method (gptq) may quantize: the search's
         prompt set through the full-precision pipeline, once per process."""
-        import time
 
         from ..backends import backend_for
         from ..calibration import calibrate, hessian
