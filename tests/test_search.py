@@ -307,3 +307,18 @@ def test_sigterm_ends_the_search_cleanly_with_outputs(tmp_path):
     assert (tmp_path / "best.yaml").is_file()
     s = optuna.load_study(study_name=study, storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert not [t for t in s.trials if t.state.name == "RUNNING"]
+
+
+def test_seeds_hold_each_uniform_config_with_the_usual_layers_kept(tmp_path):
+    """'uniform + protect' -- what people deploy -- is among the first trials wherever it fits,
+    so the front is never worse than it."""
+    from autoquant.baseline import protected_layers
+
+    search = make_search(tmp_path, budget="60%", prepare=True)
+    seeds = dict(search.seeds())
+    assert "uniform hqq4-g32" in seeds and "uniform hqq4-g32 + protect" in seeds
+    plan = search.groups.plan(seeds["uniform hqq4-g32 + protect"])
+    kept = set(protected_layers(search.inv, ["transformer"]))
+    assert kept and all(plan[n].full_precision for n in kept if n in plan)
+    assert {c.label for n, c in plan.items() if n not in kept} == {"hqq4-g32"}
+    assert max(search.constraints(seeds["uniform hqq4-g32 + protect"])) <= 0

@@ -142,7 +142,8 @@ class Planner:
 
     def seeds(self) -> list[tuple[str, list[int]]]:
         """The first trials: the solver's plans at 100/95/90/80% of the budget, then every uniform
-        baseline of the space that fits (so the front is never worse than them)."""
+        baseline of the space that fits, plain and with the usual layers kept in full precision
+        ("+ protect", what people deploy) -- so the front is never worse than them."""
         out = []
         for f in (1.0, 0.95, 0.9, 0.8):
             choice = self.solve_at(self.budget.budget_bytes * f)
@@ -156,6 +157,22 @@ class Planner:
                       for i, g in enumerate(self.groups.groups)]
             if max(self.budget.constraints(choice)) <= 0:
                 out.append((f"uniform {cfg.label}", choice))
+            protected = self._protected(choice)
+            if protected != choice and max(self.budget.constraints(protected)) <= 0:
+                out.append((f"uniform {cfg.label} + protect", protected))
+        return out
+
+    def _protected(self, choice: list[int]) -> list[int]:
+        """``choice`` with the groups made only of the usual layers (``--protect default``'s)
+        in full precision, where the space offers it."""
+        from ..baseline import PROTECTED_TOP_LEVEL
+
+        out = list(choice)
+        for i, g in enumerate(self.groups.groups):
+            if all(l.path.split(".")[0] in PROTECTED_TOP_LEVEL for l in g.layers):
+                none = next((k for k, c in enumerate(g.options) if c.full_precision), None)
+                if none is not None:
+                    out[i] = none
         return out
 
     def mutate(self, rng: random.Random, base: list[int]) -> list[int] | None:
