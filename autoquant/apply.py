@@ -111,10 +111,12 @@ def calibration_settings(recipe: Recipe, model: str):
     prompt set. Recorded settings are untrusted data: checked, never run."""
     from .settings import EvalSettings
 
+    from .calibration import calibration_seeds
+
     base = EvalSettings.for_model(model, "search")
     rec = (recipe.provenance or {}).get("calibration")
-    if rec is None:
-        return base
+    if rec is None:  # as a search with the defaults would calibrate
+        return dataclasses.replace(base, seeds=tuple(calibration_seeds(base.seeds)))
     prompts, seeds = rec.get("prompts") if isinstance(rec, dict) else None, \
         rec.get("seeds") if isinstance(rec, dict) else None
     if not (isinstance(prompts, list) and 0 < len(prompts) <= 10_000
@@ -122,8 +124,6 @@ def calibration_settings(recipe: Recipe, model: str):
             and isinstance(seeds, list) and 0 < len(seeds) <= 1_000):
         raise InputError("the recipe's provenance.calibration must hold 'prompts' (a list of "
                          "strings) and 'seeds' (a list of whole numbers), as a search writes it")
-    import dataclasses
-
     extra = {k: rec.get(k) for k in ("steps", "guidance", "height", "width")
              if rec.get(k) is not None}
     if not isinstance(extra.get("guidance", 0.0), (int, float)) or \

@@ -18,6 +18,30 @@ import torch
 from torch import nn
 
 _HESSIANS: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def settings_key(settings) -> tuple:
+    """What decides a calibration's images (prompts, seeds, steps, guidance, size)."""
+    return (tuple(settings.prompts), tuple(settings.seeds), settings.steps, settings.guidance,
+            settings.height, settings.width)
+
+
+def calibrated_with(linear: nn.Module) -> tuple | None:
+    """The :func:`settings_key` of the generation ``linear``'s Hessian came from (None: none,
+    or registered by hand)."""
+    return _SOURCES.get(linear)
+
+
+#: calibration generates the search prompts from other seeds than the ones it scores: layers
+#: rounded against the very activations of the scored images would look better there than on
+#: new images, and the search would favour them for it
+SEED_OFFSET = 7919
+
+
+def calibration_seeds(seeds) -> list[int]:
+    """The seeds a search with scoring ``seeds`` calibrates with."""
+    return [int(s) + SEED_OFFSET for s in seeds]
 
 
 def hessian(linear: nn.Module) -> torch.Tensor | None:
@@ -31,6 +55,7 @@ def register(linear: nn.Module, h: torch.Tensor) -> None:
     if tuple(h.shape) != (n, n):
         raise ValueError(f"a Hessian for a layer of {n} inputs is {n} x {n}, not {tuple(h.shape)}")
     _HESSIANS[linear] = h.detach().float().cpu()
+    _SOURCES.pop(linear, None)
 
 
 def observe(linear: nn.Linear, x: torch.Tensor) -> None:
@@ -77,11 +102,14 @@ def calibrate(pipe: Any, settings, layers: dict[str, nn.Linear], progress: bool 
         raise RuntimeError(f"calibration: {len(missing)} layer(s) never ran while generating, "
                            f"e.g. {missing[:3]}")
     matrices = {m: (acc[0] / max(acc[1], 1)).cpu() for m, acc in sums.items()}
+    key = settings_key(settings)
     for m in layers.values():
         _HESSIANS[m] = matrices[shares.get(m, m)]
+        _SOURCES[m] = key
     return {"layers": len(layers), "matrices": len(matrices),
             "bytes": sum(h.numel() * 4 for h in matrices.values()),
             "images": len(settings.pairs()), "seconds": time.perf_counter() - start}
 
 
-__all__ = ["calibrate", "hessian", "register", "observe"]
+__all__ = ["calibrate", "calibrated_with", "calibration_seeds", "hessian", "register", "observe",
+           "settings_key"]

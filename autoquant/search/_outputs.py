@@ -69,7 +69,10 @@ def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
 
     if any(getattr(backend_for(c), "calibrated", False) for c in layers.values()):
         # what apply calibrates on, so that its gptq layers are the ones this search scored
-        provenance["calibration"] = {k: settings[k] for k in CALIBRATION_KEYS}
+        from ..calibration import calibration_seeds
+
+        provenance["calibration"] = {**{k: settings[k] for k in CALIBRATION_KEYS},
+                                     "seeds": calibration_seeds(settings["seeds"])}
     return Recipe(
         layers=dict(sorted(layers.items())), components=list(info["components"]),
         model={**info["source"], "fingerprint": info["fingerprint"]},

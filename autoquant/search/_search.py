@@ -311,15 +311,19 @@ class Search:
         prompt set through the full-precision pipeline, once per process."""
 
         from ..backends import backend_for
-        from ..calibration import calibrate, hessian
+        from ..calibration import calibrate, calibrated_with, calibration_seeds, settings_key
 
         layers = {l.name: self.cache.originals[l.name] for g in self.groups.groups
                   if any(getattr(backend_for(c), "calibrated", False) for c in g.options)
                   for l in g.layers}
-        if not layers or all(hessian(m) is not None for m in layers.values()):
-            return
+        settings = dataclasses.replace(self.settings,
+                                       seeds=tuple(calibration_seeds(self.settings.seeds)))
+        if not layers or all(calibrated_with(m) == settings_key(settings)
+                             for m in layers.values()):
+            return  # (what its recipes record: recalibrated if calibrated on anything else)
+        self.cache.clear()  # layers built on other calibration data are stale
         self.cache.restore()  # (the originals in place: they are what the hooks watch)
-        info = calibrate(self.pipe, self.settings, layers, progress=self.cfg.progress)
+        info = calibrate(self.pipe, settings, layers, progress=self.cfg.progress)
         self.timing["calibration_s"] = info["seconds"]
 
     def _generate_two(self):
