@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from ._base import QuantConfig, check_int
+from ._base import check_int
 from .hqq import HQQBackend, HQQConfig
 
 BITS = (2, 3, 4, 8)
@@ -31,20 +31,15 @@ BLOCK = 128  # columns updated together (lazy batch updates; the result does not
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
-    """``{method: gptq, bits: 2|3|4|8, group_size: 64}``; group_size a multiple of 8."""
+class GPTQConfig(HQQConfig):
+    """``{method: gptq, bits: 2|3|4|8, group_size: 64}``; group_size a multiple of 8 (hqq's
+    fields and checks, fewer bit widths)."""
 
     method = "gptq"
-    bits: int = 4
-    group_size: int = 64
 
     def __post_init__(self):
         check_int("bits", self.bits, BITS, method=self.method)
-        check_int("group_size", self.group_size, minimum=8, method=self.method)
-        if self.group_size % 8:
-            from .._errors import ConfigError
-
-            raise ConfigError(f"gptq: group_size={self.group_size} must be a multiple of 8")
+        super().__post_init__()
 
     @property
     def label(self) -> str:

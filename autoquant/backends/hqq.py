@@ -36,7 +36,8 @@ class HQQConfig(QuantConfig):
         check_int("group_size", self.group_size, minimum=8, method=self.method)
         if self.group_size % 8:
             from .._errors import ConfigError
-            raise ConfigError(f"hqq: group_size={self.group_size} must be a multiple of 8")
+            raise ConfigError(f"{self.method}: group_size={self.group_size} must be a multiple "
+                              f"of 8")
 
     @property
     def label(self) -> str:
