@@ -91,8 +91,7 @@ def _calibrate_for(target: Any, recipe: Recipe | Plan, plan: Plan,
     from .calibration import calibrate, hessian
 
     need = {name: modules[name] for name, cfg in plan.configs.items()
-            if getattr(get_backend(cfg.method), "calibrated", False)
-            and hessian(modules[name]) is None}
+            if get_backend(cfg.method).calibrated and hessian(modules[name]) is None}
     if not need:
         return
     model = (recipe.model or {}).get("id") if isinstance(recipe, Recipe) else None
@@ -109,26 +108,24 @@ def calibration_settings(recipe: Recipe, model: str):
     """What a recipe's calibrated layers are calibrated on: the generation its search recorded
     (``provenance.calibration``: prompts, seeds, steps, guidance, size), else the model's search
     prompt set. Recorded settings are untrusted data: checked, never run."""
+    from .calibration import settings_for
     from .settings import EvalSettings
-
-    from .calibration import calibration_seeds
 
     base = EvalSettings.for_model(model, "search")
     rec = (recipe.provenance or {}).get("calibration")
     if rec is None:  # as a search with the defaults would calibrate
-        return dataclasses.replace(base, seeds=tuple(calibration_seeds(base.seeds)))
-    prompts, seeds = rec.get("prompts") if isinstance(rec, dict) else None, \
-        rec.get("seeds") if isinstance(rec, dict) else None
+        return settings_for(base)
+    rec = rec if isinstance(rec, dict) else {}
+    prompts, seeds, guidance = rec.get("prompts"), rec.get("seeds"), rec.get("guidance")
     if not (isinstance(prompts, list) and 0 < len(prompts) <= 10_000
             and all(isinstance(p, str) and len(p) <= 10_000 for p in prompts)
-            and isinstance(seeds, list) and 0 < len(seeds) <= 1_000):
+            and isinstance(seeds, list) and 0 < len(seeds) <= 1_000
+            and (guidance is None or type(guidance) in (int, float))):
         raise InputError("the recipe's provenance.calibration must hold 'prompts' (a list of "
-                         "strings) and 'seeds' (a list of whole numbers), as a search writes it")
-    extra = {k: rec.get(k) for k in ("steps", "guidance", "height", "width")
-             if rec.get(k) is not None}
-    if not isinstance(extra.get("guidance", 0.0), (int, float)) or \
-            isinstance(extra.get("guidance"), bool):
-        raise InputError("the recipe's provenance.calibration.guidance must be a number")
+                         "strings), 'seeds' (a list of whole numbers) and a numeric 'guidance' "
+                         "if any, as a search writes it")
+    extra = {k: rec[k] for k in ("steps", "guidance", "height", "width") if rec.get(k) is not None}
+    # (EvalSettings checks the seeds and the sizes)
     return dataclasses.replace(base, prompts=tuple(prompts), seeds=tuple(seeds), **extra)
 
 

@@ -26,9 +26,14 @@ PROTECTED_TOP_LEVEL = (
 )
 
 
+def is_protected(layer) -> bool:
+    """Is ``layer`` (a :class:`~autoquant.LayerInfo`) one of the usual layers kept in full
+    precision?"""
+    return layer.path.split(".")[0] in PROTECTED_TOP_LEVEL
+
+
 def protected_layers(inv: Inventory, components: list[str]) -> list[str]:
-    return [layer.name for layer in inv if layer.component in components
-            and layer.path.split(".")[0] in PROTECTED_TOP_LEVEL]
+    return [layer.name for layer in inv if layer.component in components and is_protected(layer)]
 
 
 def baseline_recipe(inv: Inventory, config: QuantConfig, components: list[str],

@@ -44,6 +44,13 @@ def calibration_seeds(seeds) -> list[int]:
     return [int(s) + SEED_OFFSET for s in seeds]
 
 
+def settings_for(scoring):
+    """The generation a search that scores with ``scoring`` (an EvalSettings) calibrates on."""
+    import dataclasses
+
+    return dataclasses.replace(scoring, seeds=tuple(calibration_seeds(scoring.seeds)))
+
+
 def hessian(linear: nn.Module) -> torch.Tensor | None:
     """``linear``'s input Hessian (float32, CPU), or None if it was never calibrated."""
     return _HESSIANS.get(linear)
@@ -112,4 +119,4 @@ def calibrate(pipe: Any, settings, layers: dict[str, nn.Linear], progress: bool 
 
 
 __all__ = ["calibrate", "calibrated_with", "calibration_seeds", "hessian", "register", "observe",
-           "settings_key"]
+           "settings_for", "settings_key"]

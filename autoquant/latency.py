@@ -30,7 +30,7 @@ from torch import nn
 
 from ._errors import InputError
 from ._paths import cache_dir
-from .backends import QuantConfig, full_precision, quantize_layer
+from .backends import QuantConfig, backend_for, full_precision, quantize_layer
 
 MODES = ("eager", "compile")
 _log = logging.getLogger("autoquant")
@@ -152,8 +152,6 @@ class LatencyTable:
             pass
 
     def seconds(self, shape: LayerShape, cfg: QuantConfig) -> float:
-        from .backends import backend_for
-
         cfg = backend_for(cfg).timing_config(cfg)  # (a calibrated method: its storage's kernels)
         key = f"{shape.key}|{cfg.label}"
         if key not in self.entries:

@@ -118,6 +118,13 @@ class Bench:
             compile_s = time.perf_counter() - t
             return time_call(lambda: fn(*args, **kwargs), self.device, 10), compile_s
 
+    def bf16_whole(self) -> None:
+        """bf16 compiled as one graph (what regional compilation changes; the slow compile)."""
+        write_json(self.args.json, self.out)
+        step, cs = self.step("compile", whole=True)
+        self.out["bf16_compile"]["whole"] = {"step_s": step, "compile_s": cs}
+        print(f"bf16 compiled whole: {step * 1e3:.1f} ms (compiled in {cs:.0f} s)", flush=True)
+
     def uniform(self, mode: str, labels, bf16: bool = True) -> None:
         """Step time and bytes of every uniform config (each layer that can take it)."""
         cache, rows = self.search.cache, self.out.setdefault("uniform", {}).setdefault(mode, {})
@@ -297,10 +304,7 @@ def main(argv=None) -> int:
         b.out["bf16_compile"] = {"regional": {k: b.out["uniform"]["compile"]["bf16"][k]
                                               for k in ("step_s", "compile_s")}}
         if args.whole_too:
-            write_json(args.json, b.out)
-            step, cs = b.step("compile", whole=True)
-            b.out["bf16_compile"]["whole"] = {"step_s": step, "compile_s": cs}
-            print(f"bf16 compiled whole: {step * 1e3:.1f} ms (compiled in {cs:.0f} s)", flush=True)
+            b.bf16_whole()
     else:
         # bf16 compiled as deployed (block by block) -- and, last, once whole: what regional
         # compilation changes in step time and compile time
@@ -329,10 +333,7 @@ def main(argv=None) -> int:
         if args.slow_configs:  # the configs without fast compiled kernels, uniform, compiled
             b.uniform("compile", args.slow_configs.split(","), bf16=False)
         if args.whole_too:  # last: the one slow compile
-            write_json(args.json, b.out)
-            step, cs = b.step("compile", whole=True)
-            b.out["bf16_compile"]["whole"] = {"step_s": step, "compile_s": cs}
-            print(f"bf16 compiled whole: {step * 1e3:.1f} ms (compiled in {cs:.0f} s)", flush=True)
+            b.bf16_whole()
     write_json(args.json, b.out)
     rows = [[k, human_bytes(v["bytes"]) if "bytes" in v else "", f"{v['step_s'] * 1e3:.1f}",
              f"{v.get('vs_bf16', 1):.2f}"] for m in b.out.get("uniform", {}).values()

@@ -165,11 +165,11 @@ class Planner:
     def _protected(self, choice: list[int]) -> list[int]:
         """``choice`` with the groups made only of the usual layers (``--protect default``'s)
         in full precision, where the space offers it."""
-        from ..baseline import PROTECTED_TOP_LEVEL
+        from ..baseline import is_protected
 
         out = list(choice)
         for i, g in enumerate(self.groups.groups):
-            if all(l.path.split(".")[0] in PROTECTED_TOP_LEVEL for l in g.layers):
+            if all(map(is_protected, g.layers)):
                 none = next((k for k, c in enumerate(g.options) if c.full_precision), None)
                 if none is not None:
                     out[i] = none

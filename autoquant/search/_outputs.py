@@ -16,9 +16,13 @@ from typing import Any
 import optuna
 
 from .._format import human_bytes, table
-from ..backends import config_from_dict
+from ..backends import backend_for, config_from_dict
+from ..calibration import calibration_seeds
 from ..recipe import Recipe
 from ._study import IDENTITY
+
+#: the generation settings a recipe with calibrated layers records (provenance.calibration)
+CALIBRATION_KEYS = ("prompts", "seeds", "steps", "guidance", "height", "width")
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -65,12 +69,8 @@ def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
     provenance = {**info["versions"], "study": study, "trial": trial,
                   "space": info["space_name"], "prompts_sha256": prompts_hash,
                   "seeds": list(settings["seeds"])}
-    from ..backends import backend_for
-
-    if any(getattr(backend_for(c), "calibrated", False) for c in layers.values()):
+    if any(backend_for(c).calibrated for c in layers.values()):
         # what apply calibrates on, so that its gptq layers are the ones this search scored
-        from ..calibration import calibration_seeds
-
         provenance["calibration"] = {**{k: settings[k] for k in CALIBRATION_KEYS},
                                      "seeds": calibration_seeds(settings["seeds"])}
     return Recipe(
@@ -79,10 +79,6 @@ def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
         budget={"spec": info["budget"], "bytes": int(info["budget_bytes"])},
         metrics=metrics,
         provenance=provenance)
-
-
-#: the generation settings a recipe with calibrated layers records (provenance.calibration)
-CALIBRATION_KEYS = ("prompts", "seeds", "steps", "guidance", "height", "width")
 
 
 def storage_label(storage) -> str:

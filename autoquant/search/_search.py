@@ -309,20 +309,16 @@ class Search:
     def calibrate(self) -> None:
         """Calibration data for the layers a calibrated method (gptq) may quantize: the search's
         prompt set through the full-precision pipeline, once per process."""
-
         from ..backends import backend_for
-        from ..calibration import calibrate, calibrated_with, calibration_seeds, settings_key
+        from ..calibration import calibrate, calibrated_with, settings_for, settings_key
 
         layers = {l.name: self.cache.originals[l.name] for g in self.groups.groups
-                  if any(getattr(backend_for(c), "calibrated", False) for c in g.options)
-                  for l in g.layers}
-        settings = dataclasses.replace(self.settings,
-                                       seeds=tuple(calibration_seeds(self.settings.seeds)))
+                  if any(backend_for(c).calibrated for c in g.options) for l in g.layers}
+        settings = settings_for(self.settings)
         if not layers or all(calibrated_with(m) == settings_key(settings)
                              for m in layers.values()):
             return  # (what its recipes record: recalibrated if calibrated on anything else)
-        self.cache.clear()  # layers built on other calibration data are stale
-        self.cache.restore()  # (the originals in place: they are what the hooks watch)
+        self.cache.clear()  # stale layers out, the originals in place: the hooks watch them
         info = calibrate(self.pipe, settings, layers, progress=self.cfg.progress)
         self.timing["calibration_s"] = info["seconds"]
 
