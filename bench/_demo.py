@@ -17,11 +17,15 @@ def search_settings(seeds=(0,)) -> EvalSettings:
     return EvalSettings.for_model("demo", "search", seeds=list(seeds), batch_size=20)
 
 
-def demo_bench(baselines: dict[str, dict]):
-    """``(pipe, clip, holdout evaluator, {name: held-out EvalResult of the uniform baseline})``."""
+def demo_bench(baselines: dict[str, dict], device: str = "cpu"):
+    """``(pipe, clip, holdout evaluator, {name: held-out EvalResult of the uniform baseline})``,
+    all on ``device`` (the pipeline in the dtype ``--dtype auto`` picks there)."""
+    from _offline_text import install_from_env
+
+    install_from_env()  # AUTOQUANT_DEMO_TEXT: the text encoder's states from a table (GPU machine)
     torch.manual_seed(0)
-    pipe = autoquant.load_pipeline("demo")
-    clip = autoquant.load_clip("demo")
+    pipe = autoquant.load_pipeline("demo", device=device).to(device)
+    clip = autoquant.load_clip("demo", device)
     holdout = autoquant.Evaluator(pipe, EvalSettings.for_model("demo", "holdout"), clip=clip,
                                   progress=False)
     inv = autoquant.inventory(pipe)

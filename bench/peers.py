@@ -3,6 +3,8 @@ scored by autoquant's own evaluator on the held-out prompts and seeds.
 
     pip install -e ".[peers]"        # nvidia-modelopt (diffusers and torchao are core deps)
     python bench/peers.py [--trials 12] [--only diffusers,modelopt] [--json bench/results/peers_cpu.json]
+    python bench/peers.py --device cuda --only diffusers [--pruna-json ...]   # the GPU-only rows
+    # (on the GPU machine, without MiniLM's weights: AUTOQUANT_DEMO_TEXT, see bench/_offline_text.py)
 
 Each peer quantizes the denoiser through its own public API, as its documentation tells a user:
 
@@ -54,7 +56,7 @@ class Row:
     peer: str
     config: str
     skip: str = "none"  # none | usual
-    where: str = "cpu"
+    where: str = "cpu"  # the device the row ran on (a GPU by its name)
     bytes: int | None = None
     bits_per_weight: float | None = None
     psnr: float | None = None
@@ -91,6 +93,9 @@ class Scorer:
         self.pipe = holdout.pipe
         self.fp = self.pipe.transformer
         self.params = sum(p.numel() for p in self.fp.parameters())
+        self.device = next(self.fp.parameters()).device
+        self.where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                      else "cpu")
 
     def score(self, row: Row, transformer: nn.Module) -> Row:
         self.pipe.transformer = transformer
@@ -126,18 +131,23 @@ def run_row(scorer: Scorer, row: Row, build: Callable[[], nn.Module],
 
 
 # -- diffusers ---------------------------------------------------------------------------------
-def _diffusers_load(quant_config) -> nn.Module:
+def _diffusers_load(quant_config, device: torch.device) -> nn.Module:
+    from autoquant._compat import dtype_kwargs
+    from autoquant.pipelines import default_dtype
     from autoquant.zoo import DemoPipeline, demo_folder
 
-    dtype = autoquant.load_pipeline("demo").transformer.dtype  # what --dtype auto gives here
-    from autoquant._compat import dtype_kwargs
+    # on a GPU, loaded onto it as diffusers' docs do (device_map): bitsandbytes quantizes there
+    where = {"device_map": device.type} if device.type == "cuda" else {}  # "cuda", not "cuda:0"
+    from _offline_text import attach, components  # (GPU machine: MiniLM's states, tabled)
 
-    pipe = DemoPipeline.from_pretrained(demo_folder(), quantization_config=quant_config,
-                                        **dtype_kwargs(dtype))
-    return pipe.transformer
+    pipe = attach(DemoPipeline.from_pretrained(demo_folder(), quantization_config=quant_config,
+                                               **dtype_kwargs(default_dtype(device)), **where,
+                                               **components()))
+    return pipe.transformer.to(device) if device.type != "cuda" else pipe.transformer
 
 
 def diffusers_rows(scorer: Scorer, usual: list[str]) -> list[Row]:
+    device = scorer.device
     from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig, TorchAoConfig
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
                                       Float8WeightOnlyConfig, Int4WeightOnlyConfig,
@@ -153,8 +163,9 @@ def diffusers_rows(scorer: Scorer, usual: list[str]) -> list[Row]:
             extra = {"llm_int8_skip_modules": usual} if skip == "usual" else {}
             cfg = PipelineQuantizationConfig(quant_mapping={
                 "transformer": BitsAndBytesConfig(**kw, **extra)})
-            rows.append(run_row(scorer, Row("diffusers", f"bitsandbytes {name}", skip),
-                                lambda cfg=cfg: _diffusers_load(cfg)))
+            rows.append(run_row(scorer, Row("diffusers", f"bitsandbytes {name}", skip,
+                                            scorer.where),
+                                lambda cfg=cfg: _diffusers_load(cfg, device)))
     ao = {"int8_weight_only": Int8WeightOnlyConfig,
           "int8_dynamic_activation_int8_weight": Int8DynamicActivationInt8WeightConfig,
           "float8_weight_only": Float8WeightOnlyConfig,
@@ -172,8 +183,9 @@ def diffusers_rows(scorer: Scorer, usual: list[str]) -> list[Row]:
                 tcfg = TorchAoConfig(make(), modules_to_not_convert=usual if skip == "usual"
                                      else None)
                 return _diffusers_load(PipelineQuantizationConfig(
-                    quant_mapping={"transformer": tcfg}))
-            rows.append(run_row(scorer, Row("diffusers", f"torchao {name}", skip), build))
+                    quant_mapping={"transformer": tcfg}), device)
+            rows.append(run_row(scorer, Row("diffusers", f"torchao {name}", skip, scorer.where),
+                                build))
     return rows
 
 
@@ -191,9 +203,9 @@ def diffusers_fqn_row(scorer: Scorer, recipe_path: Path) -> Row:
                    for name, cfg in plan.configs.items()
                    if name.startswith("transformer.") and cfg.method == "torchao"}
         return _diffusers_load(PipelineQuantizationConfig(
-            quant_mapping={"transformer": TorchAoConfig(FqnToConfig(mapping))}))
-    return run_row(scorer, Row("diffusers", "autoquant torchao plan as FqnToConfig", "plan"),
-                   build)
+            quant_mapping={"transformer": TorchAoConfig(FqnToConfig(mapping))}), scorer.device)
+    return run_row(scorer, Row("diffusers", "autoquant torchao plan as FqnToConfig", "plan",
+                               scorer.where), build)
 
 
 # -- ModelOpt ----------------------------------------------------------------------------------
@@ -307,7 +319,7 @@ def modelopt_rows(scorer: Scorer, effective_bits: list[float]) -> list[Row]:
         def build(cfg=cfg):
             model = copy.deepcopy(scorer.fp)
             return mtq.quantize(model, cfg, forward_loop)
-        row = run_row(scorer, Row("modelopt", f"mtq.quantize {name}"), build, deployment)
+        row = run_row(scorer, Row("modelopt", f"mtq.quantize {name}", where=scorer.where), build, deployment)
         rows.append(row)
     for bits in effective_bits:
         def build(bits=bits):
@@ -323,7 +335,8 @@ def modelopt_rows(scorer: Scorer, effective_bits: list[float]) -> list[Row]:
                     out[:, :b[2].shape[1]].float(), b[2].float()),
                 num_calib_steps=len(data), num_score_steps=len(data))
             return model.to(scorer.fp.dtype)
-        row = run_row(scorer, Row("modelopt", f"auto_quantize effective_bits={bits:.2f}"), build,
+        row = run_row(scorer, Row("modelopt", f"auto_quantize effective_bits={bits:.2f}",
+                                          where=scorer.where), build,
                       deployment)
         rows.append(row)
     return rows
@@ -355,6 +368,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default="bench/results/peers_cpu.json")
     ap.add_argument("--pruna-json", default=None,
                     help="rows from bench/peers_pruna.py (run in Pruna's venv) to match too")
+    ap.add_argument("--device", default="cpu",
+                    help="where the pipeline, the peers and autoquant's searches run (cuda: the "
+                         "GPU-only peer configs)")
     ap.add_argument("--markdown", action="store_true",
                     help="print the BENCHMARKS.md table of an earlier run's --json and stop")
     args = ap.parse_args(argv)
@@ -362,16 +378,17 @@ def main(argv=None) -> int:
         print(markdown(__import__("json").loads(Path(args.json).read_text())["rows"]))
         return 0
     only = set(args.only.split(",")) if args.only else set()
-    pipe, clip, holdout, base = demo_bench({})
+    pipe, clip, holdout, base = demo_bench({}, args.device)
     scorer = Scorer(holdout)
     inv = autoquant.inventory(pipe)
     usual = [n.split(".", 1)[1] for n in protected_layers(inv, ["transformer"])]
-    out: dict[str, Any] = {"environment": environment(), "usual_skip_list": usual, "rows": []}
+    out: dict[str, Any] = {"environment": environment(args.device), "usual_skip_list": usual,
+                           "rows": []}
     rows: list[Row] = []
     tmp = Path(tempfile.mkdtemp(prefix="peers-"))
     search = Search(SearchConfig(model="demo", budget="50%", space=load_space("default"),
                                  trials=args.trials, out=tmp / "x", settings=search_settings(),
-                                 clip=clip, progress=False), pipe)
+                                 clip=clip, progress=False, device=args.device), pipe)
     search.prepare()
 
     def save():
@@ -384,7 +401,7 @@ def main(argv=None) -> int:
     if "fqn" in only:  # autoquant's best torchao-only plan at int8's bytes, through diffusers
         ao = Search(SearchConfig(model="demo", budget="60%", space=torchao_only_space(),
                                  trials=args.trials, out=tmp / "ao", settings=search_settings(),
-                                 clip=clip, progress=False), pipe)
+                                 clip=clip, progress=False, device=args.device), pipe)
         run_search(ao)
         rows.append(diffusers_fqn_row(scorer, tmp / "ao" / "best.yaml"))
         save()
@@ -397,13 +414,17 @@ def main(argv=None) -> int:
         for r in __import__("json").loads(Path(args.pruna_json).read_text())["rows"]:
             rows.append(Row(**{k: v for k, v in r.items() if k in fields}))
         save()
-    matched: dict[int, dict] = {}  # rows of equal bytes share one search
-    for i, row in enumerate(rows):  # autoquant at each row's bytes
+    # autoquant at each row's bytes, fewest bits first (the 4-bit targets before the 8-bit
+    # rows); a row within 1% above an earlier row's bytes shares that search (equal or fewer)
+    matched: dict[int, dict] = {}
+    for i in sorted(range(len(rows)), key=lambda i: rows[i].bits_per_weight or 99):
+        row = rows[i]
         nbytes = row.deployment_bytes or row.bytes
         if row.error is None and nbytes:
-            if nbytes not in matched:
+            near = [b for b in matched if 0.99 * nbytes <= b <= nbytes]
+            if not near:
                 matched[nbytes] = autoquant_at(search, holdout, nbytes, tmp / f"r{i}")
-            row.autoquant = matched[nbytes]
+            row.autoquant = matched[max(near) if near else nbytes]
             save()
     table_rows = []
     for r in rows:

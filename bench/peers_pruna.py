@@ -8,6 +8,11 @@ hqq 0.2.7, which clash with autoquant's; torch 2.14.1 and diffusers 0.42.1 are t
     PRUNA_METRICS_ENABLED=false .venv-pruna/bin/python bench/peers_pruna.py [--json bench/results/peers_pruna_cpu.json]
     python bench/peers.py --pruna-json bench/results/peers_pruna_cpu.json   # autoquant beside them
 
+On a GPU (``--device cuda --gpu-only``: hqq_diffusers, quanto, diffusers_int8, which refuse a CPU)
+the GPU machine has no network: Pruna's pinned wheels travel in ``.whl-pruna/`` (pip download
+--no-deps of pruna and the packages it imports that the GPU image lacks) and are put first on
+``PYTHONPATH``; BENCHMARKS.md section 7 has the commands.
+
 Each row: ``SmashConfig`` with one quantizer that applies to a diffusers transformer, its defaults
 and every type / bit width it offers, without and with the usual layers excluded
 (``target_modules={"include": ["transformer.*"], "exclude": [the --protect default layers]}``),
@@ -27,6 +32,8 @@ import time
 os.environ.setdefault("PRUNA_METRICS_ENABLED", "false")  # telemetry is on by default; no network
 
 
+import torch  # noqa: E402
+
 import autoquant  # noqa: E402
 from autoquant._bytes import measured_bytes  # noqa: E402
 from autoquant.baseline import protected_layers  # noqa: E402
@@ -34,6 +41,10 @@ from autoquant.baseline import protected_layers  # noqa: E402
 from _common import environment, write_json  # noqa: E402
 from _demo import demo_bench  # noqa: E402
 from peers import _plain_linears as plain_linears, _short_error  # noqa: E402
+
+
+#: the quantizers Pruna runs only on a GPU ("compatible devices are ['cuda']")
+GPU_ONLY = ("hqq_diffusers", "quanto", "diffusers_int8")
 
 
 def configs(usual: list[str]) -> list[tuple[str, str, dict]]:
@@ -59,17 +70,28 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="bench/results/peers_pruna_cpu.json")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="only the quantizers that refuse a CPU (" + ", ".join(GPU_ONLY) + ")")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated config prefixes (e.g. quanto,diffusers_int8)")
     args = ap.parse_args(argv)
-    pipe, clip, holdout, _ = demo_bench({})
+    only = tuple(args.only.split(",")) if args.only else None
+    pipe, clip, holdout, _ = demo_bench({}, args.device)
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     inv = autoquant.inventory(pipe)
     usual = [n.split(".", 1)[1] for n in protected_layers(inv, ["transformer"])]
     params = sum(p.numel() for p in pipe.transformer.parameters())
-    out = {"environment": {**environment(), "pruna": pruna.__version__}, "rows": []}
+    out = {"environment": {**environment(args.device), "pruna": pruna.__version__}, "rows": []}
     for name, skip, request in configs(usual):
-        row = {"peer": "pruna", "config": name, "skip": skip, "where": "cpu", "request": repr(request)}
+        if (args.gpu_only and not name.startswith(GPU_ONLY)) or (only and
+                                                                 not name.startswith(only)):
+            continue
+        row = {"peer": "pruna", "config": name, "skip": skip, "where": where,
+               "request": repr(request)}
         t = time.perf_counter()
         try:
-            sc = SmashConfig(device="cpu")
+            sc = SmashConfig(device=args.device)
             sc.add(request)
             smashed = smash(model=copy.deepcopy(pipe), smash_config=sc)
             model = getattr(smashed, "model", smashed)

@@ -69,22 +69,50 @@ class TorchaoConfig(QuantConfig):
 def _torchao_config(cfg: TorchaoConfig):
     import torchao.quantization as tq
 
+    # set_inductor_config=False: by default torchao's handlers switch on Inductor's coordinate
+    # descent tuning (all directions) for the whole process -- every later torch.compile, the
+    # user's own included, then autotunes each kernel: a Flux-dev step compiled for minutes
+    # instead of seconds on an H100. Quantizing a layer must not change the process.
+    quiet = {"set_inductor_config": False}
     if cfg.type == "int8":
-        return tq.Int8WeightOnlyConfig()
+        return tq.Int8WeightOnlyConfig(**quiet)
     if cfg.type == "int8_dynamic":
-        return tq.Int8DynamicActivationInt8WeightConfig()
+        return tq.Int8DynamicActivationInt8WeightConfig(**quiet)
     if cfg.type == "fp8":
-        return tq.Float8WeightOnlyConfig()
+        return tq.Float8WeightOnlyConfig(**quiet)
     if cfg.type == "fp8_dynamic":
-        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow())
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow(), **quiet)
     if cfg.type == "int4":
         return tq.Int4WeightOnlyConfig(group_size=cfg.group_size,
-                                       int4_packing_format="tile_packed_to_4d")
+                                       int4_packing_format="tile_packed_to_4d", **quiet)
     # Asymmetric (min/max + zero point), like hqq and tinygemm: at 1-2 bits a symmetric grid
     # wastes a level (int1 symmetric is {-1, 0}); the zero point is stored either way.
     return tq.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{cfg.bits}"),
                                    granularity=tq.PerGroup(cfg.group_size),
                                    mapping_type=tq.MappingType.ASYMMETRIC)
+
+
+class RowPaddedLinear(nn.Linear):
+    """An ``int8_dynamic`` layer. Compiled on CUDA, Inductor lowers its matmul to cuBLAS's int8
+    GEMM, which refuses inputs of <= 16 rows ("self.size(0) needs to be greater than 16";
+    pytorch/ao#2376, open) -- and Flux's modulation layers read one row per image. Such inputs
+    are zero-padded to 17 rows and the pad sliced off: activations are quantized per row, so the
+    real rows compute exactly what they would alone. Eager, torchao falls back by itself."""
+
+    MIN_ROWS = 17
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows < self.MIN_ROWS and x.is_cuda and torch.compiler.is_compiling():
+            flat = x.reshape(rows, x.shape[-1])
+            pad = flat.new_zeros(self.MIN_ROWS - rows, x.shape[-1])
+            y = super().forward(torch.cat([flat, pad]))[:rows]
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return super().forward(x)
+
+
+def _linear_class(cfg: TorchaoConfig) -> type[nn.Linear]:
+    return RowPaddedLinear if cfg.type == "int8_dynamic" else nn.Linear
 
 
 class TorchaoBackend(Backend):
@@ -145,8 +173,9 @@ class TorchaoBackend(Backend):
     def quantize(self, linear, cfg, device):
         from torchao.quantization import quantize_
 
-        layer = nn.Linear(linear.in_features, linear.out_features,
-                          bias=linear.bias is not None, device=device, dtype=linear.weight.dtype)
+        layer = _linear_class(cfg)(linear.in_features, linear.out_features,
+                                   bias=linear.bias is not None, device=device,
+                                   dtype=linear.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
@@ -204,7 +233,8 @@ class TorchaoBackend(Backend):
         metadata = json.loads(meta["torchao"])
         state, _ = unflatten_tensor_state_dict({k: v.to(device) for k, v in tensors.items()},
                                                metadata)
-        layer = nn.Linear(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+        layer = _linear_class(cfg)(in_features, out_features, bias=bias, device="meta",
+                                   dtype=dtype)
         layer.weight = nn.Parameter(state["layer.weight"], requires_grad=False)
         if bias:
             layer.bias = nn.Parameter(state["layer.bias"], requires_grad=False)
@@ -222,7 +252,7 @@ def _cpu_int8_gemm_exact() -> bool:
     CPUs, or ``ONEDNN_MAX_CPU_ISA=AVX2``) oneDNN pairs u8 x s8 products into saturating int16
     sums: a 512 -> 192 layer of int8_dynamic measured 13% error there, 0.8% with VNNI. Probed
     once per process on the path int8_dynamic takes (milliseconds)."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from torchao.quantization import quantize_
 
     gen = torch.Generator().manual_seed(0)
     layer = nn.Linear(512, 192).requires_grad_(False)
@@ -231,5 +261,5 @@ def _cpu_int8_gemm_exact() -> bool:
         layer.bias.zero_()
         x = torch.randn(32, 512, generator=gen)
         ref = layer(x)
-        quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+        quantize_(layer, _torchao_config(TorchaoConfig(type="int8_dynamic")))
         return ((layer(x) - ref).norm() / ref.norm()).item() < 0.05
