@@ -415,14 +415,16 @@ def main(argv=None) -> int:
             rows.append(Row(**{k: v for k, v in r.items() if k in fields}))
         save()
     # autoquant at each row's bytes, fewest bits first (the 4-bit targets before the 8-bit
-    # rows); a row within 1% above an earlier row's bytes shares that search (equal or fewer)
+    # rows); a row within 1% above an earlier row's bytes shares that search (equal or fewer
+    # bytes) unless the row is within 2 dB of it: then it gets a search at its own bytes
     matched: dict[int, dict] = {}
     for i in sorted(range(len(rows)), key=lambda i: rows[i].bits_per_weight or 99):
         row = rows[i]
         nbytes = row.deployment_bytes or row.bytes
         if row.error is None and nbytes:
-            near = [b for b in matched if 0.99 * nbytes <= b <= nbytes]
-            if not near:
+            near = [b for b in matched if 0.99 * nbytes <= b <= nbytes
+                    and matched[b].get("psnr", -1e9) >= row.psnr + 2]
+            if not near and nbytes not in matched:
                 matched[nbytes] = autoquant_at(search, holdout, nbytes, tmp / f"r{i}")
             row.autoquant = matched[max(near) if near else nbytes]
             save()
