@@ -58,9 +58,11 @@ def configs(usual: list[str]) -> list[tuple[str, str, dict]]:
         out.append((f"hqq_diffusers w{bits}", "defaults", {"hqq_diffusers": {"weight_bits": bits}}))
         out.append((f"hqq_diffusers w{bits}", "usual", {"hqq_diffusers": {
             "weight_bits": bits, "target_modules": excluded}}))
+    # diffusers_int8 before quanto: optimum-quanto builds its CUDA extension on first use
+    # (minutes on a fresh machine)
+    out.append(("diffusers_int8", "defaults", {"diffusers_int8": {}}))
     for bits in ("qint2", "qint4", "qint8"):
         out.append((f"quanto {bits}", "defaults", {"quanto": {"weight_bits": bits}}))
-    out.append(("diffusers_int8", "defaults", {"diffusers_int8": {}}))
     return out
 
 
