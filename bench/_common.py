@@ -27,10 +27,17 @@ def environment(device: Any = None) -> dict[str, Any]:
             env[package] = __import__(package).__version__
         except ImportError:
             env[package] = None
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
+    if device is not None and torch.device(device).type == "cuda":
+        env["gpu"] = device_name(device)
     return env
+
+
+def device_name(device: Any) -> str:
+    """Where a result ran: a GPU by its name, else the device type ("cpu")."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _cpu() -> str:

@@ -39,7 +39,6 @@ class TableEncoder(nn.Module):
 
     def __init__(self, ids: torch.Tensor, states: torch.Tensor, tokenizer):
         super().__init__()
-        self.register_buffer("ids", ids, persistent=False)
         # a parameter, not a buffer: callers find the encoder's device from its parameters
         self.states = nn.Parameter(states, requires_grad=False)
         self._row = {tuple(r.tolist()): i for i, r in enumerate(ids)}
@@ -84,6 +83,10 @@ def make(folder: Path) -> None:
     print(f"{len(texts)} captions -> {folder}")
 
 
+#: set by :func:`install`: the table's encoder factory and tokenizer
+_INSTALLED: dict = {}
+
+
 def install(folder: Path) -> None:
     """Make ``autoquant.load_pipeline("demo")``, the demo CLIP and ``bench/peers.py``'s diffusers
     loads use the table in ``folder`` instead of MiniLM's weights."""
@@ -114,9 +117,6 @@ def install(folder: Path) -> None:
     models.load_text_encoder = lambda dtype=torch.float32: (tokenizer, encoder(dtype))
     zoo.load_demo_pipeline = load_demo_pipeline
     _INSTALLED.update(encoder=encoder, tokenizer=tokenizer)
-
-
-_INSTALLED: dict = {}
 
 
 def components() -> dict:

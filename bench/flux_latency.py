@@ -284,10 +284,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.json = args.json or f"bench/results/flux_latency_{args.part}.json"
-    unknown = set(filter(None, args.slow_configs.split(","))) - {_label(c) for c in SPACE["candidates"]}
+    labels = [_label(c) for c in SPACE["candidates"]]
+    unknown = set(filter(None, args.slow_configs.split(","))) - set(labels)
     if unknown:
-        ap.error(f"--slow-configs: unknown {sorted(unknown)}; labels: "
-                 f"{[_label(c) for c in SPACE['candidates']]}")
+        ap.error(f"--slow-configs: unknown {sorted(unknown)}; labels: {labels}")
     torch._dynamo.config.cache_size_limit = 64
     b = Bench(args)
     if args.part == "rest":  # the eager model, its plans and fastest plans (no uniform pass)

@@ -48,7 +48,7 @@ from autoquant.baseline import protected_layers
 from autoquant.search import Search, SearchConfig, run_search
 from autoquant.space import SearchSpace, load_space
 
-from _common import environment, write_json
+from _common import device_name, environment, write_json
 from _demo import demo_bench, search_settings
 
 @dataclasses.dataclass
@@ -94,8 +94,7 @@ class Scorer:
         self.fp = self.pipe.transformer
         self.params = sum(p.numel() for p in self.fp.parameters())
         self.device = next(self.fp.parameters()).device
-        self.where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                      else "cpu")
+        self.where = device_name(self.device)
 
     def score(self, row: Row, transformer: nn.Module) -> Row:
         self.pipe.transformer = transformer
@@ -136,14 +135,15 @@ def _diffusers_load(quant_config, device: torch.device) -> nn.Module:
     from autoquant.pipelines import default_dtype
     from autoquant.zoo import DemoPipeline, demo_folder
 
-    # on a GPU, loaded onto it as diffusers' docs do (device_map): bitsandbytes quantizes there
-    where = {"device_map": device.type} if device.type == "cuda" else {}  # "cuda", not "cuda:0"
     from _offline_text import attach, components  # (GPU machine: MiniLM's states, tabled)
 
+    # on a GPU, loaded onto it as diffusers' docs do (device_map "cuda", not "cuda:0"):
+    # bitsandbytes quantizes there
+    where = {"device_map": device.type} if device.type == "cuda" else {}
     pipe = attach(DemoPipeline.from_pretrained(demo_folder(), quantization_config=quant_config,
                                                **dtype_kwargs(default_dtype(device)), **where,
                                                **components()))
-    return pipe.transformer.to(device) if device.type != "cuda" else pipe.transformer
+    return pipe.transformer
 
 
 def diffusers_rows(scorer: Scorer, usual: list[str]) -> list[Row]:
@@ -319,7 +319,8 @@ def modelopt_rows(scorer: Scorer, effective_bits: list[float]) -> list[Row]:
         def build(cfg=cfg):
             model = copy.deepcopy(scorer.fp)
             return mtq.quantize(model, cfg, forward_loop)
-        row = run_row(scorer, Row("modelopt", f"mtq.quantize {name}", where=scorer.where), build, deployment)
+        row = run_row(scorer, Row("modelopt", f"mtq.quantize {name}", where=scorer.where), build,
+                      deployment)
         rows.append(row)
     for bits in effective_bits:
         def build(bits=bits):
@@ -336,8 +337,7 @@ def modelopt_rows(scorer: Scorer, effective_bits: list[float]) -> list[Row]:
                 num_calib_steps=len(data), num_score_steps=len(data))
             return model.to(scorer.fp.dtype)
         row = run_row(scorer, Row("modelopt", f"auto_quantize effective_bits={bits:.2f}",
-                                          where=scorer.where), build,
-                      deployment)
+                                  where=scorer.where), build, deployment)
         rows.append(row)
     return rows
 

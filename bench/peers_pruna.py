@@ -32,13 +32,11 @@ import time
 os.environ.setdefault("PRUNA_METRICS_ENABLED", "false")  # telemetry is on by default; no network
 
 
-import torch  # noqa: E402
-
 import autoquant  # noqa: E402
 from autoquant._bytes import measured_bytes  # noqa: E402
 from autoquant.baseline import protected_layers  # noqa: E402
 
-from _common import environment, write_json  # noqa: E402
+from _common import device_name, environment, write_json  # noqa: E402
 from _demo import demo_bench  # noqa: E402
 from peers import _plain_linears as plain_linears, _short_error  # noqa: E402
 
@@ -73,21 +71,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="bench/results/peers_pruna_cpu.json")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--gpu-only", action="store_true",
-                    help="only the quantizers that refuse a CPU (" + ", ".join(GPU_ONLY) + ")")
     ap.add_argument("--only", default=None,
                     help="comma-separated config prefixes (e.g. quanto,diffusers_int8)")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="--only the quantizers that refuse a CPU (" + ",".join(GPU_ONLY) + ")")
     args = ap.parse_args(argv)
-    only = tuple(args.only.split(",")) if args.only else None
+    only = tuple(args.only.split(",")) if args.only else GPU_ONLY if args.gpu_only else None
     pipe, clip, holdout, _ = demo_bench({}, args.device)
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    where = device_name(args.device)
     inv = autoquant.inventory(pipe)
     usual = [n.split(".", 1)[1] for n in protected_layers(inv, ["transformer"])]
     params = sum(p.numel() for p in pipe.transformer.parameters())
     out = {"environment": {**environment(args.device), "pruna": pruna.__version__}, "rows": []}
     for name, skip, request in configs(usual):
-        if (args.gpu_only and not name.startswith(GPU_ONLY)) or (only and
-                                                                 not name.startswith(only)):
+        if only and not name.startswith(only):
             continue
         row = {"peer": "pruna", "config": name, "skip": skip, "where": where,
                "request": repr(request)}

@@ -102,7 +102,7 @@ class RowPaddedLinear(nn.Linear):
     MIN_ROWS = 17
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        rows = x.shape[:-1].numel()
         if 0 < rows < self.MIN_ROWS and x.is_cuda and torch.compiler.is_compiling():
             flat = x.reshape(rows, x.shape[-1])
             pad = flat.new_zeros(self.MIN_ROWS - rows, x.shape[-1])
