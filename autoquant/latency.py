@@ -3,8 +3,9 @@
 - :class:`LatencyTable`: the time of one forward of a Linear layer of a given shape, on a given
   number of token rows, under each config, measured on this device in the deployment mode
   (``eager`` or ``compile``: ``torch.compile``). Cached on disk (``$AUTOQUANT_CACHE/latency``)
-  per device name, library versions and mode, with a checksum; the distinct keys are few (Flux-dev
-  has under ten Linear shapes), so a whole space costs minutes, not hours.
+  per device name, library versions, mode (and, compiled, Inductor's tuning settings), with a
+  checksum; the distinct keys are few (Flux-dev has under ten Linear shapes), so a whole space
+  costs minutes, not hours.
 - :class:`LatencyModel`: a plan's step time = the measured full-precision step + the sum over its
   layers of (quantized layer time - full-precision layer time), each layer with the rows it sees
   in one step (read once from a real step).
@@ -33,6 +34,13 @@ from ._paths import cache_dir
 from .backends import QuantConfig, backend_for, full_precision, quantize_layer
 
 MODES = ("eager", "compile")
+#: bumped when a backend changes what its layers run (2: torchao int8 weight-only compiles to
+#: an opaque op), so tables timed with the old layers are not reused
+LAYERS_REVISION = 2
+#: the Inductor settings that change which kernels a compiled layer gets (a process that
+#: quantized with torchao's defaults had coordinate descent tuning on)
+_TUNING = ("max_autotune", "max_autotune_gemm", "coordinate_descent_tuning",
+           "coordinate_descent_check_all_directions")
 _log = logging.getLogger("autoquant")
 
 
@@ -116,12 +124,16 @@ class LatencyTable:
 
         name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                 else f"cpu-{torch.backends.cpu.get_cpu_capability()}-{torch.get_num_threads()}t")
-        versions = [str(torch.__version__), diffusers.__version__]
+        versions = [str(torch.__version__), diffusers.__version__, f"layers{LAYERS_REVISION}"]
         for package in ("hqq", "bitsandbytes", "torchao"):
             try:
                 versions.append(__import__(package).__version__)
             except ImportError:
                 versions.append("-")
+        if self.mode == "compile":  # Inductor's tuning picks other kernels: other times
+            from torch._inductor import config as inductor
+
+            versions += [f"{k}={getattr(inductor, k)}" for k in _TUNING]
         digest = hashlib.sha256("|".join([name, *versions]).encode()).hexdigest()[:12]
         slug = "".join(c if c.isalnum() else "-" for c in name)[:40]
         return cache_dir() / "latency" / f"{slug}-{digest}-{self.mode}.json"

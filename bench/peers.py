@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -371,11 +372,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu",
                     help="where the pipeline, the peers and autoquant's searches run (cuda: the "
                          "GPU-only peer configs)")
+    ap.add_argument("--resume", default=None,
+                    help="an earlier run's --json: its rows stay (a row that --pruna-json measures "
+                         "again is replaced) and only rows without autoquant's match get a search")
+    ap.add_argument("--rematch-bits", type=float, default=None,
+                    help="with --resume: search again at the bytes of the rows of at least this "
+                         "many bits per weight (after a change to the search)")
     ap.add_argument("--markdown", action="store_true",
                     help="print the BENCHMARKS.md table of an earlier run's --json and stop")
     args = ap.parse_args(argv)
     if args.markdown:
-        print(markdown(__import__("json").loads(Path(args.json).read_text())["rows"]))
+        print(markdown(json.loads(Path(args.json).read_text())["rows"]))
         return 0
     only = set(args.only.split(",")) if args.only else set()
     pipe, clip, holdout, base = demo_bench({}, args.device)
@@ -384,7 +391,15 @@ def main(argv=None) -> int:
     usual = [n.split(".", 1)[1] for n in protected_layers(inv, ["transformer"])]
     out: dict[str, Any] = {"environment": environment(args.device), "usual_skip_list": usual,
                            "rows": []}
+    fields = {f.name for f in dataclasses.fields(Row)}
     rows: list[Row] = []
+    if args.resume:
+        earlier = json.loads(Path(args.resume).read_text())
+        rows += [Row(**{k: v for k, v in r.items() if k in fields}) for r in earlier["rows"]]
+        out["how"] = earlier.get("how", {})
+        for r in rows:
+            if args.rematch_bits is not None and (r.bits_per_weight or 0) >= args.rematch_bits:
+                r.autoquant = None
     tmp = Path(tempfile.mkdtemp(prefix="peers-"))
     search = Search(SearchConfig(model="demo", budget="50%", space=load_space("default"),
                                  trials=args.trials, out=tmp / "x", settings=search_settings(),
@@ -410,18 +425,20 @@ def main(argv=None) -> int:
         rows += modelopt_rows(scorer, bits)
         save()
     if args.pruna_json:  # rows bench/peers_pruna.py measured in Pruna's venv
-        fields = {f.name for f in dataclasses.fields(Row)}
-        for r in __import__("json").loads(Path(args.pruna_json).read_text())["rows"]:
-            rows.append(Row(**{k: v for k, v in r.items() if k in fields}))
+        new = [Row(**{k: v for k, v in r.items() if k in fields})
+               for r in json.loads(Path(args.pruna_json).read_text())["rows"]]
+        again = {(r.peer, r.config, r.skip) for r in new}
+        rows = [r for r in rows if (r.peer, r.config, r.skip) not in again] + new
         save()
     # autoquant at each row's bytes, fewest bits first (the 4-bit targets before the 8-bit
     # rows); a row within 1% above an earlier row's bytes shares that search (equal or fewer
     # bytes) unless the row is within 2 dB of it: then it gets a search at its own bytes
-    matched: dict[int, dict] = {}
+    matched: dict[int, dict] = {(r.deployment_bytes or r.bytes): r.autoquant for r in rows
+                                if r.autoquant and "psnr" in r.autoquant}
     for i in sorted(range(len(rows)), key=lambda i: rows[i].bits_per_weight or 99):
         row = rows[i]
         nbytes = row.deployment_bytes or row.bytes
-        if row.error is None and nbytes:
+        if row.error is None and nbytes and not (row.autoquant and "psnr" in row.autoquant):
             near = [b for b in matched if 0.99 * nbytes <= b <= nbytes
                     and matched[b].get("psnr", -1e9) >= row.psnr + 2]
             if not near and nbytes not in matched:

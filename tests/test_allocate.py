@@ -93,6 +93,10 @@ def test_seed_plans_meet_the_budget_at_each_fraction_and_baselines_fit(search):
         if src.startswith("solver@"):
             share = int(src[7:-1]) / 100
             assert search.plan_bytes(choice) <= search.budget_bytes * share
+    # the baselines come most promising first: a short search runs them before the hopeless
+    # ones (at an 8-bit budget, "int8 + protect" before uniform 2-bit)
+    baselines = [search.proxy(c) for s, c in seeds if s.startswith("uniform")]
+    assert len(baselines) > 2 and baselines == sorted(baselines)
     # the solver's plan at 100% is at least as good for the proxy as any uniform baseline
     best = search.proxy(seeds[0][1])
     assert all(best <= search.proxy(c) + 1e-12 for s, c in seeds if s.startswith("uniform"))

@@ -11,7 +11,7 @@ import torch
 import autoquant
 from autoquant import InputError
 from autoquant.backends import config_from_dict
-from autoquant.latency import LatencyModel, LatencyTable, LayerShape, parse_latency
+from autoquant.latency import MODES, LatencyModel, LatencyTable, LayerShape, parse_latency
 
 HQQ4 = config_from_dict({"method": "hqq", "bits": 4, "group_size": 32})
 
@@ -38,6 +38,21 @@ def test_the_table_is_cached_per_device_and_verified(tmp_path):
     data["entries"][next(iter(data["entries"]))] = 0.0  # tampered: the checksum says so
     path.write_text(json.dumps(data))
     assert LatencyTable(torch.device("cpu"), "eager", path).entries == {}
+
+
+def test_a_compiled_table_is_not_reused_under_other_inductor_tuning(tmp_path, monkeypatch):
+    """Coordinate descent tuning (what torchao's defaults switch on) picks other kernels: the
+    compiled table timed under it must not be read without it. Eager tables do not care."""
+    from torch._inductor import config as inductor
+
+    monkeypatch.setenv("AUTOQUANT_CACHE", str(tmp_path))
+    paths = {}
+    for tuning in (False, True):
+        with inductor.patch(coordinate_descent_tuning=tuning):
+            paths[tuning] = {m: LatencyTable(torch.device("cpu"), m).path for m in MODES}
+    assert paths[False]["compile"] != paths[True]["compile"]
+    assert paths[False]["eager"] == paths[True]["eager"]
+    assert all(p.parent == tmp_path / "latency" for d in paths.values() for p in d.values())
 
 
 def test_calibration_makes_a_uniform_plan_predict_its_measured_step(tmp_path):

@@ -111,8 +111,40 @@ class RowPaddedLinear(nn.Linear):
         return super().forward(x)
 
 
+@torch.library.custom_op("autoquant::int8_weight_only_mm", mutates_args=())
+def _int8_weight_only_mm(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [rows, in] @ (qdata [out, in] * scale [out])^T`` -- torchao's own eager computation
+    for a per-row int8 weight (``Int8Tensor``'s linear), behind an op Inductor does not look
+    into."""
+    m = torch.mm(x, qdata.t().to(x.dtype))
+    return m * scale.to(m.dtype).flatten()
+
+
+@_int8_weight_only_mm.register_fake
+def _(x, qdata, scale):
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+class Int8WeightOnlyLinear(nn.Linear):
+    """An ``int8`` (weight-only) layer. Compiled, Inductor fuses torchao's int8 -> bf16 weight
+    conversion into the matmul and generates its own kernel for it: on an H100 (torch 2.11,
+    torchao 0.18) a Flux-dev step with every layer so compiled took over 12 s, against 251 ms
+    eager. Compiled, this layer calls torchao's eager computation as one opaque op (the weight
+    converted, then cuBLAS), so the rest of the graph still compiles around it, without a break,
+    and the layer costs what it costs eager (the step: 181 ms, 1.34x bf16 compiled)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        y = torch.ops.autoquant.int8_weight_only_mm(x.reshape(-1, x.shape[-1]),
+                                                    self.weight.qdata, self.weight.scale)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return (y + self.bias if self.bias is not None else y).to(x.dtype)
+
+
 def _linear_class(cfg: TorchaoConfig) -> type[nn.Linear]:
-    return RowPaddedLinear if cfg.type == "int8_dynamic" else nn.Linear
+    return {"int8_dynamic": RowPaddedLinear, "int8": Int8WeightOnlyLinear}.get(cfg.type,
+                                                                               nn.Linear)
 
 
 class TorchaoBackend(Backend):
