@@ -5,6 +5,9 @@ scored by autoquant's own evaluator on the held-out prompts and seeds.
     python bench/peers.py [--trials 12] [--only diffusers,modelopt] [--json bench/results/peers_cpu.json]
     python bench/peers.py --device cuda --only diffusers [--pruna-json ...]   # the GPU-only rows
     # (on the GPU machine, without MiniLM's weights: AUTOQUANT_DEMO_TEXT, see bench/_offline_text.py)
+    python bench/peers.py --only "" --resume OLD.json [--pruna-json NEW.json] [--rematch-bits 7]
+    # keep an earlier run's rows; search only where a row has no match yet (or, with
+    # --rematch-bits, every row of at least that many bits: after a change to the search)
 
 Each peer quantizes the denoiser through its own public API, as its documentation tells a user:
 
@@ -19,7 +22,7 @@ Each peer quantizes the denoiser through its own public API, as its documentatio
   simulates quantization (fake-quant modules holding the float weights): its rows report its
   effective bits and, separately, the bytes a deployment of those formats would hold;
 - **Pruna** (``pruna`` on PyPI, its own venv: it pins torchao and hqq versions that clash with
-  ours): run by ``bench/peers_pruna.py`` in that venv when ``--pruna-python`` names its python.
+  ours): run by ``bench/peers_pruna.py`` in that venv; its JSON comes in with ``--pruna-json``.
 
 Every row that cannot run here (a GPU-only config on a CPU, a package missing) is kept, with the
 exact error. Bytes are what the quantized modules really hold (every tensor storage, measured);
@@ -398,7 +401,8 @@ def main(argv=None) -> int:
         rows += [Row(**{k: v for k, v in r.items() if k in fields}) for r in earlier["rows"]]
         out["how"] = earlier.get("how", {})
         for r in rows:
-            if args.rematch_bits is not None and (r.bits_per_weight or 0) >= args.rematch_bits:
+            bits = r.effective_bits or r.bits_per_weight or 0  # ModelOpt: what a deployment holds
+            if args.rematch_bits is not None and bits >= args.rematch_bits:
                 r.autoquant = None
     tmp = Path(tempfile.mkdtemp(prefix="peers-"))
     search = Search(SearchConfig(model="demo", budget="50%", space=load_space("default"),

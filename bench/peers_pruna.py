@@ -59,8 +59,11 @@ def configs(usual: list[str]) -> list[tuple[str, str, dict]]:
     # diffusers_int8 before quanto: optimum-quanto builds its CUDA extension on first use
     # (minutes on a fresh machine)
     out.append(("diffusers_int8", "defaults", {"diffusers_int8": {}}))
+    out.append(("diffusers_int8", "usual", {"diffusers_int8": {"target_modules": excluded}}))
     for bits in ("qint2", "qint4", "qint8"):
         out.append((f"quanto {bits}", "defaults", {"quanto": {"weight_bits": bits}}))
+        out.append((f"quanto {bits}", "usual", {"quanto": {"weight_bits": bits,
+                                                           "target_modules": excluded}}))
     return out
 
 
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=None,
                     help="comma-separated config prefixes (e.g. quanto,diffusers_int8)")
+    ap.add_argument("--skips", default="defaults,usual",
+                    help="which variants to run: its defaults, its exclusions of the usual layers")
     ap.add_argument("--gpu-only", action="store_true",
                     help="--only the quantizers that refuse a CPU (" + ",".join(GPU_ONLY) + ")")
     args = ap.parse_args(argv)
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in pipe.transformer.parameters())
     out = {"environment": {**environment(args.device), "pruna": pruna.__version__}, "rows": []}
     for name, skip, request in configs(usual):
-        if only and not name.startswith(only):
+        if (only and not name.startswith(only)) or skip not in args.skips.split(","):
             continue
         row = {"peer": "pruna", "config": name, "skip": skip, "where": where,
                "request": repr(request)}
