@@ -359,6 +359,17 @@ def autoquant_at(search: Search, holdout, nbytes: int, folder: Path) -> dict:
             "clip_fidelity": r.metrics["clip_fidelity"]["mean"], "recipe": str(folder / "best.yaml")}
 
 
+def _rows(results: dict) -> list[Row]:
+    """The rows of an earlier ``--json`` (or of ``bench/peers_pruna.py``'s)."""
+    fields = {f.name for f in dataclasses.fields(Row)}
+    return [Row(**{k: v for k, v in r.items() if k in fields}) for r in results["rows"]]
+
+
+def _matched(row: Row) -> bool:
+    """Whether autoquant already has a result at ``row``'s bytes."""
+    return bool(row.autoquant and "psnr" in row.autoquant)
+
+
 def torchao_only_space() -> SearchSpace:
     d = load_space("default").to_dict()
     d["candidates"] = [c for c in d["candidates"] if c["method"] in ("torchao", "none")]
@@ -384,6 +395,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true",
                     help="print the BENCHMARKS.md table of an earlier run's --json and stop")
     args = ap.parse_args(argv)
+    if args.rematch_bits is not None and not args.resume:
+        ap.error("--rematch-bits needs --resume (the earlier run whose rows are searched again)")
     if args.markdown:
         print(markdown(json.loads(Path(args.json).read_text())["rows"]))
         return 0
@@ -394,16 +407,14 @@ def main(argv=None) -> int:
     usual = [n.split(".", 1)[1] for n in protected_layers(inv, ["transformer"])]
     out: dict[str, Any] = {"environment": environment(args.device), "usual_skip_list": usual,
                            "rows": []}
-    fields = {f.name for f in dataclasses.fields(Row)}
     rows: list[Row] = []
     if args.resume:
         earlier = json.loads(Path(args.resume).read_text())
-        rows += [Row(**{k: v for k, v in r.items() if k in fields}) for r in earlier["rows"]]
-        out["how"] = earlier.get("how", {})
-        for r in rows:
-            bits = r.effective_bits or r.bits_per_weight or 0  # ModelOpt: what a deployment holds
-            if args.rematch_bits is not None and bits >= args.rematch_bits:
-                r.autoquant = None
+        rows, out["how"] = _rows(earlier), earlier.get("how", {})
+        if args.rematch_bits is not None:
+            for r in rows:  # ModelOpt's rows by their deployed bits
+                if (r.effective_bits or r.bits_per_weight or 0) >= args.rematch_bits:
+                    r.autoquant = None
     tmp = Path(tempfile.mkdtemp(prefix="peers-"))
     search = Search(SearchConfig(model="demo", budget="50%", space=load_space("default"),
                                  trials=args.trials, out=tmp / "x", settings=search_settings(),
@@ -429,8 +440,7 @@ def main(argv=None) -> int:
         rows += modelopt_rows(scorer, bits)
         save()
     if args.pruna_json:  # rows bench/peers_pruna.py measured in Pruna's venv
-        new = [Row(**{k: v for k, v in r.items() if k in fields})
-               for r in json.loads(Path(args.pruna_json).read_text())["rows"]]
+        new = _rows(json.loads(Path(args.pruna_json).read_text()))
         again = {(r.peer, r.config, r.skip) for r in new}
         rows = [r for r in rows if (r.peer, r.config, r.skip) not in again] + new
         save()
@@ -438,11 +448,11 @@ def main(argv=None) -> int:
     # rows); a row within 1% above an earlier row's bytes shares that search (equal or fewer
     # bytes) unless the row is within 2 dB of it: then it gets a search at its own bytes
     matched: dict[int, dict] = {(r.deployment_bytes or r.bytes): r.autoquant for r in rows
-                                if r.autoquant and "psnr" in r.autoquant}
+                                if _matched(r)}
     for i in sorted(range(len(rows)), key=lambda i: rows[i].bits_per_weight or 99):
         row = rows[i]
         nbytes = row.deployment_bytes or row.bytes
-        if row.error is None and nbytes and not (row.autoquant and "psnr" in row.autoquant):
+        if row.error is None and nbytes and not _matched(row):
             near = [b for b in matched if 0.99 * nbytes <= b <= nbytes
                     and matched[b].get("psnr", -1e9) >= row.psnr + 2]
             if not near and nbytes not in matched:

@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     usual = [n.split(".", 1)[1] for n in protected_layers(inv, ["transformer"])]
     params = sum(p.numel() for p in pipe.transformer.parameters())
     out = {"environment": {**environment(args.device), "pruna": pruna.__version__}, "rows": []}
+    skips = args.skips.split(",")
     for name, skip, request in configs(usual):
-        if (only and not name.startswith(only)) or skip not in args.skips.split(","):
+        if (only and not name.startswith(only)) or skip not in skips:
             continue
         row = {"peer": "pruna", "config": name, "skip": skip, "where": where,
                "request": repr(request)}
