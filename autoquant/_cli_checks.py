@@ -70,3 +70,16 @@ def devices_list(spec: str) -> list[str]:
     for d in devices:
         check_device(d)
     return devices
+
+
+def image_format(path: str | Path) -> str:
+    """Pillow's format name for an image path's extension (ValueError when it writes none)."""
+    from PIL import Image
+
+    Image.init()
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: Pillow cannot write {ext or 'a file without an extension'}; "
+                         f"end the name with .png, .jpg, .webp or .tiff")
+    return fmt

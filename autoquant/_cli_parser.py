@@ -22,7 +22,26 @@ def _checked(cast, what: str, ok, rule: str):
 _positive_int = _checked(int, "a whole number", lambda v: v >= 1, "must be at least 1")
 _positive_float = _checked(float, "a number", lambda v: 0 < v < float("inf"),
                            "must be a positive number")
-_seed = _checked(int, "a whole number", lambda v: v >= 0, "must be >= 0")
+#: numpy's and Optuna's samplers take seeds below 2**32; so does every seed autoquant passes on
+MAX_SEED = 2**32 - 1
+_seed = _checked(int, "a whole number", lambda v: 0 <= v <= MAX_SEED,
+                 f"must be a whole number from 0 to {MAX_SEED} (2**32 - 1)")
+#: every diffusers pipeline makes images whose sides are multiples of 8 (the VAE's factor)
+MAX_SIZE = 8192
+_image_size = _checked(int, "a whole number", lambda v: 8 <= v <= MAX_SIZE and v % 8 == 0,
+                       f"is not an image side autoquant can ask for: a multiple of 8 from 8 to "
+                       f"{MAX_SIZE} (the model may need a multiple of 16)")
+
+
+def _image_file(text: str) -> str:
+    """An image path whose extension Pillow can write (checked now, not after the work)."""
+    from ._cli_checks import image_format
+
+    try:
+        image_format(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -46,10 +65,11 @@ def _add_eval_options(p: argparse.ArgumentParser, prompt_set: bool = True,
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="denoising steps (model default)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (model default)")
-    p.add_argument("--size", type=_positive_int, default=None,
-                   help="image height and width in pixels")
+    p.add_argument("--size", type=_image_size, default=None,
+                   help="image height and width in pixels (a multiple of 8)")
     p.add_argument("--batch-size", type=_positive_int, default=batch_size,
-                   help=f"images generated at once (default {batch_size}; never changes an image)")
+                   help=f"images generated at once (default {batch_size}); references are cached "
+                        f"per batch, since a batched matmul can round differently")
     p.add_argument("--clip", default=None,
                    help="CLIP for fidelity: demo, ARCH/TAG or ARCH/checkpoint (default: the model's)")
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP metrics")
@@ -94,9 +114,12 @@ def _search(sub) -> argparse.ArgumentParser:
                    help="study name (default: autoquant-MODEL-BUDGET); a worker with the same "
                         "settings joins it")
     p.add_argument("--out", default="autoquant-search",
-                   help="folder for study.db, artifacts, best.yaml, pareto/ and report.json")
-    p.add_argument("--artifacts", default=None, metavar="DIR",
-                   help="artifact folder every worker of the study can reach (default OUT/artifacts)")
+                   help="folder for study.db, artifacts, studies/STUDY/{best.yaml,pareto/,report.json}"
+                        " and, at its top, the outputs of the study that wrote last")
+    p.add_argument("--artifacts", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+                   help="where the study's shared inputs and images go: a folder every worker "
+                        "reaches (default OUT/artifacts), or s3://bucket[/prefix] / "
+                        "gs://bucket[/prefix], which needs no shared disk")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="one worker process per device on this machine, sharing the study: "
                         "cuda:0,cuda:1,... or all")
@@ -138,10 +161,12 @@ def _apply(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the denoiser under torch.compile (faster steps after a first slow one)")
     p.add_argument("--prompt", default=None, help="generate one image with this prompt")
-    p.add_argument("--out", default="autoquant.png", help="where the image goes")
+    p.add_argument("--out", default="autoquant.png", type=_image_file,
+                   help="where the image goes (.png, .jpg, .webp ...)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="denoising steps (model default)")
-    p.add_argument("--size", type=_positive_int, default=None, help="image height and width")
+    p.add_argument("--size", type=_image_size, default=None,
+                   help="image height and width (a multiple of 8)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the image's noise")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -166,8 +191,9 @@ def _evaluate(sub) -> argparse.ArgumentParser:
 def _baseline(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="write a uniform recipe (one config for every layer)")
     _add_model(p)
-    p.add_argument("--method", required=True, choices=["hqq", "bnb", "torchao", "higgs", "none"],
-                   help="quantization method")
+    p.add_argument("--method", required=True, 
+                   help="quantization method: hqq, bnb, torchao, higgs, gptq, none ... (any "
+                        "method of the backend registry; checked before the model loads)")
     p.add_argument("--bits", type=_positive_int, default=None,
                    help="bits (the method's default if absent)")
     p.add_argument("--options", nargs="*", default=None, metavar="KEY=VALUE",
@@ -194,6 +220,8 @@ def _report(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the search's --out folder")
     p.add_argument("--storage", default=None, help="or an Optuna storage URL ...")
     p.add_argument("--study", default=None, help="... and the study name")
-    p.add_argument("--artifacts", default=None, help="artifact folder (default OUT/artifacts)")
+    p.add_argument("--artifacts", default=None,
+                   help="artifact folder or s3:// / gs:// location (default OUT/artifacts, or the "
+                        "bucket the study records)")
     p.add_argument("--html", default=None, help="where the report goes (default OUT/report.html)")
     return p

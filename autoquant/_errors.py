@@ -28,6 +28,25 @@ class InputError(AutoquantError):
     exit_code = 2
 
 
+class ArgumentTypeError(InputError, TypeError):
+    """A public function was given the wrong kind of argument; the message says what to pass."""
+
+
+def expect(value, types, name: str, what: str):
+    """``value`` if it is one of ``types``, else :class:`ArgumentTypeError` saying ``what`` to
+    pass as ``name``."""
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,)):
+        raise ArgumentTypeError(f"{name}: expected {what}, got {type(value).__name__} "
+                                f"{_short(value)}")
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class ConfigError(InputError, ValueError):
     """A quantization config (method, bits, options) is not valid."""
 

@@ -60,7 +60,11 @@ def components_of(target: Any) -> dict[str, nn.Module]:
         return {"": target}
     comps = getattr(target, "components", None)
     if not isinstance(comps, dict):
-        raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
+        from ._errors import ArgumentTypeError
+
+        raise ArgumentTypeError(f"expected a diffusers pipeline or an nn.Module, got "
+                                f"{type(target).__name__} (load one with "
+                                f"autoquant.load_pipeline)")
     return {name: mod for name, mod in comps.items() if isinstance(mod, nn.Module)}
 
 

@@ -15,7 +15,10 @@ import os
 import warnings
 
 _LOGGERS = ("torch.utils._pytree", "bitsandbytes", "bitsandbytes.cextension",
-            "bitsandbytes.backends", "diffusers", "transformers", "torchao", "hqq")
+            "bitsandbytes.backends", "diffusers", "transformers", "torchao", "hqq",
+            # bitsandbytes' CPU kernels come through Hugging Face's ``kernels`` ("Skipping
+            # publisher trust check ... offline mode")
+            "kernels", "huggingface_hub")
 
 
 @contextlib.contextmanager

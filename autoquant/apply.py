@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -129,6 +130,22 @@ def calibration_settings(recipe: Recipe, model: str):
     return dataclasses.replace(base, prompts=tuple(prompts), seeds=tuple(seeds), **extra)
 
 
+def as_recipe(recipe: Any, allow_plan: bool = False) -> Any:
+    """A :class:`Recipe` from what a user may pass: a Recipe, a path to a recipe file (loaded and
+    validated) or a recipe's dict; a :class:`Plan` where ``allow_plan``."""
+    from ._errors import ArgumentTypeError
+    from .recipe import load_recipe
+
+    if isinstance(recipe, Recipe) or allow_plan and isinstance(recipe, Plan):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        return load_recipe(recipe)
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    raise ArgumentTypeError(f"recipe: expected an autoquant.Recipe, a recipe file's path or a "
+                            f"recipe dict, got {type(recipe).__name__}")
+
+
 def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device | None = None,
                  progress: bool = True, keep_originals: bool = False,
                  scope: list[str] | None = None,
@@ -150,6 +167,7 @@ def apply_recipe(target: Any, recipe: Recipe | Plan, device: str | torch.device 
     ``move``: the components moved to ``device`` afterwards (default: all of them).
     """
     start = time.perf_counter()
+    recipe = as_recipe(recipe, allow_plan=True)
     comps = components_of(target)
     inv = inventory(target)
     plan = recipe.resolve(inv) if isinstance(recipe, Recipe) else recipe

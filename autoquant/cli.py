@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from ._cli_checks import check_device, devices_list, writable_file, writable_folder
+from ._cli_checks import (check_device, devices_list, image_format, writable_file,
+                          writable_folder)
 from ._cli_parser import build_parser
 from ._errors import AutoquantError, InputError
 
@@ -125,8 +126,10 @@ def cmd_apply(args) -> int:
             kwargs.update(height=args.size, width=args.size)
         image = pipe(args.prompt, **kwargs).images[0]
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(out)
+        from . import _atomic
+
+        with _atomic.atomic_path(out) as tmp:
+            image.save(tmp, format=image_format(out))
         result["image"] = str(out)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -287,7 +290,6 @@ def _precheck(args, storage, space, settings) -> None:
 
     clip = None if args.no_clip else (args.clip or default_clip(args.model))
     mine = settings.to_dict()
-    mine.pop("batch_size")
     precheck(storage, default_study_name(args.model, args.budget, args.study), {
         "model": args.model, "budget": str(args.budget), "space": space.to_dict(),
         "objectives": [o for o in space.objectives if o != "clip_fidelity" or clip],
@@ -304,7 +306,13 @@ def cmd_search(args) -> int:
     settings = _settings(args, "search")
     out = writable_folder(args.out, "--out")
     if args.artifacts:
-        writable_folder(args.artifacts, "--artifacts")
+        from .search import _artifacts
+
+        location = _artifacts.normalize(args.artifacts, out)
+        if _artifacts.is_remote(location):
+            _artifacts.check_available(location)
+        else:
+            writable_folder(location, "--artifacts")
     if args.devices and args.device:
         raise InputError("give --device (this process) or --devices (one worker each), not both")
     devices = devices_list(args.devices) if args.devices else None
@@ -436,10 +444,25 @@ def main(argv: list[str] | None = None) -> int:
                          "baseline": cmd_baseline, "inspect": cmd_inspect,
                          "report": cmd_report}).parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = os.environ.get("AUTOQUANT_VERBOSE")
+    if args.debug:  # the library's own quieting (imports, loading, generation) off too
+        os.environ["AUTOQUANT_VERBOSE"] = "1"
+    try:
+        return _run(args)
+    finally:
+        if verbose is None:
+            os.environ.pop("AUTOQUANT_VERBOSE", None)
+        else:
+            os.environ["AUTOQUANT_VERBOSE"] = verbose
+
+
+def _run(args) -> int:
+    from ._paths import cache_dir as check_cache_dir
     from ._quiet import quiet_libraries
 
     quiet_libraries(args.debug)
     try:
+        check_cache_dir()
         with _stdout_is_ours(args.debug):
             return args.func(args)
     except AutoquantError as e:
@@ -450,6 +473,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"autoquant {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a machine's fault (disk, network, database): one line, exit 1
+        line = _machine_fault(e)
+        if line is None or args.debug:
+            raise
+        print(f"autoquant {args.command}: error: {line}", file=sys.stderr)
+        return 1
+
+
+def _machine_fault(e: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of autoquant (None: a bug, re-raised)."""
+    import errno
+
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        hint = {errno.ENOSPC: "the disk is full: free space or write elsewhere; nothing "
+                              "written before was lost",
+                errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere",
+                errno.EROFS: "the filesystem is read-only: write elsewhere",
+                errno.EACCES: "permission denied: write elsewhere or fix the permissions",
+                errno.EFBIG: "the file is too large for this filesystem: write elsewhere"
+                }.get(e.errno, "")
+        return f"{e.strerror or e}{where}" + (f"; {hint}" if hint else "")
+    modules = {type(x).__module__.split(".")[0] for x in type(e).__mro__}
+    if "sqlalchemy" in modules or "optuna" in modules and "storage" in type(e).__name__.lower():
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"the study's storage failed: {first[:300]} -- check --storage (the database "
+                f"is reachable, not damaged, and yours)")
+    if "botocore" in modules or "boto3" in modules:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"the artifact store failed: {first[:300]} -- check --artifacts and the AWS_* "
+                f"settings (endpoint, credentials)")
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

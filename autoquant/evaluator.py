@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from ._progress import tqdm
+from ._quiet import quietly
 
 from ._bytes import measured_bytes
 from ._errors import AutoquantError, InputError, NonFiniteError
@@ -23,7 +24,7 @@ from .apply import apply_recipe, revert
 from ._inventory import DENOISERS, components_of, inventory
 from .metrics import aggregate, clip_features, clip_metrics, pixel_metrics
 from .recipe import Recipe
-from .references import ReferenceCache, model_key
+from .references import ReferenceCache, model_key, render_key
 from .settings import EvalSettings, noise_seed
 
 
@@ -36,20 +37,50 @@ def default_components(pipe: Any) -> list[str]:
 
 def generate_images(pipe: Any, settings: EvalSettings, pairs: list[tuple[str, int]],
                     progress: bool = False, desc: str = "generating") -> torch.Tensor:
-    """Images in [0, 1], ``[N, 3, H, W]`` on the CPU; each with its own CPU generator, seeded with
-    :func:`~autoquant.settings.noise_seed` of its prompt and seed (so its noise does not depend on
-    the batch it is in, nor on the device, and no two prompts share a starting latent)."""
+    """Images in [0, 1], ``[N, 3, H, W]`` on the CPU, made in batches of ``settings.batch_size``;
+    each with its own CPU generator, seeded with :func:`~autoquant.settings.noise_seed` of its
+    prompt and seed (its noise does not depend on its batch nor on the device, and no two prompts
+    share a starting latent). The pixels can still depend on the batch (batched matmuls reduce
+    in another order at another batch size): the evaluator makes references and candidates in
+    the same batches (:func:`batches`)."""
+    return _generate(pipe, settings, [pairs[i:i + settings.batch_size]
+                                      for i in range(0, len(pairs), settings.batch_size)],
+                     progress, desc)
+
+
+def _generate(pipe: Any, settings: EvalSettings, chunks: list[list[tuple[str, int]]],
+              progress: bool = False, desc: str = "generating") -> torch.Tensor:
     out = []
     kwargs = settings.pipeline_kwargs()
-    chunks = range(0, len(pairs), settings.batch_size)
-    for i in tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False):
-        chunk = pairs[i:i + settings.batch_size]
+    for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False):
         gens = [torch.Generator("cpu").manual_seed(noise_seed(p, seed)) for p, seed in chunk]
-        images = pipe([p for p, _ in chunk], generator=gens, output_type="pt", **kwargs).images
+        try:
+            with quietly():  # kernels that load on first use (bitsandbytes' CPU ones) chatter
+                images = pipe([p for p, _ in chunk], generator=gens, output_type="pt",
+                              **kwargs).images
+        except ValueError as e:  # diffusers' check_inputs: a size or setting it cannot make
+            raise InputError(f"{type(pipe).__name__} refused these settings ({kwargs}): "
+                             f"{str(e).strip().splitlines()[0]}") from None
         if not torch.is_tensor(images):
             raise AutoquantError(f"{type(pipe).__name__} did not return tensors for output_type='pt'")
+        want = (settings.height, settings.width)
+        if settings.height and tuple(images.shape[-2:]) != want:
+            # e.g. Flux rounds a side to a multiple of 16 (with a log line): an image of another
+            # size than asked would never match its reference
+            raise InputError(f"{type(pipe).__name__} made {images.shape[-2]}x{images.shape[-1]} "
+                             f"images when asked for {want[0]}x{want[1]}: pick a size it makes "
+                             f"as asked (a multiple of 16 fits every pipeline autoquant knows)")
         out.append(images.float().cpu())
     return torch.cat(out)
+
+
+def batches(n: int, batch_size: int, boundaries: tuple[int, ...] = ()) -> list[list[int]]:
+    """The batches (lists of indices into the pairs) in which an evaluator makes all its images:
+    runs of ``batch_size`` within each segment between ``boundaries`` (the search scores a first
+    stage of k images, then the rest: references are made with the same cut)."""
+    cuts = [0, *sorted({b for b in boundaries if 0 < b < n}), n]
+    return [list(range(i, min(i + batch_size, hi)))
+            for lo, hi in zip(cuts, cuts[1:]) for i in range(lo, hi, batch_size)]
 
 
 @dataclasses.dataclass
@@ -102,14 +133,22 @@ class Evaluator:
                  components: list[str] | None = None, cache: ReferenceCache | None = None,
                  progress: bool = True, key: str | None = None,
                  references: torch.Tensor | None = None, compile: bool = False,
-                 memory: Any = None):
+                 memory: Any = None, segments: tuple[int, ...] = ()):
         """``clip``: a :class:`autoquant.clip.Clip`, or None for no CLIP metrics.
         ``key``: :func:`autoquant.references.model_key` of ``pipe``, if already known.
         ``references``: the full-precision images, when another worker of the same study made
         them (checked against the settings, then used instead of the cache).
         ``memory``: a placed :class:`autoquant.memory.MemoryPlan` (references are made with what
-        does not fit streaming; a recipe is applied onto its GPU)."""
+        does not fit streaming; a recipe is applied onto its GPU).
+        ``segments``: indices where scoring is cut (:meth:`score` of ``range(k)``, then of the
+        rest): references and candidates are made in the same batches, so full precision scores
+        exactly against its own references, cut or not."""
         start = time.perf_counter()
+        from ._errors import expect
+
+        expect(settings, EvalSettings, "Evaluator(pipe, settings)",
+               "an autoquant.EvalSettings (e.g. EvalSettings.for_model('demo'))")
+        components_of(pipe)  # a pipeline or a module, or a clear error
         self.pipe, self.settings, self.clip, self.progress = pipe, settings, clip, progress
         self.compile = compile
         self.memory = memory
@@ -122,8 +161,11 @@ class Evaluator:
                              f"{sorted(components_of(pipe))}")
         self.inventory = inventory(pipe)
         self.cache = cache or ReferenceCache()
+        self.render = render_key(pipe, settings)
         self.model_key = key or model_key(pipe)
         self.pairs = settings.pairs()
+        self.batches = batches(len(self.pairs), settings.batch_size, tuple(segments))
+        self.batch_of = {i: b for b in self.batches for i in b}
         self.references_rejected = 0
         if references is not None:
             self.references, self.references_generated = self._given(references), 0
@@ -144,23 +186,36 @@ class Evaluator:
             raise InputError(f"the shared references ({tuple(images.shape)}) are not {n} images "
                              f"in [0, 1] for these settings")
         images = images.float().cpu()
-        for (p, s), img in zip(self.pairs, images):
-            self.cache.save(self.model_key, self.settings, p, s, img)
+        for i, img in enumerate(images):
+            self._save(i, img)
         return images
 
+    def _batch_pairs(self, i: int) -> list[tuple[str, int]]:
+        return [self.pairs[j] for j in self.batch_of[i]]
+
+    def _save(self, i: int, image: torch.Tensor) -> None:
+        self.cache.save(self.model_key, self.settings, *self.pairs[i], image,
+                        batch=self._batch_pairs(i), render=self.render)
+
     def _references(self) -> tuple[torch.Tensor, int]:
-        found = {i: self.cache.load(self.model_key, self.settings, p, s)
+        found = {i: self.cache.load(self.model_key, self.settings, p, s,
+                                    batch=self._batch_pairs(i), render=self.render)
                  for i, (p, s) in enumerate(self.pairs)}
-        todo = [i for i, img in found.items() if img is None]
         self.references_rejected = len(self.cache.rejected)
         self.cache.report_rejected()
+        # a batch with any image missing is made whole: its images are the ones a candidate's
+        # batch is compared with
+        todo = [b for b in self.batches if any(found[i] is None for i in b)]
         if todo:
-            images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in todo],
-                                     self.progress, desc="full-precision references")
-            for i, img in zip(todo, images):
-                self.cache.save(self.model_key, self.settings, *self.pairs[i], img)
-                found[i] = img
-        return torch.stack([found[i] for i in range(len(self.pairs))]), len(todo)
+            images = _generate(self.pipe, self.settings,
+                               [[self.pairs[i] for i in b] for b in todo], self.progress,
+                               desc="full-precision references")
+            for i, img in zip([i for b in todo for i in b], images):
+                if found[i] is None:
+                    self._save(i, img)
+                    found[i] = img
+        return torch.stack([found[i] for i in range(len(self.pairs))]), \
+            sum(len(b) for b in todo)
 
     def _component_bytes(self) -> int:
         comps = components_of(self.pipe)
@@ -170,7 +225,7 @@ class Evaluator:
         """Generate the pairs ``idx`` with the pipeline as it stands and score them against the
         references: ``(per-image metrics, generation s, metrics s)``. Raises on NaN/inf images."""
         t0 = time.perf_counter()
-        images = generate_images(self.pipe, self.settings, [self.pairs[i] for i in idx], progress)
+        images = self._images(idx, progress)
         t_gen = time.perf_counter() - t0
         if not torch.isfinite(images).all():
             raise NonFiniteError("the quantized pipeline produced non-finite images (NaN/inf)")
@@ -180,6 +235,16 @@ class Evaluator:
             per.update(clip_metrics(clip_features(self.clip, images), self.ref_feats[idx],
                                     self.text_feats[idx]))
         return per, t_gen, time.perf_counter() - t0 - t_gen
+
+    def _images(self, idx: list[int], progress: bool = False) -> torch.Tensor:
+        """The images ``idx``, made in the references' batches: a batch is always made whole
+        (what a subset that cuts one costs), so each image is made exactly as its reference."""
+        asked = set(idx)
+        wanted = [b for b in self.batches if asked.intersection(b)]
+        made = _generate(self.pipe, self.settings, [[self.pairs[i] for i in b] for b in wanted],
+                         progress)
+        at = {i: k for k, i in enumerate(i for b in wanted for i in b)}
+        return made[[at[i] for i in idx]]
 
     def score(self, subset: list[int] | None = None) -> tuple[dict, float, float]:
         """Aggregated metrics of the pipeline as it stands on ``subset`` (indices into the pairs;
@@ -191,6 +256,10 @@ class Evaluator:
     def evaluate(self, recipe: Recipe | None = None, label: str | None = None) -> EvalResult:
         """Score ``recipe`` (None: full precision). The pipeline is back in full precision after."""
         t0 = time.perf_counter()
+        if recipe is not None:
+            from .apply import as_recipe
+
+            recipe = as_recipe(recipe)
         summary = None
         memory = self.memory
         # under a memory plan the quantized components run wholly on its GPU

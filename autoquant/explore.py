@@ -25,9 +25,10 @@ with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in note
     warnings.filterwarnings("ignore", message="IProgress not found")  # ipywidgets
     import optuna
 
+from . import _atomic
 from ._errors import InputError
 from ._format import human_bytes
-from .search._outputs import (IDENTITY, fail_reason, plan_recipe, quality_objectives, tally,
+from .search._outputs import (IDENTITY, checked_identity, fail_reason, plan_recipe, quality_objectives, tally,
                               trial_metrics)
 
 _LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "clip_fidelity": "CLIP fidelity"}
@@ -115,9 +116,21 @@ class StudyView:
                 for t in self.trials]
 
 
+def _number(value) -> float | None:
+    """A trial attribute read as a number: anything else (a hand-edited database) is None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def open_study(out: str | Path | None = None, storage: str | None = None,
                study: str | None = None, artifacts: str | Path | None = None) -> StudyView:
-    """A search from its ``--out`` folder, or a storage URL + study name (+ artifact folder)."""
+    """A search from its ``--out`` folder, or a storage URL + study name (+ artifact folder or
+    bucket; default: OUT/artifacts, or the bucket the study records)."""
+    given_artifacts = artifacts
     if out is not None:
         out = Path(out)
         if not (out / "study.db").is_file() and storage is None:
@@ -139,9 +152,7 @@ def open_study(out: str | Path | None = None, storage: str | None = None,
     if study not in names:
         raise InputError(f"no study {study!r} in the storage; it holds {names}")
     s = optuna.load_study(study_name=study, storage=rdb)
-    info = s.user_attrs.get(IDENTITY)
-    if not isinstance(info, dict) or "objectives" not in info:
-        raise InputError(f"study {study!r} was not made by autoquant search")
+    info = checked_identity(s)
     frozen = s.get_trials(deepcopy=False)
     complete = [t for t in frozen if t.state == optuna.trial.TrialState.COMPLETE]
     pareto = {t.number for t in s.best_trials} if complete else set()
@@ -152,15 +163,25 @@ def open_study(out: str | Path | None = None, storage: str | None = None,
         metrics = {k: v for k, v in trial_metrics(info, t).items() if k != "bytes"} if done else {}
         trials.append(Trial(
             number=t.number, state=t.state.name, source=str(t.user_attrs.get("source", "")),
-            bytes=t.values[0] if done else t.user_attrs.get("predicted_bytes"), metrics=metrics,
-            params=dict(t.params), images_artifact=t.user_attrs.get("images_artifact"),
+            bytes=t.values[0] if done else _number(t.user_attrs.get("predicted_bytes")),
+            metrics=metrics, params=dict(t.params),
+            images_artifact=_text(t.user_attrs.get("images_artifact")),
             pareto=t.number in pareto,
             reason=(fail_reason(t, retried) if t.state == optuna.trial.TrialState.FAIL
                     else t.user_attrs.get("pruned_at")),
-            worker=t.user_attrs.get("worker")))
+            worker=_text(t.user_attrs.get("worker"))))
     store, ids = None, set()
-    if artifacts is not None and Path(artifacts).is_dir():
-        store = optuna.artifacts.FileSystemArtifactStore(str(artifacts))
+    from .search import _artifacts
+
+    study_location = _artifacts.recorded(s)
+    if given_artifacts is None and study_location is not None and \
+            _artifacts.is_remote(study_location["location"]):
+        # the study's bucket; a folder the study names is never opened unasked (the database
+        # may come from anyone): a folder is the one passed, or OUT/artifacts
+        artifacts = study_location["location"]
+    location = None if artifacts is None else _artifacts.normalize(artifacts, Path("."))
+    if location is not None and (_artifacts.is_remote(location) or Path(location).is_dir()):
+        store = _artifacts.open_store(location, create=False)
         from optuna.artifacts import get_all_artifact_meta
 
         ids = {m.artifact_id for m in get_all_artifact_meta(s, storage=rdb)}
@@ -341,6 +362,6 @@ def write_report(view: StudyView, path: str | Path) -> Path:
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;"
              "text-align:right}td.reason{text-align:left}figure{display:inline-block;margin:6px}")
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>autoquant report"
+    _atomic.write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>autoquant report"
                     f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
     return path

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from . import _atomic
+from ._atomic import save_safetensors as save_file
 from ._bytes import measured_bytes
-from ._errors import InputError, RecipeError
+from ._errors import InputError, RecipeError, expect
 from ._inventory import components_of, inventory
 from ._modules import swap_module
 from ._quiet import quietly
@@ -53,12 +55,13 @@ def _sha256(t: torch.Tensor) -> str:
 
 def save_quantized(target: Any, directory: str | Path) -> Path:
     """Write a pipeline (or module) quantized by :func:`apply_recipe` to ``directory``."""
+    expect(directory, (str, os.PathLike), "save_quantized(target, directory)", "a folder path")
     state = applied_state(target)
     if state is None:
         raise InputError("this pipeline was not quantized by autoquant.apply_recipe; "
                              "apply a recipe first, then save")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(directory)
     comps = components_of(target)
     tensors: dict[str, torch.Tensor] = {}
     header: dict[str, Any] = {}
@@ -77,12 +80,32 @@ def save_quantized(target: Any, directory: str | Path) -> Path:
                        "model": {**(recipe.model or {}), **(source.to_dict() if source else {}),
                                  "fingerprint": state.fingerprint}})
     recipe_text = recipe.to_yaml()
-    (directory / RECIPE).write_text(recipe_text)
-    save_file(tensors, str(directory / TENSORS), metadata={
-        "format": FORMAT, "autoquant": json.dumps(header),
-        "checksums": json.dumps({k: _sha256(v) for k, v in tensors.items()}),
-        "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest()})
+    metadata = {"format": FORMAT, "autoquant": json.dumps(header),
+                "checksums": json.dumps({k: _sha256(v) for k, v in tensors.items()}),
+                "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest()}
+
+    def write(new: Path) -> None:
+        (new / RECIPE).write_text(recipe_text)
+        save_file(tensors, new / TENSORS, metadata=metadata)
+
+    # written whole beside the old folder, then swapped in: a crash or a full disk at any point
+    # leaves a complete folder (the old or the new one) at ``directory``
+    _atomic.replace_folder(directory, write)
     return directory
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Saving replaces the whole folder: refuse one that holds anything but a saved pipeline."""
+    _atomic.recover_folder(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} is a file; save_quantized writes a folder: pass a folder "
+                         f"path")
+    if directory.is_dir():
+        others = sorted(p.name for p in directory.iterdir() if p.name not in (RECIPE, TENSORS))
+        if others:
+            raise InputError(f"{directory} holds other files ({', '.join(others[:5])}); saving "
+                             f"replaces the whole folder: pass an empty or new folder, or one "
+                             f"that save_quantized wrote")
 
 
 def _read_header(path: Path) -> tuple[dict, dict, str]:
@@ -144,7 +167,10 @@ def load_quantized(directory: str | Path, base: Any = None, device: str | torch.
     the layers into (default: load it from the recipe's model id). Verified first (see above)."""
     from .pipelines import load_pipeline
 
+    expect(directory, (str, os.PathLike), "load_quantized(directory)",
+           "the folder save_quantized wrote")
     directory = Path(directory)
+    _atomic.recover_folder(directory)
     layers, recipe, configs, flat = _read_folder(directory)
     if base is None:
         if not recipe.model or not recipe.model.get("id"):

@@ -156,10 +156,10 @@ class Recipe:
                 f"autoquant.apply_recipe\n{text}")
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
-        return path
+        """Write the recipe to ``path`` atomically: a failed write keeps the old file."""
+        from . import _atomic
+
+        return _atomic.write_text(Path(path), self.to_yaml())
 
     # -- against a model ----------------------------------------------------------------------
     def resolve(self, inv: Inventory) -> "Plan":
@@ -252,6 +252,11 @@ def _plain(value: Any) -> Any:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file (YAML, never pickle; see the limits above)."""
+    import os
+
+    from ._errors import expect
+
+    expect(path, (str, os.PathLike), "load_recipe(path)", "a recipe file's path (str or Path)")
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"no recipe file at {path}", str(path))

@@ -1,10 +1,17 @@
 """Full-precision reference images, generated once and cached on disk.
 
-An image is keyed by (model, generation settings, prompt, seed):
+An image is keyed by everything that can change one of its pixels:
 - the model key hashes the pipeline class, the scheduler config, every component's layer names,
-  shapes and dtypes, and a strided sample of 4096 values of every tensor -- a different
-  checkpoint of the same architecture gets a new key;
-- the settings key hashes everything passed to the pipeline except prompts, seeds and batch size.
+  shapes and dtypes (so the weights' dtype), and a strided sample of 4096 values of every tensor
+  -- a different checkpoint of the same architecture gets a new key;
+- the settings key hashes everything passed to the pipeline except prompts and seeds;
+- the render key (:func:`render_key`) hashes where and how it runs: the device (GPU model and
+  compute capability, or the CPU with its thread count), the versions of torch, diffusers and
+  transformers, and torch's numerics switches (TF32, reduced-precision reductions, the enabled
+  attention kernels, deterministic mode);
+- the item hashes the prompt, the seed and the image's batch (its companions, in order): a
+  batched bf16 matmul reduces in another order at another batch size (full precision scored
+  43 dB against references made at batch size 1), so an image is reused only in its own batch.
 Location: ``$AUTOQUANT_CACHE/references`` (default ``~/.cache/autoquant/references``), or the
 ``root`` you pass (``--cache-dir``). Files are float32 safetensors, exact.
 
@@ -23,11 +30,58 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from . import _atomic
+from ._atomic import save_safetensors as save_file
 from ._paths import cache_dir
 from ._inventory import components_of
 from .settings import EvalSettings
+
+
+def render_key(pipe: Any, settings: EvalSettings | None = None) -> str:
+    """Hash of the machine and library state that can change a generated pixel (see above)."""
+    import platform
+
+    import diffusers
+    import transformers
+
+    device = _pipeline_device(pipe)
+    facts: dict[str, Any] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                             "transformers": transformers.__version__, "device": device.type}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        facts.update(gpu=torch.cuda.get_device_name(index),
+                     capability=list(torch.cuda.get_device_capability(index)),
+                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                     tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                     tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                     bf16_reduction=torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                     fp16_reduction=torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+                     sdpa=[torch.backends.cuda.flash_sdp_enabled(),
+                           torch.backends.cuda.mem_efficient_sdp_enabled(),
+                           torch.backends.cuda.math_sdp_enabled(),
+                           torch.backends.cuda.cudnn_sdp_enabled()])
+    else:
+        facts.update(machine=platform.machine(), threads=torch.get_num_threads(),
+                     mkldnn=torch.backends.mkldnn.is_available())
+    facts.update(matmul_precision=torch.get_float32_matmul_precision(),
+                 deterministic=torch.are_deterministic_algorithms_enabled())
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _pipeline_device(pipe: Any) -> torch.device:
+    """Where the pipeline's denoiser computes (diffusers' execution device, else its weights')."""
+    for attr in ("_execution_device", "device"):
+        try:
+            value = getattr(pipe, attr)
+        except Exception:  # diffusers' properties raise on some offload setups
+            continue
+        if isinstance(value, torch.device):
+            return value
+    for module in components_of(pipe).values():
+        for p in module.parameters():
+            return p.device
+    return torch.device("cpu")
 
 
 def model_key(pipe: Any) -> str:
@@ -61,13 +115,21 @@ class ReferenceCache:
         self.root = Path(root) if root is not None else cache_dir() / "references"
         self.rejected: list[tuple[Path, str]] = []  # (file, why) found damaged, regenerated
 
-    def _path(self, model: str, settings: EvalSettings, prompt: str, seed: int) -> Path:
-        item = hashlib.sha256(f"{seed}\0{prompt}".encode()).hexdigest()[:20]
-        return self.root / model / settings.image_key() / f"{item}.safetensors"
+    @staticmethod
+    def _item(prompt: str, seed: int, batch) -> str:
+        batch = [(prompt, seed)] if batch is None else list(batch)
+        return hashlib.sha256(json.dumps([seed, prompt, batch]).encode()).hexdigest()[:20]
 
-    def load(self, model: str, settings: EvalSettings, prompt: str, seed: int):
-        """The cached image, or None when there is none or it does not verify."""
-        path = self._path(model, settings, prompt, seed)
+    def _path(self, model: str, settings: EvalSettings, prompt: str, seed: int, batch,
+              render: str) -> Path:
+        return (self.root / model / settings.image_key() / render /
+                f"{self._item(prompt, seed, batch)}.safetensors")
+
+    def load(self, model: str, settings: EvalSettings, prompt: str, seed: int,
+             batch: list[tuple[str, int]] | None = None, render: str = "any"):
+        """The cached image made in ``batch`` (the pairs it was generated with, in order) under
+        ``render`` (:func:`render_key`), or None when there is none or it does not verify."""
+        path = self._path(model, settings, prompt, seed, batch, render)
         if not path.is_file():
             return None
         problem = None
@@ -81,7 +143,8 @@ class ReferenceCache:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             problem = f"unreadable ({type(e).__name__})"
         if problem is None:
-            problem = self._problem(image, meta, model, settings, prompt, seed)
+            problem = self._problem(image, meta, model, settings, prompt, seed,
+                                    self._item(prompt, seed, batch), render)
         if problem is None:
             return image
         self.rejected.append((path, problem))
@@ -98,11 +161,12 @@ class ReferenceCache:
             self.rejected = []
 
     @staticmethod
-    def _problem(image, meta, model, settings, prompt, seed) -> str | None:
+    def _problem(image, meta, model, settings, prompt, seed, item, render) -> str | None:
         if image is None:
             return "not a reference file"
-        want = (meta.get("model"), meta.get("settings"), meta.get("prompt"), meta.get("seed"))
-        if want != (model, settings.image_key(), prompt, str(seed)):
+        want = (meta.get("model"), meta.get("settings"), meta.get("prompt"), meta.get("seed"),
+                meta.get("item"), meta.get("render"))
+        if want != (model, settings.image_key(), prompt, str(seed), item, render):
             return "for another model, setting, prompt or seed"
         if image.dtype != torch.float32 or image.dim() != 3 or image.shape[0] != 3 or (
                 settings.height and tuple(image.shape[1:]) != (settings.height, settings.width)):
@@ -114,14 +178,15 @@ class ReferenceCache:
         return None
 
     def save(self, model: str, settings: EvalSettings, prompt: str, seed: int,
-             image: torch.Tensor) -> None:
-        path = self._path(model, settings, prompt, seed)
+             image: torch.Tensor, batch: list[tuple[str, int]] | None = None,
+             render: str = "any") -> None:
+        path = self._path(model, settings, prompt, seed, batch, render)
         path.parent.mkdir(parents=True, exist_ok=True)
         image = image.detach().float().cpu().contiguous()
-        tmp = path.with_suffix(f".{__import__('os').getpid()}.tmp")
-        save_file({"image": image}, str(tmp),
-                  metadata={"model": model, "settings": settings.image_key(), "prompt": prompt,
-                            "seed": str(seed), "sha256": _digest(image),
-                            "pipeline_kwargs": json.dumps(settings.pipeline_kwargs(),
-                                                          default=str)})
-        tmp.replace(path)  # never a half-written reference
+        with _atomic.atomic_path(path) as tmp:  # never a half-written reference
+            save_file({"image": image}, str(tmp),
+                      metadata={"model": model, "settings": settings.image_key(),
+                                "prompt": prompt, "seed": str(seed), "sha256": _digest(image),
+                                "item": self._item(prompt, seed, batch), "render": render,
+                                "pipeline_kwargs": json.dumps(settings.pipeline_kwargs(),
+                                                              default=str)})

@@ -36,6 +36,9 @@ def noise_seed(prompt: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+#: seeds are passed on to numpy and Optuna, which take them below 2**32
+MAX_SEED = 2**32 - 1
+
 DEFAULT_SEEDS = {"search": (0, 1), "holdout": (1000, 1001)}
 
 
@@ -89,8 +92,10 @@ class EvalSettings:
                                      f"got {value!r}")
         if self.guidance is not None and not self.guidance >= 0:
             raise InputError(f"guidance must be >= 0, got {self.guidance!r}")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise InputError(f"seeds must be whole numbers >= 0, got {list(self.seeds)}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED
+               for s in self.seeds):
+            raise InputError(f"seeds must be whole numbers from 0 to {MAX_SEED} (2**32 - 1), "
+                             f"got {list(self.seeds)}")
 
     @classmethod
     def for_model(cls, model: str, prompt_set_name: str = "search",
@@ -123,8 +128,8 @@ class EvalSettings:
         return kw
 
     def image_key(self) -> str:
-        """Hash of everything but prompts, seeds and batch size (which do not change an image),
-        with the noise scheme."""
+        """Hash of what is passed to the pipeline but prompts and seeds, with the noise scheme
+        (the batch an image is made in is part of its cache entry: see ``references``)."""
         return hashlib.sha256(json.dumps({**self.pipeline_kwargs(), "noise": NOISE_SCHEME},
                                          sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -233,6 +233,11 @@ def spaces() -> list[str]:
 
 def load_space(spec: str | Path, allow_fp_cap_above_default: bool = False) -> SearchSpace:
     """A space by name (``default``, ``hqq-only``, ``low-bit``, ``flux``, ``sd3``, ``sdxl``) or path."""
+    import os
+
+    from ._errors import expect
+
+    expect(spec, (str, os.PathLike), "load_space(spec)", "a space's name or a YAML file's path")
     path = Path(spec)
     if not path.is_file():
         named = SPACES_DIR / f"{spec}.yaml"

@@ -522,7 +522,7 @@ def cases() -> list[Case]:
         c.append(Case(f"{kind}/{id}", kind, run))
 
     for section in (_recipe_cases, _space_cases, _argument_cases, _saved_cases, _cache_cases,
-                    _study_cases):
+                    _study_cases, _api_cases, _machine_cases, _late_cases):
         section(add)
     return c
 
@@ -724,7 +724,7 @@ def _argument_cases(add) -> None:
     add("argument", "steps-zero", cli(search("--budget", "40%", "--steps", "0"),
                                       "0 must be at least 1"))
     add("argument", "seeds-negative", cli(search("--budget", "40%", "--seeds", "-3"),
-                                          "-3 must be >= 0"))
+                                          "-3 must be a whole number from 0 to"))
     add("argument", "device-cuda-missing", cli(search("--budget", "40%", "--device", "cuda"),
                                                "no CUDA GPU is visible"))
     add("argument", "device-unknown", cli(search("--budget", "40%", "--device", "tpu"),
@@ -775,7 +775,7 @@ def _argument_cases(add) -> None:
                      "--out", str(ctx.path("b.yaml"))], "unknown option(s) ['speed']"))
     add("argument", "baseline-unknown-method", cli(
         lambda ctx: ["baseline", "--model", TINY, "--method", "awq", "--out",
-                     str(ctx.path("b.yaml"))], "invalid choice: 'awq'"))
+                     str(ctx.path("b.yaml"))], "unknown method 'awq'"))
     add("argument", "resume-nothing", cli(search("--budget", "40%", "--resume"),
                                           "there is no study", before_model=False))
     add("argument", "join-other-settings", cli(
@@ -864,3 +864,231 @@ def _plain_study(ctx: Ctx):
     folder = ctx.path("plain")
     optuna.create_study(storage=f"sqlite:///{folder.parent / 'study.db'}", study_name="x")
     explore.open_study(folder.parent)
+
+
+# -- the Python API's arguments ----------------------------------------------------------------
+def _api_cases(add) -> None:
+    """Public functions given the wrong kind of argument: a message that says what to pass."""
+    a = lambda ctx: ctx.autoquant  # noqa: E731
+    add("api", "apply-recipe-int", api("ArgumentTypeError", "expected an autoquant.Recipe",
+                                       lambda ctx: a(ctx).apply_recipe(ctx.pipe, 42)))
+    add("api", "apply-recipe-missing-path", api(
+        "RecipeError", "no recipe file at",
+        lambda ctx: a(ctx).apply_recipe(ctx.pipe, str(ctx.tmp / "nope.yaml"))))
+    add("api", "apply-recipe-bad-dict", api(
+        "RecipeError", "format must be",
+        lambda ctx: a(ctx).apply_recipe(ctx.pipe, {"format": "v0"})))
+    add("api", "apply-to-a-string", api("ArgumentTypeError", "expected a diffusers pipeline",
+                                        lambda ctx: a(ctx).apply_recipe(
+                                            "tiny-flux", a(ctx).Recipe.from_dict(
+                                                yaml.safe_load(RECIPE))), touches_pipe=False))
+    add("api", "save-to-an-int", api("ArgumentTypeError", "expected a folder path",
+                                     lambda ctx: a(ctx).save_quantized(ctx.pipe, 3)))
+    add("api", "load-from-none", api("ArgumentTypeError", "the folder save_quantized wrote",
+                                     lambda ctx: a(ctx).load_quantized(None), touches_pipe=False))
+    add("api", "load-recipe-int", api("ArgumentTypeError", "a recipe file's path",
+                                      lambda ctx: a(ctx).load_recipe(7), touches_pipe=False))
+    add("api", "load-space-none", api("ArgumentTypeError", "a space's name",
+                                      lambda ctx: a(ctx).load_space(None), touches_pipe=False))
+    add("api", "evaluator-settings-string", api(
+        "ArgumentTypeError", "an autoquant.EvalSettings",
+        lambda ctx: a(ctx).Evaluator(ctx.pipe, "demo")))
+    add("api", "inventory-of-a-dict", api("ArgumentTypeError", "expected a diffusers pipeline",
+                                          lambda ctx: a(ctx).inventory({"a": 1}),
+                                          touches_pipe=False))
+    add("api", "settings-seed-above-2**32", api(
+        "InputError", "from 0 to 4294967295",
+        lambda ctx: a(ctx).EvalSettings(prompts=("x",), seeds=(2**32,)), touches_pipe=False))
+    add("api", "save-into-a-folder-of-other-files", api(
+        "InputError", "holds other files", _save_into_busy_folder, touches_pipe=False,
+        folder=lambda ctx: _busy_folder(ctx)))
+    add("api", "save-onto-a-file", api("InputError", "is a file", _save_onto_file,
+                                       touches_pipe=False, folder=lambda ctx: _busy_folder(ctx)))
+
+
+def _quantized(ctx: Ctx):
+    pipe = ctx.fresh()
+    ctx.autoquant.apply_recipe(pipe, ctx.autoquant.Recipe.from_dict(yaml.safe_load(
+        RECIPE + "components: [transformer]\ndefault: {method: hqq, bits: 4, group_size: 32}\n")),
+        progress=False)
+    return pipe
+
+
+def _busy_folder(ctx: Ctx) -> Path:
+    folder = ctx.path("mine")
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    return folder
+
+
+def _save_into_busy_folder(ctx: Ctx, folder: Path):
+    ctx.autoquant.save_quantized(_quantized(ctx), folder)
+
+
+def _save_onto_file(ctx: Ctx, folder: Path):
+    ctx.autoquant.save_quantized(_quantized(ctx), folder / "notes.txt")
+
+
+# -- the machine: disks, environment, studies written elsewhere ------------------------------------
+@contextlib.contextmanager
+def _full_disk(ctx: Ctx):
+    from .helpers import full_disk
+
+    disk = ctx.path("disk")
+    disk.mkdir()
+    with full_disk(disk, "8m") as fill:
+        yield disk, fill
+
+
+def _disk_full_cli(argv: Callable[[Path], list[str]], prepare: Callable[[Ctx, Path], None]
+                   ) -> Callable[[Ctx], Outcome]:
+    """A command that writes to a full disk: exit 1, one line that says so, the old file kept."""
+    def run(ctx: Ctx) -> Outcome:
+        with _full_disk(ctx) as (disk, fill):
+            prepare(ctx, disk)
+            fill()
+            inner = cli(lambda _: argv(disk), "the disk is full", code=1, before_model=False,
+                        folder=lambda _: disk)
+            out = inner(ctx)
+            lines = [x for x in out.message.replace("\r", "\n").splitlines() if "error" in x]
+            return dataclasses.replace(out, clear=out.clear and len(lines) == 1)
+    return run
+
+
+def _old_recipe(ctx: Ctx, disk: Path) -> None:
+    (disk / "r.yaml").write_text(RECIPE + "default: {method: hqq, bits: 8}\n")
+
+
+def _old_saved(ctx: Ctx, disk: Path) -> None:
+    ctx.autoquant.save_quantized(_quantized(ctx), disk / "saved")
+
+
+def _with_env(env: dict, run: Callable[[Ctx], Outcome]) -> Callable[[Ctx], Outcome]:
+    def wrapped(ctx: Ctx) -> Outcome:
+        import os
+
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update({k: v(ctx) if callable(v) else v for k, v in env.items()})
+        try:
+            return run(ctx)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return wrapped
+
+
+def _corrupt_db(how: str):
+    def folder(ctx: Ctx) -> Path:
+        study = ctx.study()
+        db = study / "study.db"
+        data = db.read_bytes()
+        db.write_bytes({"random": bytes(range(256)) * 64, "truncated": data[:len(data) // 3],
+                        "zeros": b"\0" * len(data)}[how])
+        return study
+    return folder
+
+
+def _machine_cases(add) -> None:
+    """What the machine does to a user: full disks, a cache path that is a file, damaged study
+    databases, workers that cannot reach the study's artifacts."""
+    add("machine", "disk-full-baseline", _disk_full_cli(
+        lambda d: ["baseline", "--model", TINY, "--method", "hqq", "--bits", "4", "--out",
+                   str(d / "r.yaml")], _old_recipe))
+    add("machine", "disk-full-apply-save", _disk_full_cli(
+        lambda d: ["apply", "--model", TINY, "--recipe", str(d / "r.yaml"), "--save",
+                   str(d / "saved")], lambda ctx, d: (_old_saved(ctx, d), _old_recipe(ctx, d))))
+    add("machine", "cache-is-a-file", _with_env(
+        {"AUTOQUANT_CACHE": lambda ctx: str(ctx.write("cachefile", "x"))},
+        cli(["evaluate", "--model", TINY, "--no-clip"], "is a file, not a folder")))
+    add("machine", "cache-is-a-file-api", _with_env(
+        {"AUTOQUANT_CACHE": lambda ctx: str(ctx.write("cachefile", "x"))},
+        api("InputError", "is a file, not a folder",
+            lambda ctx: ctx.autoquant.Evaluator(ctx.pipe, ctx.autoquant.EvalSettings(
+                prompts=("x",), seeds=(0,), steps=1, height=32, width=32)))))
+    for how in ("random", "truncated", "zeros"):
+        add("machine", f"study-db-{how}", cli(lambda ctx, how=how: [
+            "report", "--out", str(_corrupt_db(how)(ctx))],
+            "not a readable Optuna study database", before_model=False))
+    add("machine", "artifacts-other-folder", cli(
+        lambda ctx: ["search", "--model", TINY, "--dtype", "auto", "--budget", "45%",
+                     "--trials", "5", "--seeds", "0", "--no-clip", "--space", "hqq-only",
+                     "--sensitivity", "anchored", "--out", str(ctx.study()), "--artifacts",
+                     str(ctx.path("elsewhere"))],
+        "the study keeps them at", before_model=False))
+    add("machine", "artifacts-ftp", cli(
+        lambda ctx: ["search", "--model", TINY, "--budget", "40%", "--no-clip", "--out",
+                     str(ctx.path("o")), "--artifacts", "ftp://host/x"],
+        "use a folder, s3://bucket[/prefix]"))
+    add("machine", "artifacts-bad-bucket", cli(
+        lambda ctx: ["search", "--model", TINY, "--budget", "40%", "--no-clip", "--out",
+                     str(ctx.path("o")), "--artifacts", "s3://No_Such/x"],
+        "is not a bucket name"))
+    add("machine", "artifacts-prefix-traversal", cli(
+        lambda ctx: ["search", "--model", TINY, "--budget", "40%", "--no-clip", "--out",
+                     str(ctx.path("o")), "--artifacts", "s3://bucket/a/../../b"],
+        "may not hold '.' or '..'"))
+
+
+def _late_cases(add) -> None:
+    """Arguments found only after the work (or a model load), and tampered study attributes."""
+    def run_cmd(name: str, *extra: str) -> Callable[[Ctx], list[str]]:
+        return lambda ctx: [name, "--model", TINY, *extra]
+
+    big = str(2**32)
+    add("argument", "search-seed-above-2**32", cli(
+        lambda ctx: ["search", "--model", TINY, "--budget", "40%", "--no-clip", "--out",
+                     str(ctx.path("o")), "--seed", big], "from 0 to 4294967295"))
+    add("argument", "seeds-above-2**32", cli(run_cmd("evaluate", "--no-clip", "--seeds", big),
+                                             "from 0 to 4294967295"))
+    add("argument", "apply-seed-above-2**32", cli(
+        lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
+                     "--prompt", "x", "--seed", big], "from 0 to 4294967295"))
+    add("argument", "size-not-multiple-of-8", cli(run_cmd("evaluate", "--no-clip", "--size", "30"),
+                                                  "a multiple of 8"))
+    add("argument", "size-huge", cli(run_cmd("evaluate", "--no-clip", "--size", "100000"),
+                                     "from 8 to 8192"))
+    add("argument", "size-tiny", cli(run_cmd("evaluate", "--no-clip", "--size", "4"),
+                                     "from 8 to 8192"))
+    add("argument", "image-unknown-extension", cli(
+        lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
+                     "--prompt", "x", "--out", str(ctx.path("image.xyz"))],
+        "Pillow cannot write .xyz"))
+    add("argument", "image-no-extension", cli(
+        lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
+                     "--prompt", "x", "--out", str(ctx.path("image"))],
+        "without an extension"))
+    add("argument", "save-onto-a-file", cli(
+        lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
+                     "--save", str(ctx.write("taken", "mine"))], "a file is in the way"))
+    add("study", "identity-budget-bytes-text", _identity_refused(budget_bytes="lots"))
+    add("study", "identity-fp-bytes-zero", _identity_refused(fp_bytes=0))
+    add("study", "identity-objectives-not-a-list", _identity_refused(objectives="bytes,psnr"))
+    add("study", "identity-groups-numbers", _identity_refused(groups={"g": [1, 2]}))
+    add("study", "identity-not-a-mapping", _identity_refused(_whole=[1, 2, 3]))
+    add("study", "predicted-bytes-text", study_case(
+        _set_attr_sql("predicted_bytes", "many"), lambda h: "<table>" in h, "report written"))
+    add("study", "worker-not-text", study_case(
+        "UPDATE trial_user_attributes SET value_json = '[1, {\"a\": 2}]' WHERE key = 'worker'",
+        lambda h: "<table>" in h, "report written"))
+    add("study", "artifacts-location-elsewhere", study_case(
+        _set_study_attr_sql("artifacts", {"location": "/etc", "host": "x"}),
+        lambda h: "root:x:0:0" not in h and h.count("data:image/png") >= 1, "not followed"))
+
+
+def _identity_refused(**changes) -> Callable[[Ctx], Outcome]:
+    """A study attribute changed by hand: report refuses it in one line (exit 2)."""
+    def folder_args(ctx: Ctx) -> list[str]:
+        folder = ctx.study()
+        with sqlite3.connect(folder / "study.db") as db:
+            row = db.execute("SELECT value_json FROM study_user_attributes WHERE key = "
+                             "'autoquant'").fetchone()
+            info = changes["_whole"] if "_whole" in changes else {**json.loads(row[0]),
+                                                                   **changes}
+            db.execute(_set_study_attr_sql("autoquant", info))
+        return ["report", "--out", str(folder)]
+    fragment = "was not made by autoquant search" if "_whole" in changes else \
+        f"wrong or missing: {next(iter(changes))}"
+    return cli(folder_args, fragment, before_model=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -36,3 +38,38 @@ def assert_same(a, b):
             assert torch.equal(a[k], b[k]), k
         else:
             assert a[k] is b[k], k
+
+
+@contextlib.contextmanager
+def full_disk(disk, size: str = "2m"):
+    """A user who runs out of space: a small tmpfs mounted at ``disk`` (an empty folder) where
+    this process may mount one, else a folder whose flushes fail with ENOSPC. Yields ``fill``:
+    call it to leave (almost) no space."""
+    import errno
+    import os
+    import subprocess
+
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        from autoquant import _atomic
+
+        real = _atomic._fsync_file
+
+    def fill():
+        if mounted:
+            with open(disk / "filler", "wb", buffering=0) as f:
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 4096)
+        else:
+            def enospc(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            _atomic._fsync_file = enospc
+    try:
+        yield fill
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+        else:
+            _atomic._fsync_file = real

@@ -129,8 +129,8 @@ def test_nan_images_are_an_error_not_a_score(demo, small_settings, tmp_path, mon
     ev = Evaluator(demo, small_settings, clip=None, cache=ReferenceCache(tmp_path), progress=False)
     import autoquant.evaluator as E
 
-    real = E.generate_images
-    monkeypatch.setattr(E, "generate_images", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = E._generate
+    monkeypatch.setattr(E, "_generate", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(AutoquantError, match="non-finite"):
         ev.evaluate(Recipe.from_dict(HQQ8))
     assert type(demo.transformer.proj_out) is torch.nn.Linear  # reverted even so

@@ -86,3 +86,14 @@ def test_the_demo_pipeline_called_plainly_uses_the_demo_defaults():
     pipe = autoquant.load_pipeline("demo")
     image = pipe("a coat", generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_the_readme_holds_no_unrendered_template():
+    """Numbers in the README are written out, never a leftover ``{b["cases"]}``-style field."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks may hold any brace
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    fields = re.findall(r"\{[^{}\n]*\}", prose)
+    assert not fields, fields[:5]

@@ -44,11 +44,15 @@ candidates: [{method: hqq, bits: 2, group_size: 32}, {method: hqq, bits: 4, grou
 """
 
 
-def worker(storage: str, tmp: Path, name: str, trials: int, *extra: str, seeds="0"):
-    """One ``autoquant search`` process: a small space, two prompts, anchored sensitivity."""
+def worker(storage: str, tmp: Path, name: str, trials: int, *extra: str, seeds="0",
+           artifacts: str | None = None, env_extra: dict | None = None):
+    """One ``autoquant search`` process: a small space, two prompts, anchored sensitivity.
+    ``artifacts``: its ``--artifacts`` (default one folder for all); with one given, the worker
+    also gets a cache of its own (nothing shared but the database and the artifact store)."""
+    cache = tmp / (f"{name}-cache" if artifacts else "cache")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOQUANT_HEARTBEAT_S": "1",
-           "AUTOQUANT_GRACE_S": "4", "AUTOQUANT_CACHE": str(tmp / "cache"),
-           "HF_HUB_OFFLINE": "1"}
+           "AUTOQUANT_GRACE_S": "4", "AUTOQUANT_CACHE": str(cache),
+           "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     env.pop("PYTHONPATH", None)
     (tmp / "space.yaml").write_text(SPACE)
     (tmp / "prompts.txt").write_text("a red cat\na blue car\n")
@@ -57,7 +61,8 @@ def worker(storage: str, tmp: Path, name: str, trials: int, *extra: str, seeds="
             "auto", "--budget", "45%", "--trials", str(trials), "--seeds", *seeds.split(),
             "--prompts", str(tmp / "prompts.txt"), "--space", str(tmp / "space.yaml"),
             "--sensitivity", "anchored", "--no-clip", "--storage", storage, "--study", STUDY,
-            "--out", str(tmp / name), "--artifacts", str(tmp / "artifacts"), "--json", *extra]
+            "--out", str(tmp / name), "--artifacts", artifacts or str(tmp / "artifacts"),
+            "--json", *extra]
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -176,3 +181,65 @@ def test_resume_leaves_a_live_workers_trial_alone(storage, tmp_path):
     assert study.trials[trial.number].state != FAIL  # the live worker's trial ran to its end
     assert study.trials[trial.number].user_attrs["worker"]["pid"] == live.pid
     accounted(study, 4)
+
+
+# -- workers that share no folder: artifacts in S3 -------------------------------------------
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 server (moto's, on a free local port) and the AWS settings that reach it."""
+    pytest.importorskip("boto3")
+    server_mod = pytest.importorskip("moto.server")
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+    client.create_bucket(Bucket="studies")
+    yield env, client
+    server.stop()
+
+
+@pytest.mark.parametrize("storage", ["postgres"], indirect=True)
+def test_three_workers_with_no_shared_folder_share_a_study_through_s3(storage, tmp_path, s3,
+                                                                       monkeypatch):
+    env, client = s3
+    where = "s3://studies/team/run-1"
+    procs = {f"w{i}": worker(storage, tmp_path, f"w{i}", 7, artifacts=where, env_extra=env)
+             for i in range(3)}
+    assert finish(procs, tmp_path) == [0, 0, 0], [(tmp_path / f"w{i}.log").read_text()[-2000:]
+                                                  for i in range(3)]
+    study = load(storage)
+    counted = accounted(study, 7)  # no plan twice, none left running
+    assert len({t.user_attrs["worker"]["pid"] for t in counted}) >= 2
+    assert study.user_attrs["artifacts"]["location"] == "s3://studies/team/run-1/"
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="studies").get("Contents", [])]
+    assert keys and all(k.startswith("team/run-1/") for k in keys)
+    assert not any((tmp_path / f"w{i}" / "artifacts").exists() for i in range(3))
+    # the report, from the database alone, reads the images from the bucket the study names
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from autoquant import explore
+
+    view = explore.open_study(storage=storage, study=STUDY)
+    html = explore.write_report(view, tmp_path / "report.html").read_text()
+    assert html.count("data:image/png") >= 2
+
+
+@pytest.mark.parametrize("storage", ["postgres"], indirect=True)
+def test_a_worker_that_cannot_read_the_studys_artifacts_is_told_where_they_are(storage,
+                                                                             tmp_path):
+    first = worker(storage, tmp_path, "first", 1, artifacts=str(tmp_path / "a"))
+    assert finish({"first": first}, tmp_path) == [0], (tmp_path / "first.log").read_text()
+    other = worker(storage, tmp_path, "other", 3, artifacts=str(tmp_path / "b"))
+    assert other.wait(180) == 2
+    text = (tmp_path / "other.log").read_text()
+    assert "Traceback" not in text
+    assert f"the study keeps them at {tmp_path / 'a'}" in text and "pass --artifacts" in text

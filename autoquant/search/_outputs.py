@@ -9,12 +9,12 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from .. import _atomic
 from .._format import human_bytes, table
 from ..backends import backend_for, config_from_dict
 from ..calibration import calibration_seeds
@@ -27,9 +27,47 @@ CALIBRATION_KEYS = ("prompts", "seeds", "steps", "guidance", "height", "width")
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
+_NUMBER = (int, float)
+_STR_LIST = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+#: the identity's fields that outputs and reports read, and what each must hold
+_IDENTITY_FIELDS = {
+    "model": lambda v: isinstance(v, str), "budget": lambda v: isinstance(v, str),
+    "budget_bytes": lambda v: isinstance(v, _NUMBER) and not isinstance(v, bool) and v >= 0,
+    "fp_bytes": lambda v: isinstance(v, _NUMBER) and not isinstance(v, bool) and v > 0,
+    "objectives": lambda v: _STR_LIST(v) and len(v) >= 2 and v[0] == "bytes",
+    "space_name": lambda v: isinstance(v, str), "fingerprint": lambda v: isinstance(v, str),
+    "components": _STR_LIST, "fixed": _STR_LIST, "prompts": _STR_LIST,
+    "source": lambda v: isinstance(v, dict),
+    "bits": lambda v: isinstance(v, dict) and all(isinstance(x, _NUMBER) for x in v.values()),
+    "versions": lambda v: isinstance(v, dict),
+    "groups": lambda v: isinstance(v, dict) and all(_STR_LIST(x) for x in v.values()),
+    "configs": lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+    "settings": lambda v: isinstance(v, dict) and _STR_LIST(v.get("prompts"))
+    and isinstance(v.get("seeds"), list)
+    and all(isinstance(x, int) and not isinstance(x, bool) for x in v["seeds"]),
+}
+
+
+def checked_identity(study: optuna.Study) -> dict:
+    """The study's identity attribute, refused with one clear error unless every field the
+    outputs read holds what autoquant writes (a study database may come from anyone)."""
+    from .._errors import InputError
+
+    info = study.user_attrs.get(IDENTITY)
+    if not isinstance(info, dict):
+        raise InputError(f"study {study.study_name!r} was not made by autoquant search (it has "
+                         f"no {IDENTITY!r} attribute)")
+    bad = [k for k, ok in _IDENTITY_FIELDS.items() if k not in info or not ok(info[k])]
+    if bad:
+        raise InputError(f"study {study.study_name!r}: its {IDENTITY!r} attribute is not what "
+                         f"autoquant search writes (wrong or missing: {', '.join(bad)}); the "
+                         f"database was changed by hand or by another tool")
+    return info
+
+
 def study_info(study: optuna.Study) -> dict:
-    """The study's identity, with the step-time limit in seconds when it has one."""
-    info = dict(study.user_attrs[IDENTITY])
+    """The study's identity (checked), with the step-time limit in seconds when it has one."""
+    info = dict(checked_identity(study))
     info["latency_limit_s"] = (study.user_attrs.get("latency") or {}).get("limit_s")
     return info
 
@@ -99,7 +137,8 @@ def tally(study: optuna.Study) -> dict[str, Any]:
     """Trials by what happened to them. ``counted``: those that count towards ``--trials``
     (ended or running); lost (retried), duplicate and surplus trials do not."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
+    retried = {t.user_attrs["retry_of"]: t.number for t in trials
+               if isinstance(t.user_attrs.get("retry_of"), int)}
     out: dict[str, Any] = {s.name.lower(): 0 for s in optuna.trial.TrialState}
     out.update(lost=0, discarded=0, counted=0, finished=0)
     for t in trials:
@@ -137,15 +176,26 @@ def _locked(out: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+_write_text = _atomic.write_text
+
+
+def study_folder(out: str | Path, study_name: str) -> Path:
+    """``OUT/studies/<name>``: where one study's outputs live, apart from every other study's.
+    A name that is not a plain file name (``/``, ``..``, spaces...) gets a safe spelling plus a
+    hash of the real name, so two names never share a folder."""
+    safe = "".join(c if c.isalnum() or c in "._%+-=@" else "_" for c in study_name)[:80]
+    if safe != study_name or safe.startswith("."):
+        safe = f"{safe.lstrip('.') or 'study'}-{hashlib.sha256(study_name.encode()).hexdigest()[:8]}"
+    return Path(out) / "studies" / safe
 
 
 def write_outputs(study: optuna.Study, out: str | Path, storage=None,
                   extra: dict | None = None, interrupted: bool = False) -> dict:
-    """``best.yaml``, ``pareto/trial-NNNN.yaml`` and ``report.json`` in ``out``, from the study."""
+    """The study's ``best.yaml``, ``pareto/trial-NNNN.yaml`` and ``report.json`` in
+    :func:`study_folder` (``OUT/studies/<study>/``), and the same three at the top of ``out``:
+    the last study that wrote there. Each study's own folder is only ever rewritten by that study,
+    so a second search into the same ``--out`` loses nothing of the first. Every file is written
+    atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     info = study_info(study)
@@ -153,59 +203,69 @@ def write_outputs(study: optuna.Study, out: str | Path, storage=None,
     counts = tally(study)
     complete = study.get_trials(deepcopy=False, states=(COMPLETE,))
     pareto = study.best_trials if complete else []
-    rows, front = [], []
+    rows, front, files = [], [], {}
     best = best_trial(study, info)
+    own = study_folder(out, study.study_name)
+    for t in sorted(pareto, key=lambda t: t.values[0]):
+        metrics = {**{k: (int(v) if k == "bytes" else v)
+                      for k, v in trial_metrics(info, t).items()},
+                   "within_budget": t.values[0] <= info["budget_bytes"]}
+        name = f"pareto/trial-{t.number:04d}.yaml"
+        files[name] = plan_recipe(info, t.params, metrics, t.number, study.study_name).to_yaml()
+        front.append({"trial": t.number, "recipe": str(own / name), **metrics,
+                      "source": t.user_attrs.get("source")})
+        rows.append([str(t.number), t.user_attrs.get("source", ""), human_bytes(t.values[0]),
+                     f"{t.values[0] / info['fp_bytes']:.1%}",
+                     *[_fmt(o, v) for o, v in zip(objectives[1:], t.values[1:])],
+                     "yes" if metrics["within_budget"] else "no"])
+    report: dict[str, Any] = {
+        "study": study.study_name, "storage": storage_label(storage), "outputs": str(own),
+        "model": info["model"], "space": info["space_name"], "budget": info["budget"],
+        "budget_bytes": info["budget_bytes"], "fp_bytes": info["fp_bytes"],
+        "objectives": objectives, "groups": len(info["groups"]),
+        "fixed_layers": len(info["fixed"]),
+        "trials": {k: v for k, v in counts.items() if k != "retried"},
+        "interrupted": interrupted, "pareto": front,
+        "failed": [{"trial": t.number, "reason": fail_reason(t, counts["retried"]),
+                    "worker": t.user_attrs.get("worker")}
+                   for t in study.get_trials(deepcopy=False)
+                   if t.state == optuna.trial.TrialState.FAIL],
+        "trials_detail": [_trial_row(t) for t in study.get_trials(deepcopy=False)],
+        "trial_timing": [dict(trial=t.number, state=t.state.name, **t.user_attrs["timing"],
+                              **({"peak_gpu_bytes": t.user_attrs["peak_gpu_bytes"]}
+                                 if "peak_gpu_bytes" in t.user_attrs else {}))
+                         for t in study.get_trials(deepcopy=False)
+                         if isinstance(t.user_attrs.get("timing"), dict)],
+        **(extra or {}),
+    }
+    if best is not None:
+        metrics = {k: (int(v) if k == "bytes" else v)
+                   for k, v in trial_metrics(info, best).items()}
+        metrics["pipeline_bytes"] = int(best.values[0] + info.get("other_components_bytes", 0))
+        files["best.yaml"] = plan_recipe(info, best.params, metrics, best.number,
+                                         study.study_name).to_yaml()
+        report["best"] = {"trial": best.number, "recipe": str(out / "best.yaml"),
+                          "study_recipe": str(own / "best.yaml"), **metrics}
+    files["report.json"] = json.dumps(report, indent=1, default=str)
     with _locked(out):
-        (out / "pareto").mkdir(exist_ok=True)
-        keep = set()
-        for t in sorted(pareto, key=lambda t: t.values[0]):
-            metrics = {**{k: (int(v) if k == "bytes" else v)
-                          for k, v in trial_metrics(info, t).items()},
-                       "within_budget": t.values[0] <= info["budget_bytes"]}
-            path = out / "pareto" / f"trial-{t.number:04d}.yaml"
-            keep.add(path.name)
-            _write_text(path, plan_recipe(info, t.params, metrics, t.number,
-                                          study.study_name).to_yaml())
-            front.append({"trial": t.number, "recipe": str(path), **metrics,
-                          "source": t.user_attrs.get("source")})
-            rows.append([str(t.number), t.user_attrs.get("source", ""), human_bytes(t.values[0]),
-                         f"{t.values[0] / info['fp_bytes']:.1%}",
-                         *[_fmt(o, v) for o, v in zip(objectives[1:], t.values[1:])],
-                         "yes" if metrics["within_budget"] else "no"])
-        for old in (out / "pareto").glob("*.yaml"):
-            if old.name not in keep:
-                old.unlink(missing_ok=True)
-        report: dict[str, Any] = {
-            "study": study.study_name, "storage": storage_label(storage),
-            "model": info["model"], "space": info["space_name"], "budget": info["budget"],
-            "budget_bytes": info["budget_bytes"], "fp_bytes": info["fp_bytes"],
-            "objectives": objectives, "groups": len(info["groups"]),
-            "fixed_layers": len(info["fixed"]),
-            "trials": {k: v for k, v in counts.items() if k != "retried"},
-            "interrupted": interrupted, "pareto": front,
-            "failed": [{"trial": t.number, "reason": fail_reason(t, counts["retried"]),
-                        "worker": t.user_attrs.get("worker")}
-                       for t in study.get_trials(deepcopy=False)
-                       if t.state == optuna.trial.TrialState.FAIL],
-            "trials_detail": [_trial_row(t) for t in study.get_trials(deepcopy=False)],
-            "trial_timing": [dict(trial=t.number, state=t.state.name, **t.user_attrs["timing"],
-                                  **({"peak_gpu_bytes": t.user_attrs["peak_gpu_bytes"]}
-                                     if "peak_gpu_bytes" in t.user_attrs else {}))
-                             for t in study.get_trials(deepcopy=False)
-                             if "timing" in t.user_attrs],
-            **(extra or {}),
-        }
-        if best is not None:
-            metrics = {k: (int(v) if k == "bytes" else v)
-                       for k, v in trial_metrics(info, best).items()}
-            metrics["pipeline_bytes"] = int(best.values[0] + info.get("other_components_bytes", 0))
-            recipe = plan_recipe(info, best.params, metrics, best.number, study.study_name)
-            _write_text(out / "best.yaml", recipe.to_yaml())
-            report["best"] = {"trial": best.number, "recipe": str(out / "best.yaml"), **metrics}
-        _write_text(out / "report.json", json.dumps(report, indent=1, default=str))
+        _write_set(own, files)
+        _write_set(out, files)
     report["table"] = table(rows, ["trial", "source", "bytes", "of fp",
                                    *[_HEADERS.get(o, o) for o in objectives[1:]], "in budget"])
     return report
+
+
+def _write_set(folder: Path, files: dict[str, str]) -> None:
+    """Write ``files`` (relative name -> text) into ``folder``, each atomically, and remove the
+    pareto recipes of trials that left the front (they were this folder's study's own)."""
+    (folder / "pareto").mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        _write_text(folder / name, text)
+    for old in (folder / "pareto").glob("*.yaml"):
+        if f"pareto/{old.name}" not in files:
+            old.unlink(missing_ok=True)
+    if "best.yaml" not in files:  # no trial within budget (yet): no best of another study
+        (folder / "best.yaml").unlink(missing_ok=True)
 
 
 _HEADERS = {"psnr": "PSNR", "ssim": "SSIM", "clip_fidelity": "CLIP fid", "latency": "step"}

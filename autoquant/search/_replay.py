@@ -97,7 +97,7 @@ class Replay:
 
     # -- sharing between workers: plain tensors + a JSON skeleton, never a pickle ---------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from .._atomic import save_safetensors as save_file
 
         tensors: dict[str, torch.Tensor] = {}
 

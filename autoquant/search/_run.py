@@ -47,7 +47,7 @@ def run_search(search: Search, stop: threading.Event | None = None) -> dict[str,
     directions = [OBJECTIVES[o] for o in search.objectives]
     study, created = create_or_join(storage, study_name(search), search.identity(), directions,
                                     search.objectives, cfg.resume, cfg.seed)
-    store = optuna.artifacts.FileSystemArtifactStore(str(_artifact_dir(out, cfg.artifacts)))
+    store = _artifact_store(study, out, cfg.artifacts)
     try:
         share(search, study, storage, store, stop)
     except Stopped:
@@ -154,8 +154,18 @@ def _discard_if_not_needed(study: optuna.Study, trial: optuna.Trial, wanted: int
     return True
 
 
-def _artifact_dir(out: Path, artifacts: Path | None = None) -> Path:
-    """``--artifacts`` (a folder every worker of the study can read and write), else OUT/artifacts."""
-    path = Path(artifacts) if artifacts else out / "artifacts"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _artifact_store(study, out: Path, artifacts: str | Path | None):
+    """This worker's artifact store: ``--artifacts`` if given; else the bucket the study records
+    its artifacts in; else OUT/artifacts. The location used is remembered on the search (``search.artifacts``)."""
+    from . import _artifacts
+
+    study_location = _artifacts.recorded(study)
+    if artifacts is None and study_location is not None and \
+            _artifacts.is_remote(study_location["location"]):
+        # a bucket is reachable from anywhere; a folder the study names is never used unasked
+        # (another machine's path, or a hostile database's): the worker is told to pass it
+        artifacts = study_location["location"]
+    location = _artifacts.normalize(artifacts, out)
+    store = _artifacts.open_store(location)
+    store.location = location  # what prepare() records and errors name
+    return store

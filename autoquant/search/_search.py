@@ -228,7 +228,8 @@ class Search:
 
         source = source_of(self.pipe)
         settings = self.settings.to_dict()
-        settings.pop("batch_size")  # batching never changes an image
+        # the batch size stays: it changes pixels, and every worker scores against the same
+        # references, made in the same batches
         others = components_of(self.pipe)
         versions = {"autoquant": __version__, "torch": str(torch.__version__),
                     "diffusers": diffusers.__version__}
@@ -302,7 +303,8 @@ class Search:
             t0 = time.perf_counter()
             self.evaluator = Evaluator(self.pipe, self.settings, clip=self.cfg.clip,
                                        components=self.groups.components,
-                                       progress=self.cfg.progress, key=self.model_key)
+                                       progress=self.cfg.progress, key=self.model_key,
+                                       segments=self.stage_cut())
             self.timing["references_s"] = time.perf_counter() - t0
         self.calibrate()
 
@@ -321,6 +323,13 @@ class Search:
         self.cache.clear()  # stale layers out, the originals in place: the hooks watch them
         info = calibrate(self.pipe, settings, layers, progress=self.cfg.progress)
         self.timing["calibration_s"] = info["seconds"]
+
+    def stage_cut(self) -> tuple[int, ...]:
+        """Where a trial's first stage ends (it scores ``range(k)``, then the rest if it is
+        not pruned): references are made in the same batches."""
+        n = len(self.settings.pairs())
+        k = max(1, int(n * self.cfg.stage_fraction))
+        return (k,) if k < n else ()
 
     def _generate_two(self):
         """Full-precision images of the first two search prompts (two prompts x 3 steps, x2

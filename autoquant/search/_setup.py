@@ -149,7 +149,7 @@ class _Worker:
             mode, probe_s = choose_mode(search.cfg.sensitivity, search.replay, search.cache,
                                         search.groups, search.cfg.full_sensitivity_s,
                                         search.cfg.progress)
-        from safetensors.torch import save_file
+        from .._atomic import save_safetensors as save_file
 
         with tempfile.TemporaryDirectory() as tmp:
             refs = Path(tmp) / "references.safetensors"
@@ -165,6 +165,10 @@ class _Worker:
                 search.use_latency(search.measure_latency())
             study.set_user_attr(LATENCY, {**search.latency_info,
                                           "limit_s": search.budget.latency_limit_s})
+        from . import _artifacts
+
+        study.set_user_attr(_artifacts.LOCATION, {
+            "location": getattr(store, "location", None), "host": _me(search)["host"]})
         study.set_user_attr(PREPARED, {**ids, "mode": mode, "replay_s": probe_s,
                                        "prepared_s": time.time() - t0,
                                        "prepared_at": time.time(), "by": _me(search)})
@@ -225,11 +229,24 @@ def _me(search) -> dict:
     return {"host": socket.gethostname(), "device": str(search.device), "pid": os.getpid()}
 
 
-def _download(store, artifact_id: str, path: Path) -> Path:
+def _download(store, artifact_id: str, path: Path, study=None) -> Path:
+    """An artifact of the study into ``path``; a store that cannot give it (another folder
+    than the study's, an unreachable bucket) is one clear error naming where the study keeps
+    its artifacts."""
+    from . import _artifacts
+
     if path.exists():
         path.unlink()
-    optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
-                                       artifact_id=artifact_id)
+    try:
+        optuna.artifacts.download_artifact(artifact_store=store, file_path=str(path),
+                                           artifact_id=artifact_id)
+    except Exception as e:  # ArtifactNotFound, OSError, botocore's ClientError...
+        if not isinstance(e, (optuna.artifacts.exceptions.ArtifactNotFound, OSError)) and \
+                type(e).__module__.split(".")[0] not in ("botocore", "boto3", "google"):
+            raise
+        raise _artifacts.unreadable(getattr(store, "location", "this worker's artifact store"),
+                                    _artifacts.recorded(study) if study is not None else None,
+                                    e) from None
     return path
 
 
@@ -245,15 +262,15 @@ def _load_inputs(search, study, store) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if search.evaluator is None:
             refs = load_file(str(_download(store, prepared["references"],
-                                           Path(tmp) / "references.safetensors")))["images"]
+                                           Path(tmp) / "references.safetensors", study)))["images"]
             search.evaluator = Evaluator(search.pipe, search.settings, clip=search.cfg.clip,
                                          components=search.groups.components,
                                          progress=search.cfg.progress, key=search.model_key,
-                                         references=refs)
+                                         references=refs, segments=search.stage_cut())
         if search.replay is None:
             search.replay = Replay.load(search.pipe, search.component,
                                         _download(store, prepared["replay"],
-                                                  Path(tmp) / "replay.safetensors"),
+                                                  Path(tmp) / "replay.safetensors", study),
                                         search.device)
     search.measure_activations()  # under a memory plan: this worker's own, once
     search.calibrate()  # (gptq in the space: this worker's own calibration data, once)

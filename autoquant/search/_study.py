@@ -165,6 +165,13 @@ def open_storage(url: str | None, out: Path, heartbeat_s: int = HEARTBEAT_S,
             raise InputError(f"--storage {url!r}: not a database URL ({e})") from None
         except ImportError as e:
             raise InputError(f"--storage {url}: {e}") from None
+        except (sqlalchemy.exc.DatabaseError, ValueError, RuntimeError) as e:
+            # a damaged or truncated SQLite file, a database that is not Optuna's, a schema
+            # of another Optuna version
+            why = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+            raise InputError(f"--storage {url}: not a readable Optuna study database ({why}); "
+                             f"if it is damaged, restore it from a copy or start again with "
+                             f"another --out") from None
     else:
         raise InputError(f"--storage {url}: could not create the schema: {last}")
     if family == "sqlite":

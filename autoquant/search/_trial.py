@@ -76,7 +76,7 @@ def run_trial(search, study: optuna.Study, trial: optuna.Trial, store=None) -> N
         t_proxy = time.perf_counter() - t1
         ev = search.evaluator
         n = len(ev.pairs)
-        k = max(1, int(n * cfg.stage_fraction))
+        k = (search.stage_cut() or (n,))[0]
         best = search.best(study)
         if k < n:
             m, gen, met = ev.score(list(range(k)))

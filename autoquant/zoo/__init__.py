@@ -16,6 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .. import _atomic
 from .._compat import dtype_kwargs
 from .._paths import cache_dir
 
@@ -64,8 +65,7 @@ def demo_folder() -> Path:
     except (OSError, ValueError):  # missing or damaged: written again
         intact = False
     if not intact:
-        index.unlink(missing_ok=True)
-        index.write_text(json.dumps(MODEL_INDEX, indent=1))
+        _atomic.write_text(index, json.dumps(MODEL_INDEX, indent=1))
     return folder
 
 
