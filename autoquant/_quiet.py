@@ -14,11 +14,19 @@ import logging
 import os
 import warnings
 
-_LOGGERS = ("torch.utils._pytree", "bitsandbytes", "bitsandbytes.cextension",
-            "bitsandbytes.backends", "diffusers", "transformers", "torchao", "hqq",
-            # bitsandbytes' CPU kernels come through Hugging Face's ``kernels`` ("Skipping
-            # publisher trust check ... offline mode")
-            "kernels", "huggingface_hub")
+#: the libraries every run uses; each backend adds its own package's (``Backend.loggers``,
+#: through :func:`add_loggers` when the registry loads)
+_LOGGERS = ["torch.utils._pytree", "diffusers", "transformers", "huggingface_hub"]
+_QUIET_FOR_RUN = False
+
+
+def add_loggers(names) -> None:
+    """Quiet these loggers too (a backend's); at once if the command line quieted the run."""
+    for name in names:
+        if name not in _LOGGERS:
+            _LOGGERS.append(name)
+            if _QUIET_FOR_RUN:
+                logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -52,8 +60,10 @@ def import_quietly(name: str):
 
 def quiet_libraries(debug: bool = False) -> None:
     """For the command line: the libraries' messages and loading bars off for the whole run."""
+    global _QUIET_FOR_RUN
     if debug or os.environ.get("AUTOQUANT_VERBOSE"):
         return
+    _QUIET_FOR_RUN = True
     for name in _LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     import optuna  # its own handler decides; "A new study created ..." is not news to users

@@ -17,21 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-_HESSIANS: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
-_SOURCES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def settings_key(settings) -> tuple:
-    """What decides a calibration's images (prompts, seeds, steps, guidance, size)."""
-    return (tuple(settings.prompts), tuple(settings.seeds), settings.steps, settings.guidance,
-            settings.height, settings.width)
-
-
-def calibrated_with(linear: nn.Module) -> tuple | None:
-    """The :func:`settings_key` of the generation ``linear``'s Hessian came from (None: none,
-    or registered by hand)."""
-    return _SOURCES.get(linear)
-
+from .backends._hessians import calibrated_with, hessian, observe, register, settings_key, store
 
 #: calibration generates the search prompts from other seeds than the ones it scores: layers
 #: rounded against the very activations of the scored images would look better there than on
@@ -51,31 +37,11 @@ def settings_for(scoring):
     return dataclasses.replace(scoring, seeds=tuple(calibration_seeds(scoring.seeds)))
 
 
-def hessian(linear: nn.Module) -> torch.Tensor | None:
-    """``linear``'s input Hessian (float32, CPU), or None if it was never calibrated."""
-    return _HESSIANS.get(linear)
-
-
-def register(linear: nn.Module, h: torch.Tensor) -> None:
-    """Give ``linear`` an input Hessian (``in_features`` x ``in_features``) computed elsewhere."""
-    n = linear.in_features
-    if tuple(h.shape) != (n, n):
-        raise ValueError(f"a Hessian for a layer of {n} inputs is {n} x {n}, not {tuple(h.shape)}")
-    _HESSIANS[linear] = h.detach().float().cpu()
-    _SOURCES.pop(linear, None)
-
-
-def observe(linear: nn.Linear, x: torch.Tensor) -> None:
-    """Register the Hessian of inputs ``x`` (rows of ``in_features``) for ``linear``."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    register(linear, x.T @ x / max(x.shape[0], 1))
-
-
 def calibrate(pipe: Any, settings, layers: dict[str, nn.Linear], progress: bool = False
               ) -> dict[str, Any]:
     """Generate ``settings``' images with ``pipe`` (as it is: full precision) and register the
     input Hessian of every layer in ``layers`` ({name: module}). Returns what it did."""
-    from .evaluator import generate_images
+    from .generation import generate_images
 
     start = time.perf_counter()
     sums: dict[nn.Module, list] = {}  # layer -> [sum of x^T x, rows] (or the layer it shares)
@@ -111,8 +77,7 @@ def calibrate(pipe: Any, settings, layers: dict[str, nn.Linear], progress: bool 
     matrices = {m: (acc[0] / max(acc[1], 1)).cpu() for m, acc in sums.items()}
     key = settings_key(settings)
     for m in layers.values():
-        _HESSIANS[m] = matrices[shares.get(m, m)]
-        _SOURCES[m] = key
+        store(m, matrices[shares.get(m, m)], key)
     return {"layers": len(layers), "matrices": len(matrices),
             "bytes": sum(h.numel() * 4 for h in matrices.values()),
             "images": len(settings.pairs()), "seconds": time.perf_counter() - start}

@@ -125,11 +125,9 @@ class LatencyTable:
         name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                 else f"cpu-{torch.backends.cpu.get_cpu_capability()}-{torch.get_num_threads()}t")
         versions = [str(torch.__version__), diffusers.__version__, f"layers{LAYERS_REVISION}"]
-        for package in ("hqq", "bitsandbytes", "torchao"):
-            try:
-                versions.append(__import__(package).__version__)
-            except ImportError:
-                versions.append("-")
+        from .backends import package_versions
+
+        versions += [v or "-" for v in package_versions().values()]
         if self.mode == "compile":  # Inductor's tuning picks other kernels: other times
             from torch._inductor import config as inductor
 

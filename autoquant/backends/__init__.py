@@ -14,6 +14,7 @@ from torch import nn
 
 import torch
 
+from .. import _quiet
 from .._errors import BackendError, ConfigError
 from ._base import Backend, QuantConfig
 from .bnb import BnbBackend
@@ -33,7 +34,12 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in _REGISTRY:
         raise ValueError(f"method {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
+    _quiet.add_loggers(backend.loggers)
     return backend
+
+
+for _backend in _REGISTRY.values():  # each backend says which loggers chatter
+    _quiet.add_loggers(_backend.loggers)
 
 
 def get_backend(method: str) -> Backend:
@@ -46,6 +52,25 @@ def get_backend(method: str) -> Backend:
 
 def methods() -> list[str]:
     return list(_REGISTRY)
+
+
+def packages() -> list[str]:
+    """The import names of the packages the registered backends need, in registry order."""
+    return list(dict.fromkeys(b.package[0] for b in _REGISTRY.values() if b.package))
+
+
+def package_versions() -> dict[str, str | None]:
+    """``{package: version}`` of :func:`packages` (None: not installed): what a study and the
+    latency table record, since another version may quantize or time differently."""
+    from .._quiet import import_quietly
+
+    out: dict[str, str | None] = {}
+    for package in packages():
+        try:
+            out[package] = import_quietly(package).__version__
+        except ImportError:
+            out[package] = None
+    return out
 
 
 def backend_for(cfg: QuantConfig) -> Backend:

@@ -83,6 +83,9 @@ class Backend(ABC):
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     #: the package it needs (import name, pip name), checked before anything is touched
     package: ClassVar[tuple[str, str] | None] = None
+    #: the loggers of that package whose notices are not the user's business (quieted by
+    #: ``autoquant._quiet``; shown with ``--debug``)
+    loggers: ClassVar[tuple[str, ...]] = ()
     #: why its layers cannot run under ``torch.compile`` in one graph (None: they can; tested
     #: by the contract suite on every device)
     compile_reason: ClassVar[str | None] = None

@@ -89,6 +89,8 @@ class BnbBackend(Backend):
     config_cls = BnbConfig
     devices = ("cpu", "cuda")
     package = ('bitsandbytes', 'bitsandbytes')
+    # its CPU kernels come through Hugging Face's ``kernels`` ("Skipping publisher trust check")
+    loggers = ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends", "kernels")
 
     def owns(self, module):
         return type(module).__module__.startswith("bitsandbytes.")

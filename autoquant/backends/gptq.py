@@ -116,7 +116,7 @@ class GPTQBackend(HQQBackend):
     def quantize(self, linear, cfg, device):
         from hqq.core.quantize import Quantizer
 
-        from ..calibration import hessian
+        from ._hessians import hessian
 
         h = hessian(linear)
         if h is None:

@@ -49,6 +49,7 @@ class HQQBackend(Backend):
     config_cls = HQQConfig
     devices = ("cpu", "cuda")
     package = ('hqq', 'hqq')
+    loggers = ("hqq",)
 
     def owns(self, module):
         return type(module).__module__.startswith("hqq.")

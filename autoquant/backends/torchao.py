@@ -152,6 +152,7 @@ class TorchaoBackend(Backend):
     config_cls = TorchaoConfig
     devices = ("cpu", "cuda")
     package = ('torchao', 'torchao')
+    loggers = ("torchao",)
 
     def owns(self, module):
         # torchao keeps the nn.Linear and swaps its weight for a tensor subclass

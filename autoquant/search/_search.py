@@ -233,11 +233,9 @@ class Search:
         others = components_of(self.pipe)
         versions = {"autoquant": __version__, "torch": str(torch.__version__),
                     "diffusers": diffusers.__version__}
-        for package in ("hqq", "bitsandbytes", "torchao"):
-            try:
-                versions[package] = __import__(package).__version__
-            except ImportError:
-                versions[package] = None
+        from ..backends import package_versions
+
+        versions.update(package_versions())
         return {
             "model": self.cfg.model, "source": source.to_dict() if source else {"id": self.cfg.model},
             "fingerprint": self.inv.fingerprint(), "weights": self.model_key,

@@ -20,7 +20,7 @@ from .. import _atomic
 from .._compat import dtype_kwargs
 from .._paths import cache_dir
 
-DEMO_DIR = Path(__file__).parent / "demo"
+from .models import DEMO_DIR  # noqa: F401  (the shipped weights' folder)
 #: default generation settings of the demo pipeline (passed to its __call__)
 DEMO_GENERATION = dict(num_inference_steps=12, guidance_scale=3.0, height=32, width=32,
                        use_resolution_binning=False, clean_caption=False, max_sequence_length=16)

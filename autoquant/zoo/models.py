@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+#: the shipped weights of the demo (also ``autoquant.zoo.DEMO_DIR``)
+DEMO_DIR = Path(__file__).parent / "demo"
+
 TEXT_DIM = 384  # all-MiniLM-L6-v2 hidden size
 MAX_TOKENS = 16  # every demo caption fits; padding is masked everywhere
 
@@ -128,8 +131,6 @@ class Classifier(nn.Module):
 def load_classifier() -> Classifier:
     """The demo's shipped classifier (float32, eval mode): grades generated images."""
     from safetensors.torch import load_file
-
-    from . import DEMO_DIR
 
     net = Classifier()
     net.load_state_dict({k: v.float() for k, v in
