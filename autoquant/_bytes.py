@@ -13,8 +13,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-# Objects of these packages are looked into for tensors (quant states, matmul states).
-_CRAWLED_PACKAGES = ("bitsandbytes", "hqq", "torchao", "autoquant")
+# Objects of these packages are looked into for tensors (quant states, matmul states): autoquant's
+# own, and each registered backend's package (added by the registry, ``crawl_package``).
+_CRAWLED_PACKAGES: tuple[str, ...] = ("autoquant",)
+
+
+def crawl_package(name: str) -> None:
+    """Look into objects of package ``name`` for tensors too (a backend's quant states)."""
+    global _CRAWLED_PACKAGES
+    if name not in _CRAWLED_PACKAGES:
+        _CRAWLED_PACKAGES = (*_CRAWLED_PACKAGES, name)
 _MAX_DEPTH = 6
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import torch
 
-from .. import _quiet
+from .. import _bytes, _quiet
 from .._errors import BackendError, ConfigError
 from ._base import Backend, QuantConfig
 from .bnb import BnbBackend
@@ -34,12 +34,20 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in _REGISTRY:
         raise ValueError(f"method {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
-    _quiet.add_loggers(backend.loggers)
+    _announce(backend)
     return backend
 
 
-for _backend in _REGISTRY.values():  # each backend says which loggers chatter
-    _quiet.add_loggers(_backend.loggers)
+def _announce(backend: Backend) -> None:
+    """Tell the helpers below the registry what a backend brings: loggers to quiet, a package
+    whose objects hold tensors that count as the layer's bytes."""
+    _quiet.add_loggers(backend.loggers)
+    if backend.package:
+        _bytes.crawl_package(backend.package[0])
+
+
+for _backend in _REGISTRY.values():
+    _announce(_backend)
 
 
 def get_backend(method: str) -> Backend:
