@@ -201,13 +201,11 @@ def _evaluation_memory(pipe, args, recipe, cap: int):
     from .evaluator import default_components
     from .memory import MemoryPlan
 
+    from .recipe import Recipe
+
     comps = args.components or default_components(pipe)
     inv = inventory(pipe)
-    configs = recipe.resolve(inv).configs if recipe is not None else {}
-    plan_bytes = sum(inv.components[c]["bytes"] - inv.components[c]["linear_bytes"]
-                     for c in comps) + sum(
-        l.nbytes(configs[l.name]) if l.name in configs else l.bytes
-        for l in inv if l.component in comps)
+    plan_bytes = (recipe or Recipe()).resolve(inv).nbytes(comps)
     return MemoryPlan(pipe, args.device, cap, comps, plan_bytes, enforce=True, inv=inv).place()
 
 
@@ -244,15 +242,11 @@ def cmd_baseline(args) -> int:
     plan = recipe.resolve(inv)
     path = recipe.save(args.out)
     layers = [l for l in inv if l.component in components]
-    fp = sum(l.weight_params for l in layers if l.name not in plan.configs
-             or plan.configs[l.name].full_precision)
-    total = sum(l.weight_params for l in layers)
     info = {"recipe": str(path), "config": config.to_dict(), "components": components,
             "layers": len(layers), "protected": sum(1 for c in plan.configs.values()
                                                     if c.full_precision),
-            "skipped": plan.skipped, "fp_share": fp / total,
-            "predicted_bytes": sum(l.nbytes(plan.configs[l.name]) if l.name in plan.configs
-                                   else l.bytes for l in layers)}
+            "skipped": plan.skipped, "fp_share": plan.fp_share(components),
+            "predicted_bytes": plan.linear_bytes(components)}
     if args.json:
         print(json.dumps(info, indent=1))
     else:

@@ -239,6 +239,32 @@ class Plan:
     def items(self) -> list[tuple[LayerInfo, QuantConfig]]:
         return [(self.inventory[name], cfg) for name, cfg in self.configs.items()]
 
+    def _layers(self, components: list[str] | None) -> list[LayerInfo]:
+        return [l for l in self.inventory if components is None or l.component in components]
+
+    def linear_bytes(self, components: list[str] | None = None) -> int:
+        """Predicted bytes of the Linear layers of ``components`` (default all) under this plan:
+        each layer's backend formula (every scale and packed code), full precision where the
+        plan leaves a layer alone."""
+        return sum(l.nbytes(self.configs[l.name]) if l.name in self.configs else l.bytes
+                   for l in self._layers(components))
+
+    def nbytes(self, components: list[str] | None = None) -> int:
+        """Predicted bytes of whole ``components`` (default all) under this plan: their Linear
+        layers as :meth:`linear_bytes` says, everything else as it is."""
+        comps = self.inventory.components
+        return sum(comps[c]["bytes"] - comps[c]["linear_bytes"]
+                   for c in (components if components is not None else comps)) \
+            + self.linear_bytes(components)
+
+    def fp_share(self, components: list[str] | None = None) -> float:
+        """The share of the weights of ``components`` that stays in full precision."""
+        layers = self._layers(components)
+        fp = sum(l.weight_params for l in layers if l.name not in self.configs
+                 or self.configs[l.name].full_precision)
+        total = sum(l.weight_params for l in layers)
+        return fp / total if total else 0.0
+
 
 def _shown(key: Any) -> str:
     """A layer key as a problem names it (cut if huge)."""

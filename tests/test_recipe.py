@@ -154,3 +154,26 @@ def test_fingerprint_of_the_same_model_matches(flux_inv, tiny_flux_factory):
                                "model": {"fingerprint": flux_inv.fingerprint()},
                                "default": {"method": "hqq", "bits": 4}})
     assert recipe.resolve(flux_inv).configs
+
+
+def test_a_plans_predicted_bytes_are_the_measured_bytes_after_applying():
+    """``Plan.nbytes`` (what the CLI and the memory planner use) is what the applied layers hold,
+    every scale and packed code counted; an empty recipe predicts full precision."""
+    import autoquant
+    from autoquant._bytes import measured_bytes
+
+    pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
+    inv = autoquant.inventory(pipe)
+    full = autoquant.Recipe().resolve(inv)
+    assert full.nbytes(["transformer"]) == measured_bytes(pipe.transformer)
+    assert full.fp_share(["transformer"]) == 1.0
+    recipe = autoquant.Recipe.from_dict({
+        "format": "autoquant-recipe/1", "components": ["transformer"],
+        "default": {"method": "hqq", "bits": 4, "group_size": 32},
+        "layers": {"re:transformer\\..*ff\\.net\\.0\\.proj": {"method": "bnb", "bits": 4},
+                   "re:transformer\\..*attn\\.to_v": {"method": "none"}}})
+    plan = recipe.resolve(inv)
+    predicted = plan.nbytes(["transformer"])
+    autoquant.apply_recipe(pipe, recipe, progress=False)
+    assert predicted == measured_bytes(pipe.transformer) < full.nbytes(["transformer"])
+    assert 0 < plan.fp_share(["transformer"]) < 0.2
