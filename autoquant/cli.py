@@ -490,12 +490,11 @@ def _machine_fault(e: BaseException) -> str | None:
                 }.get(e.errno, "")
         return f"{e.strerror or e}{where}" + (f"; {hint}" if hint else "")
     modules = {type(x).__module__.split(".")[0] for x in type(e).__mro__}
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "sqlalchemy" in modules or "optuna" in modules and "storage" in type(e).__name__.lower():
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return (f"the study's storage failed: {first[:300]} -- check --storage (the database "
                 f"is reachable, not damaged, and yours)")
     if "botocore" in modules or "boto3" in modules:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return (f"the artifact store failed: {first[:300]} -- check --artifacts and the AWS_* "
                 f"settings (endpoint, credentials)")
     return None

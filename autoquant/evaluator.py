@@ -112,7 +112,7 @@ class Evaluator:
                              f"{sorted(components_of(pipe))}")
         self.inventory = inventory(pipe)
         self.cache = cache or ReferenceCache()
-        self.render = render_key(pipe, settings)
+        self.render = render_key(pipe)
         self.model_key = key or model_key(pipe)
         self.pairs = settings.pairs()
         self.batches = batches(len(self.pairs), settings.batch_size, tuple(segments))

@@ -21,8 +21,8 @@ def generate_images(pipe: Any, settings: EvalSettings, pairs: list[tuple[str, in
     share a starting latent). The pixels can still depend on the batch (batched matmuls reduce
     in another order at another batch size): the evaluator makes references and candidates in
     the same batches (:func:`batches`)."""
-    return _generate(pipe, settings, [pairs[i:i + settings.batch_size]
-                                      for i in range(0, len(pairs), settings.batch_size)],
+    return _generate(pipe, settings, [[pairs[i] for i in b]
+                                      for b in batches(len(pairs), settings.batch_size)],
                      progress, desc)
 
 

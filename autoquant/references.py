@@ -38,7 +38,7 @@ from ._inventory import components_of
 from .settings import EvalSettings
 
 
-def render_key(pipe: Any, settings: EvalSettings | None = None) -> str:
+def render_key(pipe: Any) -> str:
     """Hash of the machine and library state that can change a generated pixel (see above)."""
     import platform
 
