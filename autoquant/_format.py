@@ -1,6 +1,8 @@
-"""Small formatting helpers for tables people read."""
+"""Small helpers for the sizes and tables people read and type."""
 
 from __future__ import annotations
+
+from ._errors import InputError
 
 
 def human_bytes(n: float) -> str:
@@ -28,3 +30,30 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     out = [fmt(header), "  ".join("-" * w for w in widths)]
     out += [fmt(r) for r in rows]
     return "\n".join(out)
+
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``("bytes", n)``, ``("share", 0.35)`` or ``("bpw", 4.25)`` from 6GB, 5.5GiB, 35%, 4.25bpw."""
+    import re
+
+    t = str(text).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(%|bpw|[kmgt]?i?b)?", t)
+    if not m:
+        raise InputError(f"budget {text!r}: use bytes (6GB, 5.5GiB, 800MiB), a share of "
+                         f"full precision (35%) or bits per weight (4.25bpw)")
+    value, unit = float(m.group(1)), m.group(2) or "b"
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise InputError(f"budget {text!r}: a share must be in (0, 100]%")
+        return "share", value / 100
+    if unit == "bpw":
+        if not 0 < value <= 32:
+            raise InputError(f"budget {text!r}: bits per weight must be in (0, 32]")
+        return "bpw", value
+    if value <= 0:
+        raise InputError(f"budget {text!r}: bytes must be positive")
+    return "bytes", value * _UNITS[unit]

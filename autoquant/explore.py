@@ -28,8 +28,8 @@ with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in note
 from . import _atomic
 from ._errors import InputError
 from ._format import human_bytes
-from .search._outputs import (IDENTITY, checked_identity, fail_reason, plan_recipe, quality_objectives, tally,
-                              trial_metrics)
+from .search._outputs import (IDENTITY, checked_identity, fail_reason, plan_recipe,
+                              quality_objectives, tally, trial_metrics)
 
 _LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "clip_fidelity": "CLIP fidelity"}
 
@@ -100,10 +100,13 @@ class StudyView:
         raise InputError(f"no trial {number} in this study")
 
     def layer_configs(self, trial: Trial) -> dict[str, str]:
-        out = {name: "none" for name in self.info.get("fixed", [])}
+        from .backends import full_precision
+
+        fp = full_precision().label
+        out = {name: fp for name in self.info.get("fixed", [])}
         for group, layers in self.info["groups"].items():
             for layer in layers:
-                out[layer] = trial.params.get(group, "none")
+                out[layer] = trial.params.get(group, fp)
         return out
 
     def table(self) -> list[dict]:

@@ -7,8 +7,8 @@ import torch
 
 import autoquant
 from autoquant.backends import config_from_dict
-from autoquant.baseline import baseline_recipe
-from autoquant.settings import EvalSettings
+from autoquant.scoring.baseline import baseline_recipe
+from autoquant.generation.settings import EvalSettings
 
 
 def search_settings(seeds=(0,)) -> EvalSettings:

@@ -9,7 +9,7 @@ import gc
 
 import torch
 
-from autoquant.latency import sync, time_call  # noqa: F401  (sync: for the benches)
+from autoquant.runtime.latency import sync, time_call  # noqa: F401  (sync: for the benches)
 from autoquant.search._replay import first_sample as first_of_batch  # noqa: F401
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
@@ -113,7 +113,7 @@ def build_pipeline(device: torch.device, small: bool, encoders: str = "stand-in"
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from autoquant._tiny import tiny_tokenizer
+    from autoquant.models.tiny import tiny_tokenizer
 
     # small: a narrow, shallow variant for checking the script on a CPU
     transformer = flux_transformer(device, **(dict(num_layers=1, num_single_layers=2,

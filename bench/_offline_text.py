@@ -25,7 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
 
 
 def captions() -> list[str]:
-    from autoquant.settings import EvalSettings
+    from autoquant.generation.settings import EvalSettings
 
     texts = {""}  # the negative prompt of classifier-free guidance
     for which in ("search", "holdout"):
@@ -66,7 +66,7 @@ class TableEncoder(nn.Module):
 def make(folder: Path) -> None:
     from safetensors.torch import save_file
 
-    from autoquant.zoo.models import MAX_TOKENS, load_text_encoder, minilm_path
+    from autoquant.models.zoo.models import MAX_TOKENS, load_text_encoder, minilm_path
 
     folder.mkdir(parents=True, exist_ok=True)
     for f in TOKENIZER_FILES:
@@ -93,8 +93,8 @@ def install(folder: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    import autoquant.zoo as zoo
-    import autoquant.zoo.models as models
+    import autoquant.models.zoo as zoo
+    import autoquant.models.zoo.models as models
     from autoquant._compat import dtype_kwargs
     from autoquant._quiet import quiet_loading
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 import autoquant
-from autoquant._bytes import measured_bytes
+from autoquant.backends.measure import measured_bytes
 from autoquant._format import human_bytes, table
 
 from _common import write_json

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from autoquant._bytes import measured_bytes
+from autoquant.backends.measure import measured_bytes
 from autoquant._format import human_bytes, table
 from autoquant.backends import get_backend, methods
 

@@ -20,10 +20,10 @@ import torch
 import autoquant
 from autoquant._format import table
 from autoquant.backends import config_from_dict
-from autoquant.baseline import baseline_recipe
-from autoquant.evaluator import EvalResult, Evaluator
-from autoquant.references import ReferenceCache
-from autoquant.settings import EvalSettings
+from autoquant.scoring.baseline import baseline_recipe
+from autoquant.scoring.evaluator import EvalResult, Evaluator
+from autoquant.scoring.references import ReferenceCache
+from autoquant.generation.settings import EvalSettings
 
 from _common import write_json
 
@@ -52,7 +52,7 @@ def random_text_encoder_demo(carry: Path):
                            PixArtTransformer2DModel)
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from autoquant.zoo import DEMO_DIR
+    from autoquant.models.zoo import DEMO_DIR
 
     tok = BertTokenizerFast.from_pretrained(carry)
     torch.manual_seed(0)

@@ -25,8 +25,8 @@ from torch import nn
 
 import autoquant
 from autoquant.backends import config_from_dict, quantize_layer
-from autoquant.baseline import baseline_recipe
-from autoquant.evaluator import generate_images
+from autoquant.scoring.baseline import baseline_recipe
+from autoquant.scoring.evaluator import generate_images
 
 from _common import write_json
 from _demo import demo_bench, search_settings

@@ -24,7 +24,7 @@ import optuna
 import autoquant
 from autoquant._format import human_bytes, table
 from autoquant.search import Search, SearchConfig, run_search
-from autoquant.space import SearchSpace, load_space
+from autoquant.search.space import SearchSpace, load_space
 
 from _common import write_json
 from _demo import demo_bench, search_settings

@@ -17,11 +17,11 @@ import torch
 
 import autoquant
 from autoquant._format import table
-from autoquant.clip import load_clip
-from autoquant.zoo import DEMO_GENERATION, train_log
-from autoquant.zoo.captions import CLASSES, HOLDOUT_TEMPLATES, captions_for, class_prompts
-from autoquant.zoo.data import load_split
-from autoquant.zoo.models import load_classifier
+from autoquant.scoring.clip import load_clip
+from autoquant.models.zoo import DEMO_GENERATION, train_log
+from autoquant.models.zoo.captions import CLASSES, HOLDOUT_TEMPLATES, captions_for, class_prompts
+from autoquant.models.zoo.data import load_split
+from autoquant.models.zoo.models import load_classifier
 
 from _common import write_json
 

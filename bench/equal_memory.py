@@ -25,7 +25,7 @@ import torch
 import autoquant
 from autoquant._format import human_bytes, table
 from autoquant.search import Search, SearchConfig, run_search
-from autoquant.space import load_space
+from autoquant.search.space import load_space
 
 from _common import write_json
 from _demo import demo_bench, search_settings

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     search_cmd, test_cmd = readme_commands()[:2]
     out: dict = {"environment": environment(), "no_bf16": args.no_bf16, "runs": {}}
-    dtype = subprocess.run([sys.executable, "-c", "from autoquant.pipelines import "
+    dtype = subprocess.run([sys.executable, "-c", "from autoquant.models.pipelines import "
                             "default_dtype; print(default_dtype('cpu'))"], env=env,
                            capture_output=True, text=True, cwd=clone).stdout.strip()
     out["dtype"] = dtype

@@ -30,13 +30,13 @@ from collections import Counter
 import torch
 
 import autoquant
-from autoquant._bytes import measured_bytes
+from autoquant.backends.measure import measured_bytes
 from autoquant._format import human_bytes, table
-from autoquant.evaluator import generate_images
-from autoquant.latency import compiled, time_call
+from autoquant.scoring.evaluator import generate_images
+from autoquant.runtime.latency import compiled, time_call
 from autoquant.search import Replay
 from autoquant.search._cache import collect_garbage
-from autoquant.settings import EvalSettings, prompt_set
+from autoquant.generation.settings import EvalSettings, prompt_set
 
 from _common import environment, write_json
 from _flux import build_pipeline, sync

@@ -56,10 +56,10 @@ def _seeds(search) -> list[dict]:
 
 
 def run_search_mode(args) -> dict:
-    from autoquant.clip import _open_clip
+    from autoquant.scoring.clip import _open_clip
     from autoquant.search import Search, SearchConfig, run_search
-    from autoquant.settings import EvalSettings, prompt_set
-    from autoquant.space import load_space
+    from autoquant.generation.settings import EvalSettings, prompt_set
+    from autoquant.search.space import load_space
 
     os.environ["AUTOQUANT_CACHE"] = tempfile.mkdtemp(prefix="aq-cache-")  # every phase done
     t0 = time.perf_counter()
@@ -136,8 +136,8 @@ def run_offload_mode(args) -> dict:
     group offloading; resident for scale."""
     from diffusers.hooks import apply_group_offloading
 
-    from autoquant._streaming import LayerStreamer
-    from autoquant.latency import time_call
+    from autoquant.runtime.streaming import LayerStreamer
+    from autoquant.runtime.latency import time_call
 
     device = torch.device("cuda")
     small = dict(num_layers=1, num_single_layers=2, num_attention_heads=4) \

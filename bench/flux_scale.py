@@ -34,11 +34,11 @@ import time
 import torch
 
 import autoquant
-from autoquant._bytes import measured_bytes
+from autoquant.backends.measure import measured_bytes
 from autoquant._format import human_bytes, table
-from autoquant.evaluator import generate_images
+from autoquant.scoring.evaluator import generate_images
 from autoquant.search import Replay
-from autoquant.settings import EvalSettings, prompt_set
+from autoquant.generation.settings import EvalSettings, prompt_set
 
 from _common import environment, write_json
 from _flux import allocated, build_pipeline, first_of_batch, step_latency, sync
@@ -225,7 +225,7 @@ class Bench:
     def one_trial(self) -> None:
         """Phase 4: one trial as run_search runs it (plan in the cache), vs pure generation;
         twice, since the first trial of a process also compiles kernels for the new shapes."""
-        from autoquant.clip import _open_clip
+        from autoquant.scoring.clip import _open_clip
 
         search, cache = self.search, self.search.cache
         cache.restore()

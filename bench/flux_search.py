@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from autoquant._format import human_bytes
-from autoquant.clip import _open_clip
+from autoquant.scoring.clip import _open_clip
 from autoquant.search import Search, SearchConfig, run_search
-from autoquant.settings import EvalSettings, prompt_set
-from autoquant.space import load_space
+from autoquant.generation.settings import EvalSettings, prompt_set
+from autoquant.search.space import load_space
 
 from _common import write_json
 from _flux import build_pipeline

@@ -41,7 +41,7 @@ SPACE = block_space([
 def worker(args) -> int:
     """One worker: the pipeline on ``args.device``, then the shared search."""
     import autoquant
-    from autoquant.settings import EvalSettings, prompt_set
+    from autoquant.generation.settings import EvalSettings, prompt_set
 
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -16,7 +16,7 @@ import torch
 
 import autoquant
 from baselines import random_text_encoder_demo
-from autoquant.references import ReferenceCache
+from autoquant.scoring.references import ReferenceCache
 
 from _common import write_json
 

@@ -19,7 +19,7 @@ import torch
 import autoquant
 from autoquant._format import human_bytes, table
 from autoquant.backends import config_from_dict, get_backend
-from autoquant.baseline import baseline_recipe
+from autoquant.scoring.baseline import baseline_recipe
 
 from _common import write_json
 

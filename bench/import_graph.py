@@ -1,6 +1,6 @@
 """The package's import graph, from its source (``ast``; imports inside functions count too):
 modules at the top level, packages, import circles (strongly connected components of more than
-one module) and the edges of each.
+one module), and imports that run upward through the rooms of ``LAYERS``.
 
     python bench/import_graph.py [--json bench/results/import_graph.json]
 """
@@ -14,6 +14,32 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "autoquant"
+
+#: the package's rooms, top to bottom (README, "Layout"): a module imports its own room and the
+#: rooms below it, never one above. ``helpers`` are the ``autoquant._*`` modules.
+LAYERS = ("cli", "explore", "search", "scoring", "plans", "runtime", "generation", "models",
+          "backends", "helpers")
+
+
+def room(mod: str) -> str | None:
+    """The room of ``autoquant.x...`` (None: a module no room holds -- add it to ``LAYERS``)."""
+    part = mod.split(".")[1] if "." in mod else ""
+    if part == "__main__":
+        return "cli"
+    if part.startswith("_"):
+        return "helpers"
+    return part if part in LAYERS else None
+
+
+def upward(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports from a room into one above it (and from or into a module of no room)."""
+    out = []
+    for a, targets in edges.items():
+        for b in targets:
+            ra, rb = room(a), room(b)
+            if ra is None or rb is None or LAYERS.index(rb) < LAYERS.index(ra):
+                out.append((a, b))
+    return sorted(out)
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
@@ -110,7 +136,9 @@ def summary(root: Path = ROOT) -> dict:
     found = cycles(edges)
     return {"modules": len(mods), "top_level_modules": len(top), "packages": packages,
             "cycles": found, "modules_in_cycles": sum(len(c) for c in found),
-            "edges": sum(len(t) for t in edges.values())}
+            "edges": sum(len(t) for t in edges.values()),
+            "upward": [list(e) for e in upward(edges)],
+            "rooms": {r: sorted(m for m in mods if room(m) == r) for r in LAYERS}}
 
 
 def main(argv=None) -> int:
@@ -123,6 +151,10 @@ def main(argv=None) -> int:
     print(f"{len(s['cycles'])} import circle(s), {s['modules_in_cycles']} modules in them")
     for c in s["cycles"]:
         print("  circle:", " ".join(c))
+    print(f"{len(s['upward'])} import(s) running upward through the rooms "
+          f"({' > '.join(LAYERS)})")
+    for a, b in s["upward"]:
+        print(f"  upward: {a} -> {b}")
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=1))
     return 0

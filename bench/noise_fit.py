@@ -13,8 +13,8 @@ import sys
 
 import autoquant
 from autoquant.backends import config_from_dict
-from autoquant.baseline import baseline_recipe
-from autoquant.settings import EvalSettings
+from autoquant.scoring.baseline import baseline_recipe
+from autoquant.generation.settings import EvalSettings
 
 from _common import write_json
 from _demo import demo_bench

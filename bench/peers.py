@@ -46,11 +46,11 @@ import torch
 from torch import nn
 
 import autoquant
-from autoquant._bytes import measured_bytes
+from autoquant.backends.measure import measured_bytes
 from autoquant._format import human_bytes, table
-from autoquant.baseline import protected_layers
+from autoquant.scoring.baseline import protected_layers
 from autoquant.search import Search, SearchConfig, run_search
-from autoquant.space import SearchSpace, load_space
+from autoquant.search.space import SearchSpace, load_space
 
 from _common import device_name, environment, write_json
 from _demo import demo_bench, search_settings
@@ -136,8 +136,8 @@ def run_row(scorer: Scorer, row: Row, build: Callable[[], nn.Module],
 # -- diffusers ---------------------------------------------------------------------------------
 def _diffusers_load(quant_config, device: torch.device) -> nn.Module:
     from autoquant._compat import dtype_kwargs
-    from autoquant.pipelines import default_dtype
-    from autoquant.zoo import DemoPipeline, demo_folder
+    from autoquant.models.pipelines import default_dtype
+    from autoquant.models.zoo import DemoPipeline, demo_folder
 
     from _offline_text import attach, components  # (GPU machine: MiniLM's states, tabled)
 
@@ -216,7 +216,7 @@ def diffusers_fqn_row(scorer: Scorer, recipe_path: Path) -> Row:
 def _captured_batches(scorer: Scorer, n: int = 16) -> list[tuple[tuple, dict]]:
     """Denoiser calls (args, kwargs) recorded during full-precision generation of the search
     prompts: ModelOpt's calibration and scoring data."""
-    from autoquant.evaluator import generate_images
+    from autoquant.scoring.evaluator import generate_images
 
     calls: list = []
 

@@ -33,8 +33,8 @@ os.environ.setdefault("PRUNA_METRICS_ENABLED", "false")  # telemetry is on by de
 
 
 import autoquant  # noqa: E402
-from autoquant._bytes import measured_bytes  # noqa: E402
-from autoquant.baseline import protected_layers  # noqa: E402
+from autoquant.backends.measure import measured_bytes  # noqa: E402
+from autoquant.scoring.baseline import protected_layers  # noqa: E402
 
 from _common import device_name, environment, write_json  # noqa: E402
 from _demo import demo_bench  # noqa: E402

@@ -35,11 +35,11 @@ import torch
 import autoquant
 from autoquant._format import human_bytes, table
 from autoquant.backends import config_from_dict
-from autoquant.baseline import baseline_recipe
-from autoquant.evaluator import Evaluator
-from autoquant.recipe import Recipe
+from autoquant.scoring.baseline import baseline_recipe
+from autoquant.scoring.evaluator import Evaluator
+from autoquant.plans.recipe import Recipe
 from autoquant.search import Search, SearchConfig, run_search
-from autoquant.space import load_space
+from autoquant.search.space import load_space
 
 from _common import write_json
 from _demo import demo_bench, search_settings

@@ -97,7 +97,7 @@ layers:
     # -- a finished study to tamper with ------------------------------------------------------
     def study(self) -> Path:
         if self._study is None:
-            from autoquant.cli import main
+            from autoquant.cli.commands import main
 
             self._study = self.tmp / "study"
             with contextlib.redirect_stdout(io.StringIO()):
@@ -174,8 +174,8 @@ def cli(argv: list[str] | Callable[[Ctx], list[str]], fragment: str, code: int =
     """Run the command line: exit ``code``, one-line error with ``fragment``, no traceback.
     ``before_model``: the mistake must be found before any pipeline is loaded."""
     def run(ctx: Ctx) -> Outcome:
-        import autoquant.pipelines as pipelines
-        from autoquant.cli import main
+        import autoquant.models.pipelines as pipelines
+        from autoquant.cli.commands import main
 
         args = argv(ctx) if callable(argv) else list(argv)
         where = folder(ctx) if folder else None
@@ -265,7 +265,7 @@ def _rewrite(folder: Path, tensors: dict, meta: dict, recompute: bool = False) -
     """Write the tensors file back; ``recompute``: fix the checksums too (a deliberate forger)."""
     from safetensors.torch import save_file
 
-    from autoquant.persist import _sha256
+    from autoquant.plans.persist import _sha256
 
     if recompute:
         meta["checksums"] = json.dumps({k: _sha256(v) for k, v in tensors.items()})
@@ -395,7 +395,7 @@ def cache_case(damage: Callable[[Path], None], fragment: str) -> Callable[[Ctx],
     """A damaged reference is regenerated with a one-line warning, and scores stay right."""
     def run(ctx: Ctx) -> Outcome:
         from autoquant import EvalSettings, Evaluator
-        from autoquant.references import ReferenceCache
+        from autoquant.scoring.references import ReferenceCache
 
         root = ctx.path("refs")
         settings = EvalSettings(prompts=("a photo of a red cat",), seeds=(0,), steps=2,
@@ -460,7 +460,7 @@ def _cache_garbage(f: Path) -> None:
 def study_case(sql: str, check: Callable[[str], bool], what: str) -> Callable[[Ctx], Outcome]:
     """Tamper with a finished study's database, then write its HTML report."""
     def run(ctx: Ctx) -> Outcome:
-        from autoquant.cli import main
+        from autoquant.cli.commands import main
 
         folder = ctx.study()
         with sqlite3.connect(folder / "study.db") as db:
@@ -489,7 +489,7 @@ def _set_study_attr_sql(key: str, value: Any) -> str:
 def _identity_with(check: Callable[[str], bool], **changes) -> Callable[[Ctx], Outcome]:
     """Change the study's identity attribute, then write the report."""
     def run(ctx: Ctx) -> Outcome:
-        from autoquant.cli import main
+        from autoquant.cli.commands import main
 
         folder = ctx.study()
         with sqlite3.connect(folder / "study.db") as db:

@@ -27,13 +27,13 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_flux_factory():
-    from autoquant.pipelines import load_pipeline
+    from autoquant.models.pipelines import load_pipeline
 
     return lambda: load_pipeline("tiny-flux", dtype="auto")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_factory():
-    from autoquant.pipelines import load_pipeline
+    from autoquant.models.pipelines import load_pipeline
 
     return lambda: load_pipeline("tiny-sd", dtype="auto")

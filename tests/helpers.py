@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from autoquant._inventory import components_of
+from autoquant.models.inventory import components_of
 
 
 def devices():

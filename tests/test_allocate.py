@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from autoquant.allocate import solve
+from autoquant.search.allocate import solve
 
 
 def brute_force(error, nbytes, fp, byte_budget, fp_budget, fixed=None):
@@ -68,8 +68,8 @@ def test_infeasible_gives_none():
 def search(tmp_path_factory):
     import autoquant
     from autoquant.search import Search, SearchConfig
-    from autoquant.settings import EvalSettings
-    from autoquant.space import SearchSpace
+    from autoquant.generation.settings import EvalSettings
+    from autoquant.search.space import SearchSpace
 
     space = SearchSpace.from_dict({"format": "autoquant-space/1", "candidates": [
         {"method": "hqq", "bits": 2, "group_size": 32}, {"method": "hqq", "bits": 4,

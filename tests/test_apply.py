@@ -7,9 +7,9 @@ import torch
 
 import autoquant
 from autoquant import AutoquantError, BackendUnavailableError, Recipe, RecipeError
-from autoquant._bytes import measured_bytes
+from autoquant.backends.measure import measured_bytes
 from autoquant.backends import get_backend
-from autoquant._inventory import components_of
+from autoquant.models.inventory import components_of
 
 from .helpers import assert_same, generate, snapshot
 

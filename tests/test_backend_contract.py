@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from autoquant._bytes import measured_bytes
+from autoquant.backends.measure import measured_bytes
 from autoquant.backends import get_backend, methods
 
 from .helpers import devices
@@ -50,7 +50,7 @@ def _quantized(cfg, device, dtype=DTYPE):
         pytest.skip(f"{cfg.label} on {device.type}: {reason}")
     lin, x = _layer_and_input(device, dtype)
     if backend.calibrated:  # (gptq) calibrated on the inputs it is then scored on
-        from autoquant.calibration import observe
+        from autoquant.generation.calibration import observe
 
         observe(lin, x)
     return backend, lin, x, backend.quantize(lin, cfg, device)

@@ -9,9 +9,9 @@ import torch
 
 import autoquant
 from autoquant import AutoquantError
-from autoquant.clip import load_clip
-from autoquant.zoo import DEMO_DIR, DEMO_GENERATION, demo_folder
-from autoquant.zoo.captions import CLASSES, HOLDOUT_TEMPLATES, captions_for, class_prompts
+from autoquant.scoring.clip import load_clip
+from autoquant.models.zoo import DEMO_DIR, DEMO_GENERATION, demo_folder
+from autoquant.models.zoo.captions import CLASSES, HOLDOUT_TEMPLATES, captions_for, class_prompts
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def demo():
 
 
 def _classifier():
-    from autoquant.zoo.models import load_classifier
+    from autoquant.models.zoo.models import load_classifier
 
     return load_classifier()
 
@@ -114,8 +114,8 @@ def test_quantizing_the_demo_denoiser_costs_quality(demo):
 @pytest.mark.slow
 def test_the_training_script_runs_end_to_end_on_a_cpu(tmp_path):
     """``train_demo`` prepare, train (tiny data, a second per stage) and install, on the CPU."""
-    from autoquant.zoo import train_demo
-    from autoquant.zoo.data import data_dir
+    from autoquant.models.zoo import train_demo
+    from autoquant.models.zoo.data import data_dir
 
     try:
         data_dir()

@@ -178,7 +178,7 @@ def test_a_full_disk_keeps_the_old_recipe_and_the_old_saved_folder(tmp_path):
 
 
 def test_the_command_line_says_the_disk_is_full_in_one_line_and_keeps_the_old_file(tmp_path):
-    from autoquant.cli import main
+    from autoquant.cli.commands import main
 
     with full_disk(tmp_path, "64k") as (disk, fill):
         out = disk / "recipe.yaml"
@@ -248,9 +248,9 @@ def test_full_precision_scores_inf_against_cached_references_for_every_setting(t
     """One cache shared by every combination of what a user can change: batch size, where the
     scoring is cut (the search's first stage), threads, weights' dtype. Each evaluator reads what
     the earlier ones cached: an image made another way would score below inf."""
-    from autoquant.evaluator import Evaluator
-    from autoquant.references import ReferenceCache
-    from autoquant.settings import EvalSettings
+    from autoquant.scoring.evaluator import Evaluator
+    from autoquant.scoring.references import ReferenceCache
+    from autoquant.generation.settings import EvalSettings
 
     cache = ReferenceCache(tmp_path / "refs")
     base = EvalSettings.for_model("demo", "holdout", seeds=[3])
@@ -280,9 +280,9 @@ def test_full_precision_scores_inf_against_cached_references_for_every_setting(t
 def test_a_batch_made_in_part_is_made_whole(tmp_path):
     """With one image of a batch missing from the cache, the whole batch is made again (its
     companions shape its pixels), and the rest is read back."""
-    from autoquant.evaluator import Evaluator
-    from autoquant.references import ReferenceCache
-    from autoquant.settings import EvalSettings
+    from autoquant.scoring.evaluator import Evaluator
+    from autoquant.scoring.references import ReferenceCache
+    from autoquant.generation.settings import EvalSettings
 
     pipe = autoquant.load_pipeline("demo")
     base = EvalSettings.for_model("demo", "holdout", seeds=[5])

@@ -10,14 +10,14 @@ import yaml
 
 import autoquant
 from autoquant import AutoquantError, Recipe
-from autoquant.baseline import baseline_recipe, protected_layers
+from autoquant.scoring.baseline import baseline_recipe, protected_layers
 from autoquant.backends import config_from_dict
-from autoquant.clip import load_clip
-from autoquant.cli import main
-from autoquant.evaluator import Evaluator
-from autoquant.metrics import aggregate, pixel_metrics
-from autoquant.references import ReferenceCache, model_key
-from autoquant.settings import EvalSettings, prompt_set
+from autoquant.scoring.clip import load_clip
+from autoquant.cli.commands import main
+from autoquant.scoring.evaluator import Evaluator
+from autoquant.scoring.metrics import aggregate, pixel_metrics
+from autoquant.scoring.references import ReferenceCache, model_key
+from autoquant.generation.settings import EvalSettings, prompt_set
 
 HQQ2 = {"format": "autoquant-recipe/1", "components": ["transformer"],
         "default": {"method": "hqq", "bits": 2}}
@@ -39,7 +39,7 @@ def small_settings():
 def test_every_image_of_a_set_starts_from_its_own_noise(demo, small_settings):
     """Prompts of one seed do not share a starting latent, an image is the same in any batch,
     and a plain diffusers call with ``noise_seed`` reproduces it."""
-    from autoquant.evaluator import generate_images
+    from autoquant.scoring.evaluator import generate_images
 
     pairs = small_settings.pairs()[:3]
     seeds = {autoquant.noise_seed(p, s) for p, s in pairs}
@@ -127,7 +127,7 @@ def test_evaluate_full_precision_and_recipes(demo, small_settings, tmp_path):
 
 def test_nan_images_are_an_error_not_a_score(demo, small_settings, tmp_path, monkeypatch):
     ev = Evaluator(demo, small_settings, clip=None, cache=ReferenceCache(tmp_path), progress=False)
-    import autoquant.evaluator as E
+    import autoquant.scoring.evaluator as E
 
     real = E._generate
     monkeypatch.setattr(E, "_generate", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -176,7 +176,7 @@ def test_model_key_is_stable_across_processes():
     import subprocess
     import sys
 
-    code = ("import autoquant; from autoquant.references import model_key; "
+    code = ("import autoquant; from autoquant.scoring.references import model_key; "
             "print(model_key(autoquant.load_pipeline('tiny-sd', dtype='auto')))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True).stdout.strip().splitlines()[-1]

@@ -9,7 +9,7 @@ import pytest
 
 import autoquant
 from autoquant import AutoquantError, explore
-from autoquant.cli import main
+from autoquant.cli.commands import main
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "pareto_explorer.ipynb"
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import autoquant
-from autoquant import calibration
-from autoquant._bytes import measured_bytes
+from autoquant.generation import calibration
+from autoquant.backends.measure import measured_bytes
 from autoquant.backends import config_from_dict, quantize_layer
 from autoquant.backends.gptq import gptq_codes, hqq_grid
 
@@ -109,8 +109,8 @@ def test_a_bare_module_without_calibration_is_refused_and_left_as_it_was(tiny_fl
 
 def test_a_search_with_gptq_calibrates_once_and_its_recipe_applies_to_the_same_layers(tmp_path):
     from autoquant.search import Search, SearchConfig, run_search
-    from autoquant.settings import EvalSettings
-    from autoquant.space import SearchSpace
+    from autoquant.generation.settings import EvalSettings
+    from autoquant.search.space import SearchSpace
 
     space = SearchSpace.from_dict({
         "format": "autoquant-space/1", "fp_cap": 0.2,

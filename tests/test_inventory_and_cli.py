@@ -9,8 +9,8 @@ import yaml
 
 import autoquant
 from autoquant import AutoquantError
-from autoquant.cli import main
-from autoquant._inventory import inventory
+from autoquant.cli.commands import main
+from autoquant.models.inventory import inventory
 
 
 def test_inventory_of_a_flux_like_pipeline(tiny_flux_factory):

@@ -11,7 +11,7 @@ import torch
 import autoquant
 from autoquant import InputError
 from autoquant.backends import config_from_dict
-from autoquant.latency import MODES, LatencyModel, LatencyTable, LayerShape, parse_latency
+from autoquant.runtime.latency import MODES, LatencyModel, LatencyTable, LayerShape, parse_latency
 
 HQQ4 = config_from_dict({"method": "hqq", "bits": 4, "group_size": 32})
 
@@ -87,7 +87,7 @@ def test_calibration_with_noisy_deltas_of_mixed_signs_stays_between_the_measured
 
 def test_a_latency_limit_binds_the_solver_and_every_trial_records_both_latencies(tmp_path):
     from autoquant.search import Search, SearchConfig, run_search
-    from autoquant.settings import EvalSettings
+    from autoquant.generation.settings import EvalSettings
 
     pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     space = autoquant.load_space("hqq-only")
@@ -133,7 +133,7 @@ def test_a_flux_denoiser_compiles_block_by_block_one_graph_per_block_variant(tin
     compiles its own; none falls back to eager, and the images match the eager ones."""
     from torch._dynamo.utils import counters
 
-    from autoquant._compile import regions
+    from autoquant.runtime.compile import regions
     from tests.helpers import generate
 
     pipe = tiny_flux_factory()
@@ -158,7 +158,7 @@ def test_a_flux_denoiser_compiles_block_by_block_one_graph_per_block_variant(tin
 
 
 def test_compiled_undoes_itself():
-    from autoquant.latency import compiled
+    from autoquant.runtime.latency import compiled
 
     layer = torch.nn.Linear(4, 4)
     with compiled(layer) as fn:
@@ -182,7 +182,7 @@ def test_compile_pipeline_runs_the_denoiser_compiled(tiny_sd_factory):
 
 def test_the_explorer_draws_step_time_when_it_was_searched(tmp_path):
     from autoquant import explore
-    from autoquant.cli import main
+    from autoquant.cli.commands import main
 
     assert main(["search", "--model", "tiny-flux", "--dtype", "auto", "--budget", "60%",
                  "--trials", "3", "--seeds", "0", "--no-clip", "--space", "hqq-only",

@@ -9,10 +9,10 @@ from torch import nn
 
 import autoquant
 from autoquant import AutoquantError
-from autoquant._embeddings import PromptEmbeddings
-from autoquant._streaming import LayerStreamer, device_copy
-from autoquant.cli import main
-from autoquant.memory import GiB, ComponentSize, decide, parse_memory
+from autoquant.generation.embeddings import PromptEmbeddings
+from autoquant.runtime.streaming import LayerStreamer, device_copy
+from autoquant.cli.commands import main
+from autoquant.runtime.memory import GiB, ComponentSize, decide, parse_memory
 
 from .helpers import generate
 
@@ -115,7 +115,7 @@ def test_prompt_embeddings_are_computed_once_per_batch_and_change_no_image(tiny_
 def test_the_layer_cache_holds_device_copies_of_streamed_full_precision_layers(tmp_path):
     from autoquant.backends import full_precision
     from autoquant.search._cache import LayerCache
-    from autoquant._inventory import inventory
+    from autoquant.models.inventory import inventory
 
     pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     inv = inventory(pipe)
@@ -134,9 +134,9 @@ def test_the_layer_cache_holds_device_copies_of_streamed_full_precision_layers(t
 
 
 def test_gpu_memory_is_refused_clearly_off_a_gpu(tmp_path, capsys):
-    from autoquant.memory import MemoryPlan
+    from autoquant.runtime.memory import MemoryPlan
     from autoquant.search import Search, SearchConfig
-    from autoquant.space import load_space
+    from autoquant.search.space import load_space
 
     pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     with pytest.raises(AutoquantError, match="CUDA"):
@@ -178,8 +178,8 @@ def test_a_search_with_the_denoiser_streamed_proposes_what_the_resident_one_does
     """The same study twice on tiny-flux, the transformer resident then streamed: the same
     sensitivity table (to float rounding), the same seed plans, the same best plan's PSNR."""
     from autoquant.search import Search, SearchConfig, run_search
-    from autoquant.settings import EvalSettings
-    from autoquant.space import SearchSpace
+    from autoquant.generation.settings import EvalSettings
+    from autoquant.search.space import SearchSpace
 
     from .test_search import SPACE
 
@@ -211,7 +211,7 @@ def test_out_of_memory_in_the_sensitivity_pass_gives_cache_memory_back_and_retri
     from autoquant.backends import config_from_dict
     from autoquant.search._cache import LayerCache
     from autoquant.search._sensitivity import _retrying
-    from autoquant._inventory import inventory
+    from autoquant.models.inventory import inventory
 
     pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     inv = inventory(pipe)
@@ -243,7 +243,7 @@ def test_modules_the_layer_cache_drops_are_freed_even_in_reference_cycles():
 
     from autoquant.backends import config_from_dict
     from autoquant.search._cache import LayerCache
-    from autoquant._inventory import inventory
+    from autoquant.models.inventory import inventory
 
     pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     inv = inventory(pipe)
@@ -270,11 +270,11 @@ def test_evaluate_with_the_denoiser_streamed_scores_like_the_resident_one(tmp_pa
     """``evaluate --gpu-memory``: references made with the transformer streaming, the recipe
     applied onto the GPU, the same scores as with everything resident; afterwards the
     transformer streams again."""
-    from autoquant.evaluator import Evaluator
-    from autoquant.memory import MemoryPlan
-    from autoquant.recipe import Recipe
-    from autoquant.references import ReferenceCache
-    from autoquant.settings import EvalSettings
+    from autoquant.scoring.evaluator import Evaluator
+    from autoquant.runtime.memory import MemoryPlan
+    from autoquant.plans.recipe import Recipe
+    from autoquant.scoring.references import ReferenceCache
+    from autoquant.generation.settings import EvalSettings
 
     from .test_apply import MIXED
 
@@ -300,12 +300,12 @@ def test_evaluate_under_a_memory_plan_applies_onto_its_device_and_streams_again_
     """The plumbing of ``evaluate --gpu-memory`` on the CPU (a plan built by hand: the real one
     needs CUDA): the recipe is applied with streaming paused, scores like a plain evaluate, and
     every transformer Linear streams again after, hooked once."""
-    from autoquant._inventory import components_of
-    from autoquant.evaluator import Evaluator
-    from autoquant.memory import MemoryPlan
-    from autoquant.recipe import Recipe
-    from autoquant.references import ReferenceCache
-    from autoquant.settings import EvalSettings
+    from autoquant.models.inventory import components_of
+    from autoquant.scoring.evaluator import Evaluator
+    from autoquant.runtime.memory import MemoryPlan
+    from autoquant.plans.recipe import Recipe
+    from autoquant.scoring.references import ReferenceCache
+    from autoquant.generation.settings import EvalSettings
 
     from .test_apply import MIXED
 

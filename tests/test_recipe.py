@@ -8,7 +8,7 @@ import yaml
 import autoquant
 from autoquant import Recipe, RecipeError, load_recipe
 from autoquant.backends import config_from_dict
-from autoquant._inventory import inventory
+from autoquant.models.inventory import inventory
 
 MINIMAL = """
 format: autoquant-recipe/1
@@ -160,7 +160,7 @@ def test_a_plans_predicted_bytes_are_the_measured_bytes_after_applying():
     """``Plan.nbytes`` (what the CLI and the memory planner use) is what the applied layers hold,
     every scale and packed code counted; an empty recipe predicts full precision."""
     import autoquant
-    from autoquant._bytes import measured_bytes
+    from autoquant.backends.measure import measured_bytes
 
     pipe = autoquant.load_pipeline("tiny-flux", dtype="auto")
     inv = autoquant.inventory(pipe)

@@ -11,10 +11,10 @@ import yaml
 
 import autoquant
 from autoquant import AutoquantError
-from autoquant.cli import main
+from autoquant.cli.commands import main
 from autoquant.search import Search, SearchConfig, run_search
-from autoquant.settings import EvalSettings
-from autoquant.space import SearchSpace, SpaceError, load_space, parse_budget
+from autoquant.generation.settings import EvalSettings
+from autoquant.search.space import SearchSpace, SpaceError, load_space, parse_budget
 
 SPACE = {"format": "autoquant-space/1",
          "candidates": [{"method": "hqq", "bits": 2, "group_size": 32},
@@ -312,7 +312,7 @@ def test_sigterm_ends_the_search_cleanly_with_outputs(tmp_path):
 def test_seeds_hold_each_uniform_config_with_the_usual_layers_kept(tmp_path):
     """'uniform + protect' -- what people deploy -- is among the first trials wherever it fits,
     so the front is never worse than it."""
-    from autoquant.baseline import protected_layers
+    from autoquant.scoring.baseline import protected_layers
 
     search = make_search(tmp_path, budget="60%", prepare=True)
     seeds = dict(search.seeds())

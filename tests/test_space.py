@@ -11,8 +11,8 @@ import autoquant
 from autoquant import SpaceError
 from autoquant.search import Search, SearchConfig, run_search
 from autoquant.search._groups import Groups
-from autoquant.settings import EvalSettings
-from autoquant.space import SearchSpace, load_space
+from autoquant.generation.settings import EvalSettings
+from autoquant.search.space import SearchSpace, load_space
 
 BASE = {"format": "autoquant-space/1",
         "candidates": [{"method": "hqq", "bits": 4, "group_size": 32},

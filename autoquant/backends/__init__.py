@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
-import torch
-
-from .. import _bytes, _quiet
+from .. import _quiet
 from .._errors import BackendError, ConfigError
+from . import measure as _bytes
 from ._base import Backend, QuantConfig
 from .bnb import BnbBackend
-from .higgs import HiggsBackend
 from .gptq import GPTQBackend
+from .higgs import HiggsBackend
 from .hqq import HQQBackend
 from .none import NoneBackend
 from .torchao import TorchaoBackend
@@ -96,6 +96,14 @@ def full_precision() -> QuantConfig:
 
 
 #: what a quantization library raises when it fails on a layer (kernels, shape checks, memory);
+def describe() -> list[dict[str, Any]]:
+    """:meth:`Backend.describe` of every registered method, with the installed version of its
+    package (None: not installed)."""
+    versions = package_versions()
+    return [{**b.describe(), "version": versions.get(b.package[0]) if b.package else None}
+            for b in _REGISTRY.values()]
+
+
 #: anything else (TypeError, AttributeError, ...) is a bug and is not turned into a user error
 LIBRARY_FAILURES = (RuntimeError, ValueError, AssertionError, NotImplementedError, MemoryError)
 
@@ -132,5 +140,5 @@ def config_from_dict(entry: Mapping[str, Any]) -> QuantConfig:
 
 
 __all__ = ["Backend", "QuantConfig", "register_backend", "get_backend", "methods",
-           "backend_for", "owner_of", "full_precision", "config_from_dict", "quantize_layer",
+           "backend_for", "owner_of", "full_precision", "describe", "config_from_dict", "quantize_layer",
            "LIBRARY_FAILURES"]

@@ -104,7 +104,7 @@ class Backend(ABC):
         """Why a Linear of this shape and dtype cannot take ``cfg``, or None when it can."""
         return None
 
-    #: whether quantizing needs :mod:`autoquant.calibration` data (search and apply collect it)
+    #: whether quantizing needs :mod:`autoquant.generation.calibration` data (search and apply collect it)
     calibrated: ClassVar[bool] = False
 
     def timing_config(self, cfg: QuantConfig) -> QuantConfig:
@@ -170,3 +170,27 @@ class Backend(ABC):
         """Representative configs (every supported bit width, default options) for the contract
         suite, the inventory and the search spaces."""
         return []
+
+    def formats(self, cfg: QuantConfig) -> dict[str, str]:
+        """``{export format: how it holds cfg's layers}`` for every format that can hold them
+        exactly (the weights scored are the weights shipped); a format not named cannot."""
+        return {"autoquant-folder": "save_quantized: the tensors and metadata export_state writes"}
+
+    def describe(self) -> dict[str, Any]:
+        """What the registry knows about this method, as plain data (``autoquant inspect
+        --methods``): its config's fields with their defaults and the values its representative
+        configs take, the package it needs, the loggers it quiets, whether it calibrates,
+        whether it compiles in one graph, and the export formats of each config."""
+        reps = self.configs()
+        fields = {}
+        for f in dataclasses.fields(self.config_cls):
+            default = None if f.default is dataclasses.MISSING else f.default
+            values = sorted({getattr(c, f.name) for c in reps}, key=repr)
+            fields[f.name] = {"type": str(f.type), "default": default, "values": values}
+        return {"method": self.name, "fields": fields,
+                "configs": [c.label for c in reps],
+                "package": self.package[1] if self.package else None,
+                "import": self.package[0] if self.package else None,
+                "loggers": list(self.loggers), "calibrated": self.calibrated,
+                "devices": list(self.devices), "compile_reason": self.compile_reason,
+                "formats": {c.label: self.formats(c) for c in reps}}

@@ -1,6 +1,6 @@
 """The input Hessians GPTQ reads: H = X^T X / n per Linear layer, kept on the CPU beside the
 layer (a weak reference: it goes when the layer goes). Below the registry: a backend reads it,
-:mod:`autoquant.calibration` (scoring's side: it generates images) fills it."""
+:mod:`autoquant.generation.calibration` (scoring's side: it generates images) fills it."""
 
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 GRIDS = Path(__file__).with_name("higgs_grids.safetensors")
 
 

@@ -11,7 +11,7 @@ stored exactly as
 ``hqq`` stores them (axis-1 groups, packed codes, scale and zero in the layer's dtype): the same
 bytes, the same kernels, the same saved-folder format.
 
-H comes from :mod:`autoquant.calibration`: a search calibrates on its prompt set before it
+H comes from :mod:`autoquant.generation.calibration`: a search calibrates on its prompt set before it
 quantizes anything, ``apply`` on the model's search prompts when a recipe holds gptq layers;
 quantizing an uncalibrated layer is an error that says so.
 """
@@ -98,7 +98,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, bits: int, scale: torch.Tensor,
 class GPTQBackend(HQQBackend):
     name = "gptq"
     config_cls = GPTQConfig
-    #: needs :mod:`autoquant.calibration` data for every layer it quantizes
+    #: needs :mod:`autoquant.generation.calibration` data for every layer it quantizes
     calibrated = True
 
     def owns(self, module):

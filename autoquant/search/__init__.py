@@ -18,11 +18,11 @@ Several workers (processes, GPUs, machines) can share one study through its stor
 (``_study``, ``_run``); the outputs are written from the study alone (``_outputs``).
 """
 
-from ..space import SearchSpace, load_space
 from ._outputs import best_trial, plan_recipe, write_outputs
 from ._replay import Replay
 from ._run import run_search
 from ._search import Search, SearchConfig
+from .space import SearchSpace, load_space
 
 __all__ = ["Search", "SearchConfig", "SearchSpace", "Replay", "run_search", "load_space",
            "write_outputs", "plan_recipe", "best_trial"]

@@ -12,9 +12,9 @@ import random
 
 from .._errors import InputError
 from .._format import human_bytes
-from ..allocate import solve
-from ..space import SearchSpace, parse_budget
 from ._groups import Groups
+from .allocate import solve
+from .space import SearchSpace, parse_budget
 
 
 @dataclasses.dataclass
@@ -172,7 +172,7 @@ class Planner:
     def _protected(self, choice: list[int]) -> list[int]:
         """``choice`` with the groups made only of the usual layers (``--protect default``'s)
         in full precision, where the space offers it."""
-        from ..baseline import is_protected
+        from ..scoring.baseline import is_protected
 
         out = list(choice)
         for i, g in enumerate(self.groups.groups):

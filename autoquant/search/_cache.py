@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._modules import swap_module
 from ..backends import QuantConfig, quantize_layer
-from .._inventory import Inventory, components_of
+from ..models.inventory import Inventory, components_of
+from ..plans.swap import swap_module
 
 
 def collect_garbage() -> None:
@@ -70,7 +70,7 @@ class LayerCache:
         self._make_room(size)
         t = time.perf_counter()
         if cfg.full_precision:  # a streamed layer kept in full precision: a copy on the device
-            from .._streaming import device_copy
+            from ..runtime.streaming import device_copy
 
             self.built[key] = device_copy(self.originals[name], self.device)
         else:

@@ -7,9 +7,9 @@ import dataclasses
 
 from .._errors import SpaceError
 from ..backends import QuantConfig, full_precision
-from .._inventory import Inventory, LayerInfo
-from ..patterns import PatternError
-from ..space import SearchSpace
+from ..models.inventory import Inventory, LayerInfo
+from ..plans.patterns import PatternError
+from .space import SearchSpace
 
 
 @dataclasses.dataclass

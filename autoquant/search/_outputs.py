@@ -16,9 +16,9 @@ import optuna
 
 from .. import _atomic
 from .._format import human_bytes, table
-from ..backends import backend_for, config_from_dict
-from ..calibration import calibration_seeds
-from ..recipe import Recipe
+from ..backends import backend_for, config_from_dict, full_precision
+from ..generation.calibration import calibration_seeds
+from ..plans.recipe import Recipe
 from ._study import IDENTITY
 
 #: the generation settings a recipe with calibrated layers records (provenance.calibration)
@@ -98,7 +98,7 @@ def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
     """A trial's plan as a recipe: one exact entry per searched layer, the base model's id and
     fingerprint, the budget, the metrics and where it came from."""
     configs = {label: config_from_dict(c) for label, c in info["configs"].items()}
-    layers = {name: configs["none"] for name in info["fixed"]}
+    layers = {name: configs[full_precision().label] for name in info["fixed"]}
     for group, names in info["groups"].items():
         for name in names:
             layers[name] = configs[params[group]]
@@ -124,8 +124,8 @@ def storage_label(storage) -> str:
     url = getattr(storage, "url", None)
     if url is None:
         return "(not a database storage)"
-    from sqlalchemy.exc import ArgumentError
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
         return make_url(url).render_as_string(hide_password=True)

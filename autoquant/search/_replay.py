@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .._errors import InputError
-from .._inventory import components_of
+from ..models.inventory import components_of
 
 
 class Replay:
@@ -65,7 +65,7 @@ class Replay:
     @torch.no_grad()
     def step_seconds(self, repeats: int = 3) -> float:
         """Measured seconds of one step (:meth:`step_call`) of the denoiser as it stands."""
-        from ..latency import time_call
+        from ..runtime.latency import time_call
 
         args, kwargs = self.step_call()
         module = self.module

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from .._progress import tqdm
 
 from .._format import human_bytes
+from .._progress import tqdm
 from ._outputs import tally, write_outputs
 from ._search import Search
 from ._setup import Stopped, plan_key, share, taken_plans
@@ -42,7 +42,7 @@ def run_search(search: Search, stop: threading.Event | None = None) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     stop = stop or threading.Event()
     storage = open_storage(cfg.storage, out)
-    from ..space import OBJECTIVES
+    from .space import OBJECTIVES
 
     directions = [OBJECTIVES[o] for o in search.objectives]
     study, created = create_or_join(storage, study_name(search), search.identity(), directions,

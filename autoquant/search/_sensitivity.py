@@ -18,9 +18,9 @@ import math
 import time
 
 import torch
-from .._progress import tqdm
 
 from .._errors import InputError
+from .._progress import tqdm
 from ._cache import LayerCache, collect_garbage
 from ._groups import Group, Groups
 from ._replay import Replay

@@ -29,9 +29,9 @@ from pathlib import Path
 import optuna
 import torch
 
+from ._outputs import tally
 from ._replay import Replay
 from ._sensitivity import choose_mode, measure
-from ._outputs import tally
 from ._study import heartbeat, optuna_quietly, study_name
 
 PREPARED = "prepared"
@@ -257,7 +257,7 @@ def _load_inputs(search, study, store) -> None:
     prepared = study.user_attrs[PREPARED]
     from safetensors.torch import load_file
 
-    from ..evaluator import Evaluator
+    from ..scoring.evaluator import Evaluator
 
     with tempfile.TemporaryDirectory() as tmp:
         if search.evaluator is None:

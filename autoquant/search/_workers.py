@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import optuna
-from .._progress import tqdm
 
+from .._progress import tqdm
 from ._outputs import tally, write_outputs
 from ._study import default_study_name, open_storage
 

@@ -1,0 +1,525 @@
+"""``autoquant`` command line: ``search``, ``apply``, ``evaluate``, ``baseline``, ``inspect``,
+``report``.
+
+Arguments are parsed and checked -- budgets, spaces, recipes, output folders, devices, storage
+URLs -- before torch or a model is imported, so a mistake is reported in a moment. Errors are one
+line (``--debug`` shows the traceback); the exit code is 2 for bad input, 1 for a failure while
+running, 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .._errors import AutoquantError, InputError
+from .checks import check_device, devices_list, image_format, writable_file, writable_folder
+from .parser import build_parser
+
+COMMANDS = ("search", "apply", "evaluate", "baseline", "inspect", "report")
+
+
+# -- checks that need no model -----------------------------------------------------------------
+def _settings(args, prompt_set: str):
+    from ..generation.settings import EvalSettings
+
+    return EvalSettings.for_model(args.model, prompt_set, args.prompts, args.seeds, args.steps,
+                                  args.guidance, args.size, args.batch_size)
+
+
+def _clip(args, device):
+    if args.no_clip:
+        return None
+    from ..models.builtin import default_clip
+    from ..scoring.clip import load_clip
+
+    spec = args.clip or default_clip(args.model)
+    if spec is None:
+        raise InputError(f"no default CLIP for {args.model}: pass --clip ARCH/TAG (e.g. "
+                         f"ViT-B-32/laion2b_s34b_b79k), a local ARCH/checkpoint, or --no-clip")
+    return load_clip(spec, device)
+
+
+def _load(args):
+    from ..models.pipelines import load_pipeline
+
+    return load_pipeline(args.model, dtype=args.dtype, revision=args.revision,
+                         device=getattr(args, "device", None))
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    import torch
+
+    from .._format import human_bytes, table
+    from ..backends import get_backend, methods
+    from ..models.inventory import inventory
+
+    if args.methods or args.spaces:
+        return _inspect_registry(args)
+    if not args.model:
+        raise InputError("inspect needs --model MODEL (a built-in name, a folder or a hub id), "
+                         "or --methods / --spaces")
+    device = torch.device(args.device or "cpu")
+    pipe = _load(args)
+    inv = inventory(pipe)
+    data = inv.to_dict()
+    configs = [c for m in methods() for c in get_backend(m).configs()]
+    not_here = {c.label: r for c in configs
+                if (r := get_backend(c.method).unavailable_reason(c, device))}
+    data["unavailable_here"] = not_here
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    rows = []
+    for layer in data["layers"]:
+        unusable = sorted(set(layer["unusable"]) - set(not_here))
+        rows.append([layer["name"], "x".join(map(str, layer["shape"])), f"{layer['params']:,}",
+                     human_bytes(layer["bytes"]),
+                     "all" if not unusable else "not: " + ", ".join(unusable)])
+    if not args.totals_only:
+        print(table(rows, ["layer", "shape", "params", "bytes", "configs it can take"]))
+        print()
+    comp_rows = [[name, str(c["linear_layers"]), f"{c['linear_params']:,}",
+                  human_bytes(c["linear_bytes"]), f"{c['params']:,}", human_bytes(c["bytes"])]
+                 for name, c in data["components"].items()]
+    print(table(comp_rows, ["component", "Linear layers", "Linear params", "Linear bytes",
+                            "all params", "all bytes"]))
+    print(f"\nfingerprint {data['fingerprint']}; {len(rows)} quantizable layers. 'all' = every "
+          f"config that runs on {device.type}; 'not: ...' lists the configs a layer's shape "
+          f"cannot take (--json gives the reasons).")
+    if not_here:
+        print(f"cannot run on {device.type} at all: " +
+              "; ".join(f"{k} ({v})" for k, v in not_here.items()))
+    return 0
+
+
+def _inspect_registry(args) -> int:
+    """``inspect --methods`` / ``--spaces``: what the backend registry and the shipped spaces
+    hold, read from them (nothing here knows a method by name)."""
+    from .._format import table
+    from ..backends import describe
+    from ..search.space import load_space, spaces
+
+    data = {}
+    if args.methods:
+        data["methods"] = describe()
+    if args.spaces:
+        data["spaces"] = {name: [c.label for c in load_space(name).candidates]
+                          for name in spaces()}
+    if args.json:
+        print(json.dumps(data, indent=1, default=str))
+        return 0
+    if args.methods:
+        rows = [[m["method"], ", ".join(f"{k}={v['default']}" for k, v in m["fields"].items()),
+                 m["package"] or "-", m["version"] or ("not installed" if m["package"] else "-"),
+                 "yes" if m["calibrated"] else "no",
+                 ", ".join(sorted({f for fs in m["formats"].values() for f in fs}))]
+                for m in data["methods"]]
+        print(table(rows, ["method", "options (defaults)", "package", "version", "calibrates",
+                           "exports to"]))
+    if args.spaces:
+        if args.methods:
+            print()
+        print(table([[n, ", ".join(c)] for n, c in data["spaces"].items()],
+                    ["space", "candidates"]))
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from ..plans.apply import apply_recipe
+    from ..plans.persist import save_quantized
+    from ..plans.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # validated before any model is loaded
+    if args.save:
+        writable_folder(args.save, "--save")
+    if args.prompt:
+        writable_file(args.out, "--out")
+    check_device(args.device)
+    pipe = _load(args)
+    summary = apply_recipe(pipe, recipe, device=args.device, progress=not args.json)
+    result = {"summary": summary.to_dict()}
+    if args.compile:
+        from ..runtime.compile import compile_pipeline
+
+        result["compiled"] = compile_pipeline(pipe)
+    if args.save:
+        result["saved"] = str(save_quantized(pipe, args.save))
+    if args.prompt:
+        import torch
+
+        from ..models.builtin import generation_defaults
+
+        kwargs = generation_defaults(args.model)
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+        if args.steps:
+            kwargs["num_inference_steps"] = args.steps
+        if args.size:
+            kwargs.update(height=args.size, width=args.size)
+        image = pipe(args.prompt, **kwargs).images[0]
+        out = Path(args.out)
+        from .. import _atomic
+
+        with _atomic.atomic_path(out) as tmp:
+            image.save(tmp, format=image_format(out))
+        result["image"] = str(out)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(summary.table())
+        if "saved" in result:
+            print(f"saved to {result['saved']} (load with autoquant.load_quantized)")
+        if "image" in result:
+            print(f"image written to {result['image']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..plans.recipe import load_recipe
+    from ..scoring.evaluator import Evaluator, evaluation_memory
+    from ..scoring.references import ReferenceCache
+
+    recipe = load_recipe(args.recipe) if args.recipe else None  # validated before loading
+    settings = _settings(args, args.prompt_set)
+    if args.cache_dir:
+        writable_folder(args.cache_dir, "--cache-dir")
+    gpu_memory = _gpu_memory(args)
+    check_device(args.device)
+    pipe = _load(args)
+    memory = None
+    if gpu_memory is not None:
+        memory = evaluation_memory(pipe, args.device, gpu_memory, recipe, args.components)
+    elif args.device:
+        pipe.to(args.device)
+    clip = _clip(args, args.device or "cpu")
+    evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
+                          cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
+                          progress=not args.json, compile=args.compile, memory=memory)
+    label = Path(args.recipe).stem if args.recipe else "full precision"
+    result = evaluator.evaluate(recipe, label=label)
+    if args.json:
+        out = result.to_dict()
+        out["settings"] = settings.to_dict()
+        out["references_generated"] = evaluator.references_generated
+        if memory is not None:
+            out["memory"] = memory.to_dict()
+        print(json.dumps(out, indent=1))
+    else:
+        print(result.table())
+        if memory is not None:
+            from .._format import human_bytes
+
+            peaks = memory.to_dict()
+            print(f"{memory.describe()}; peak {human_bytes(peaks['peak_allocated_bytes'])} "
+                  f"allocated, {human_bytes(peaks['peak_reserved_bytes'])} reserved")
+    return 0
+
+
+def _gpu_memory(args) -> int | None:
+    """``--gpu-memory``, checked before any model loads."""
+    if getattr(args, "gpu_memory", None) is None:
+        return None
+    from ..runtime.memory import parse_memory
+
+    if not (args.device or "").startswith("cuda"):
+        raise InputError("--gpu-memory bounds a CUDA device's memory: give --device cuda too")
+    return parse_memory(args.gpu_memory)
+
+
+def cmd_baseline(args) -> int:
+    import yaml
+
+    from .._format import human_bytes
+    from ..backends import config_from_dict
+    from ..models.inventory import inventory
+    from ..scoring.baseline import baseline_recipe
+    from ..scoring.evaluator import default_components
+
+    entry = {"method": args.method}
+    if args.bits is not None:
+        entry["bits"] = args.bits
+    for option in args.options or []:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise InputError(f"--options takes key=value pairs, got {option!r}")
+        entry[key] = yaml.safe_load(value)
+    try:
+        config = config_from_dict(entry)
+    except TypeError as e:  # a dataclass given a value it cannot hold
+        raise InputError(f"--method {args.method}: {e}") from None
+    writable_file(args.out, "--out")
+    pipe = _load(args)
+    inv = inventory(pipe)
+    components = args.components or default_components(pipe)
+    from ..models.source import source_of
+
+    source = source_of(pipe)
+    recipe = baseline_recipe(inv, config, components, args.protect,
+                             model=source.to_dict() if source else None)
+    plan = recipe.resolve(inv)
+    path = recipe.save(args.out)
+    layers = [l for l in inv if l.component in components]
+    info = {"recipe": str(path), "config": config.to_dict(), "components": components,
+            "layers": len(layers), "protected": sum(1 for c in plan.configs.values()
+                                                    if c.full_precision),
+            "skipped": plan.skipped, "fp_share": plan.fp_share(components),
+            "predicted_bytes": plan.linear_bytes(components)}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"wrote {path}: {config.label} on {len(layers)} layers of {', '.join(components)}; "
+              f"{info['protected']} protected, {len(plan.skipped)} cannot take it; "
+              f"full-precision share {info['fp_share']:.1%}; Linear bytes "
+              f"{human_bytes(info['predicted_bytes'])}")
+    return 0
+
+
+def _stop_on_signals():
+    """Ctrl-C or SIGTERM: finish the current trial, write the outputs, stop. A second Ctrl-C
+    stops at once (the running trial is recorded as interrupted)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def handler(signum, _frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\n{signal.Signals(signum).name}: stopping after the current trial "
+              f"(Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return stop, previous
+
+
+def _precheck(args, storage, space, settings) -> None:
+    """Joining a study with other settings is refused before any model is loaded."""
+    from ..models.builtin import default_clip
+    from ..models.pipelines import dtype_name, parse_dtype
+    from ..search._study import default_study_name, precheck
+
+    clip = None if args.no_clip else (args.clip or default_clip(args.model))
+    mine = settings.to_dict()
+    precheck(storage, default_study_name(args.model, args.budget, args.study), {
+        "model": args.model, "budget": str(args.budget), "space": space.to_dict(),
+        "objectives": [o for o in space.objectives if o != "clip_fidelity" or clip],
+        "settings": mine, "clip": clip,
+        "dtype": dtype_name(parse_dtype(args.dtype, args.device or
+                                        (args.devices or "cpu").split(",")[0]))})
+
+
+def cmd_search(args) -> int:
+    from ..search.space import load_space, parse_budget
+
+    parse_budget(args.budget)  # a malformed budget fails before anything loads
+    space = load_space(args.space, allow_fp_cap_above_default=args.allow_fp_cap)
+    settings = _settings(args, "search")
+    out = writable_folder(args.out, "--out")
+    if args.artifacts:
+        from ..search import _artifacts
+
+        location = _artifacts.normalize(args.artifacts, out)
+        if _artifacts.is_remote(location):
+            _artifacts.check_available(location)
+        else:
+            writable_folder(location, "--artifacts")
+    if args.devices and args.device:
+        raise InputError("give --device (this process) or --devices (one worker each), not both")
+    devices = devices_list(args.devices) if args.devices else None
+    if args.gpu_memory is not None:
+        from ..runtime.memory import parse_memory
+
+        parse_memory(args.gpu_memory)  # malformed: said before anything loads
+        if not (args.device or args.devices or "").startswith("cuda") and args.devices != "all":
+            raise InputError("--gpu-memory bounds a CUDA device's memory: give --device cuda "
+                             "(or --devices) too")
+    check_device(args.device)
+    from ..search import Search, SearchConfig, run_search
+    from ..search._study import open_storage
+
+    storage = open_storage(args.storage, out)  # a bad URL or a missing driver: said now
+    _precheck(args, storage, space, settings)
+    if devices:
+        from ..search._workers import run_workers
+
+        return run_workers(args, devices, out)
+    pipe = _load(args)
+    clip = _clip(args, args.device or "cpu")
+    cfg = SearchConfig(model=args.model, budget=args.budget, space=space, trials=args.trials,
+                       timeout=args.timeout, storage=args.storage, study=args.study, out=out,
+                       device=args.device, resume=args.resume, seed=args.seed, settings=settings,
+                       clip=clip, progress=not args.json,
+                       cache_bytes=None if args.cache_gib is None else args.cache_gib * 2**30,
+                       sensitivity=args.sensitivity, artifacts=args.artifacts,
+                       latency=args.latency, latency_mode=args.latency_mode,
+                       gpu_memory=args.gpu_memory)
+    search = Search(cfg, pipe)
+    stop, previous = _stop_on_signals()
+    try:
+        report = run_search(search, stop)
+    finally:
+        import signal
+
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1, default=str))
+        return 0
+    _print_search(args, search, report)
+    return 0
+
+
+def _print_search(args, search, report) -> None:
+    from .._format import human_bytes
+    from ..generation.settings import prompt_set
+
+    t = report["trials"]
+    parts = [f"{t['complete']} complete", f"{t['pruned']} pruned", f"{t['fail']} failed"]
+    if t.get("running"):
+        parts.append(f"{t['running']} still running elsewhere")
+    if t.get("waiting"):
+        parts.append(f"{t['waiting']} queued")
+    print(f"budget {args.budget} = {human_bytes(search.budget_bytes)} of the searched components "
+          f"({', '.join(search.groups.components)}; full precision {human_bytes(search.fp_bytes)});"
+          f" {len(search.groups.groups)} groups; trials: {', '.join(parts)}")
+    for f in report["failed"]:
+        print(f"  trial {f['trial']} failed: {f['reason']}")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"{search.memory.describe()}; peak {human_bytes(m['peak_allocated_bytes'])} "
+              f"allocated, {human_bytes(m['peak_reserved_bytes'])} reserved")
+    print(report["table"])
+    if "best" in report:
+        b = report["best"]
+        scores = ", ".join(f"step {b[k] * 1e3:.2f} ms" if k == "latency" else f"{k} {b[k]:.4g}"
+                           for k in search.objectives[1:])
+        print(f"\nbest within budget: trial {b['trial']}, {human_bytes(b['bytes'])} "
+              f"(whole pipeline {human_bytes(b['pipeline_bytes'])}), {scores}")
+        prompt = prompt_set(args.model, "holdout")[-1]
+        print(f"recipe: {b['recipe']}\napply it: autoquant apply --model {args.model} "
+              f"--recipe {b['recipe']} --prompt \"{prompt}\" --out image.png")
+    else:
+        print("no trial finished within the budget")
+
+
+def cmd_report(args) -> int:
+    from .. import explore
+
+    if args.out is None and args.storage is None:
+        raise InputError("give the search's --out folder, or --storage URL --study NAME")
+    html = Path(args.html) if args.html else Path(args.out or ".") / "report.html"
+    writable_file(str(html), "--html")
+    view = explore.open_study(args.out, args.storage, args.study, args.artifacts)
+    path = explore.write_report(view, html)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, self-contained: opens offline)")
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stdout_is_ours(debug: bool):
+    """While a command runs, file descriptor 1 goes to /dev/null (stderr with --debug) and
+    Python's ``sys.stdout`` to the real stdout: native code that prints there (HiGHS' solver
+    notes) cannot corrupt ``--json`` output or the tables. The command line only: the library
+    never touches descriptors."""
+    try:
+        sys.stdout.flush()
+        if sys.stdout.fileno() != 1:
+            raise ValueError("stdout is not descriptor 1")
+        real = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # stdout is captured or redirected in-process
+        yield
+        return
+    sink = os.open(os.devnull, os.O_WRONLY) if not debug else os.dup(2)
+    saved_stdout = sys.stdout
+    os.dup2(sink, 1)
+    sys.stdout = os.fdopen(os.dup(real), "w", buffering=1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout.close()
+        sys.stdout = saved_stdout
+        os.dup2(real, 1)
+        os.close(real)
+        os.close(sink)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Quantized layers are many mid-sized tensors; the default CUDA allocator hands out whole
+    # blocks when the remainder is < 1 MiB, which costs 2-4% over the bytes the tensors hold
+    # (bench/flux_scale.py). Expandable segments split at 512 B. A user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    args = build_parser({"search": cmd_search, "apply": cmd_apply, "evaluate": cmd_evaluate,
+                         "baseline": cmd_baseline, "inspect": cmd_inspect,
+                         "report": cmd_report}).parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = os.environ.get("AUTOQUANT_VERBOSE")
+    if args.debug:  # the library's own quieting (imports, loading, generation) off too
+        os.environ["AUTOQUANT_VERBOSE"] = "1"
+    try:
+        return _run(args)
+    finally:
+        if verbose is None:
+            os.environ.pop("AUTOQUANT_VERBOSE", None)
+        else:
+            os.environ["AUTOQUANT_VERBOSE"] = verbose
+
+
+def _run(args) -> int:
+    from .._paths import cache_dir as check_cache_dir
+    from .._quiet import quiet_libraries
+
+    quiet_libraries(args.debug)
+    try:
+        check_cache_dir()
+        with _stdout_is_ours(args.debug):
+            return args.func(args)
+    except AutoquantError as e:
+        if args.debug:
+            raise
+        print(f"autoquant {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"autoquant {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a machine's fault (disk, network, database): one line, exit 1
+        line = _machine_fault(e)
+        if line is None or args.debug:
+            raise
+        print(f"autoquant {args.command}: error: {line}", file=sys.stderr)
+        return 1
+
+
+def _machine_fault(e: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of autoquant (None: a bug, re-raised)."""
+    import errno
+
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        hint = {errno.ENOSPC: "the disk is full: free space or write elsewhere; nothing "
+                              "written before was lost",
+                errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere",
+                errno.EROFS: "the filesystem is read-only: write elsewhere",
+                errno.EACCES: "permission denied: write elsewhere or fix the permissions",
+                errno.EFBIG: "the file is too large for this filesystem: write elsewhere"
+                }.get(e.errno, "")
+        return f"{e.strerror or e}{where}" + (f"; {hint}" if hint else "")
+    modules = {type(x).__module__.split(".")[0] for x in type(e).__mro__}
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "sqlalchemy" in modules or "optuna" in modules and "storage" in type(e).__name__.lower():
+        return (f"the study's storage failed: {first[:300]} -- check --storage (the database "
+                f"is reachable, not damaged, and yours)")
+    if "botocore" in modules or "boto3" in modules:
+        return (f"the artifact store failed: {first[:300]} -- check --artifacts and the AWS_* "
+                f"settings (endpoint, credentials)")
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
