@@ -18,6 +18,7 @@ from .._errors import BackendError, ConfigError
 from . import measure as _bytes
 from ._base import Backend, QuantConfig
 from .bnb import BnbBackend
+from .gguf import GGUFBackend
 from .gptq import GPTQBackend
 from .higgs import HiggsBackend
 from .hqq import HQQBackend
@@ -26,7 +27,8 @@ from .torchao import TorchaoBackend
 
 #: method name -> backend. The order is that of `methods()`, the inventory's columns and spaces.
 _REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    NoneBackend(), HQQBackend(), BnbBackend(), TorchaoBackend(), HiggsBackend(), GPTQBackend())}
+    NoneBackend(), HQQBackend(), BnbBackend(), TorchaoBackend(), HiggsBackend(), GPTQBackend(),
+    GGUFBackend())}
 
 
 def register_backend(backend: Backend) -> Backend:

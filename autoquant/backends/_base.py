@@ -107,6 +107,11 @@ class Backend(ABC):
     #: whether quantizing needs :mod:`autoquant.generation.calibration` data (search and apply collect it)
     calibrated: ClassVar[bool] = False
 
+    def needs_calibration(self, cfg: QuantConfig) -> bool:
+        """Whether quantizing with ``cfg`` needs calibration data (a method may need it for some
+        of its configs only, e.g. GGUF with an importance matrix)."""
+        return self.calibrated
+
     def timing_config(self, cfg: QuantConfig) -> QuantConfig:
         """The config whose layer the latency table times for ``cfg`` (the same kernels; a
         calibrated method is timed as its uncalibrated storage, which needs no data)."""
@@ -176,6 +181,12 @@ class Backend(ABC):
         exactly (the weights scored are the weights shipped); a format not named cannot."""
         return {"autoquant-folder": "save_quantized: the tensors and metadata export_state writes"}
 
+    def _calibrates(self) -> bool | str:
+        """True / False, or "per config" where :meth:`needs_calibration` decides per config."""
+        if self.calibrated or type(self).needs_calibration is Backend.needs_calibration:
+            return self.calibrated
+        return "per config"
+
     def describe(self) -> dict[str, Any]:
         """What the registry knows about this method, as plain data (``autoquant inspect
         --methods``): its config's fields with their defaults and the values its representative
@@ -191,6 +202,6 @@ class Backend(ABC):
                 "configs": [c.label for c in reps],
                 "package": self.package[1] if self.package else None,
                 "import": self.package[0] if self.package else None,
-                "loggers": list(self.loggers), "calibrated": self.calibrated,
+                "loggers": list(self.loggers), "calibrated": self._calibrates(),
                 "devices": list(self.devices), "compile_reason": self.compile_reason,
                 "formats": {c.label: self.formats(c) for c in reps}}

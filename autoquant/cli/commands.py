@@ -116,7 +116,7 @@ def _inspect_registry(args) -> int:
     if args.methods:
         rows = [[m["method"], ", ".join(f"{k}={v['default']}" for k, v in m["fields"].items()),
                  m["package"] or "-", m["version"] or ("not installed" if m["package"] else "-"),
-                 "yes" if m["calibrated"] else "no",
+                 {True: "yes", False: "no"}.get(m["calibrated"], m["calibrated"]),
                  ", ".join(sorted({f for fs in m["formats"].values() for f in fs}))]
                 for m in data["methods"]]
         print(table(rows, ["method", "options (defaults)", "package", "version", "calibrates",

@@ -93,7 +93,8 @@ def _calibrate_for(target: Any, recipe: Recipe | Plan, plan: Plan,
     from ..generation.calibration import calibrate, hessian
 
     need = {name: modules[name] for name, cfg in plan.configs.items()
-            if get_backend(cfg.method).calibrated and hessian(modules[name]) is None}
+            if get_backend(cfg.method).needs_calibration(cfg)
+            and hessian(modules[name]) is None}
     if not need:
         return
     model = (recipe.model or {}).get("id") if isinstance(recipe, Recipe) else None

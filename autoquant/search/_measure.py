@@ -133,7 +133,8 @@ class Measurements:
         from ..generation.calibration import calibrate, calibrated_with, settings_for, settings_key
 
         layers = {l.name: self.cache.originals[l.name] for g in self.groups.groups
-                  if any(backend_for(c).calibrated for c in g.options) for l in g.layers}
+                  if any(backend_for(c).needs_calibration(c) for c in g.options)
+                  for l in g.layers}
         settings = settings_for(self.settings)
         if not layers or all(calibrated_with(m) == settings_key(settings)
                              for m in layers.values()):

@@ -107,7 +107,7 @@ def plan_recipe(info: dict, params: dict[str, str], metrics: dict | None = None,
     provenance = {**info["versions"], "study": study, "trial": trial,
                   "space": info["space_name"], "prompts_sha256": prompts_hash,
                   "seeds": list(settings["seeds"])}
-    if any(backend_for(c).calibrated for c in layers.values()):
+    if any(backend_for(c).needs_calibration(c) for c in layers.values()):
         # what apply calibrates on, so that its gptq layers are the ones this search scored
         provenance["calibration"] = {**{k: settings[k] for k in CALIBRATION_KEYS},
                                      "seeds": calibration_seeds(settings["seeds"])}
