@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1] / "autoquant"
 
 #: the package's rooms, top to bottom (README, "Layout"): a module imports its own room and the
 #: rooms below it, never one above. ``helpers`` are the ``autoquant._*`` modules.
-LAYERS = ("cli", "explore", "search", "scoring", "plans", "runtime", "generation", "models",
-          "backends", "helpers")
+LAYERS = ("cli", "explore", "search", "scoring", "export", "plans", "runtime", "generation",
+          "models", "backends", "helpers")
 
 
 def room(mod: str) -> str | None:

@@ -19,7 +19,7 @@ from .._errors import AutoquantError, InputError
 from .checks import check_device, devices_list, image_format, writable_file, writable_folder
 from .parser import build_parser
 
-COMMANDS = ("search", "apply", "evaluate", "baseline", "inspect", "report")
+COMMANDS = ("search", "apply", "evaluate", "baseline", "inspect", "report", "export")
 
 
 # -- checks that need no model -----------------------------------------------------------------
@@ -178,11 +178,45 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ..export.gguf import export_gguf
+    from ..plans.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # validated before any model loads
+    if not args.model:
+        args.model = (recipe.model or {}).get("id")
+        if not args.model:
+            raise InputError("the recipe names no model: give --model")
+    writable_file(args.out, "--out")
+    pipe = _load(args)
+    names = args.names or ("bfl" if type(getattr(pipe, args.component, None)).__name__
+                           == "FluxTransformer2DModel" else "diffusers")
+    info = export_gguf(pipe, recipe, args.out, component=args.component, names=names,
+                       requantize=args.requantize, progress=not args.json)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    from .._format import human_bytes
+
+    for layer, how in info["requantized"].items():
+        print(f"requantized {layer}: {how}")
+    types = ", ".join(f"{n} {k}" for k, n in sorted(info["types"].items()))
+    print(f"wrote {info['path']}: {human_bytes(info['bytes'])}, {info['tensors']} tensors "
+          f"({types}), {names} names")
+    if names == "diffusers":
+        print("load it with diffusers: FluxTransformer2DModel.from_single_file(path, "
+              "quantization_config=GGUFQuantizationConfig(...), config=...); score it with "
+              f"autoquant evaluate --model {args.model} --gguf {info['path']}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from ..plans.recipe import load_recipe
     from ..scoring.evaluator import Evaluator, evaluation_memory
     from ..scoring.references import ReferenceCache
 
+    if args.gguf and args.recipe:
+        raise InputError("give --recipe or --gguf, not both")
     recipe = load_recipe(args.recipe) if args.recipe else None  # validated before loading
     settings = _settings(args, args.prompt_set)
     if args.cache_dir:
@@ -199,8 +233,16 @@ def cmd_evaluate(args) -> int:
     evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
                           cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
                           progress=not args.json, compile=args.compile, memory=memory)
-    label = Path(args.recipe).stem if args.recipe else "full precision"
-    result = evaluator.evaluate(recipe, label=label)
+    if args.gguf:
+        from ..export.gguf import load_gguf
+        from ..scoring.evaluator import evaluate_replaced
+
+        component = evaluator.components[0]
+        loaded = load_gguf(args.gguf, pipe, component)
+        result = evaluate_replaced(evaluator, component, loaded, Path(args.gguf).name)
+    else:
+        label = Path(args.recipe).stem if args.recipe else "full precision"
+        result = evaluator.evaluate(recipe, label=label)
     if args.json:
         out = result.to_dict()
         out["settings"] = settings.to_dict()
@@ -457,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser({"search": cmd_search, "apply": cmd_apply, "evaluate": cmd_evaluate,
                          "baseline": cmd_baseline, "inspect": cmd_inspect,
-                         "report": cmd_report}).parse_args(argv)
+                         "report": cmd_report, "export": cmd_export}).parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     verbose = os.environ.get("AUTOQUANT_VERBOSE")
     if args.debug:  # the library's own quieting (imports, loading, generation) off too

@@ -46,7 +46,8 @@ def _image_file(text: str) -> str:
 
 def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
-                   help="built-in name (demo, tiny-flux, tiny-sd), local diffusers folder, or hub id")
+                   help="built-in name (demo, demo-flux, tiny-flux, tiny-sd), local diffusers folder, "
+                        "or hub id")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights dtype; auto: bfloat16 on a GPU or a CPU with bf16 instructions, "
                         "float32 on other CPUs (where bf16 is emulated and ~5x slower)")
@@ -88,7 +89,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                         help="show tracebacks and the libraries' own messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, add in (("search", _search), ("apply", _apply), ("evaluate", _evaluate),
-                      ("baseline", _baseline), ("inspect", _inspect), ("report", _report)):
+                      ("baseline", _baseline), ("inspect", _inspect), ("report", _report),
+                      ("export", _export)):
         add(sub).set_defaults(func=commands[name])
     return parser
 
@@ -177,6 +179,9 @@ def _evaluate(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a recipe's images against full precision")
     _add_model(p)
     p.add_argument("--recipe", default=None, help="recipe to evaluate (default: full precision)")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="score a diffusers-named GGUF file of the denoiser (autoquant export "
+                        "--names diffusers), loaded by diffusers itself, instead of a recipe")
     _add_eval_options(p)
     p.add_argument("--components", nargs="+", default=None,
                    help="components whose bytes count (default: the denoiser)")
@@ -185,6 +190,25 @@ def _evaluate(sub) -> argparse.ArgumentParser:
     _add_gpu_memory(p)
     p.add_argument("--cache-dir", default=None,
                    help="reference image cache (default $AUTOQUANT_CACHE/references)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    return p
+
+
+def _export(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a recipe as a file other tools load (GGUF)")
+    _add_model(p, required=False)
+    p.add_argument("--recipe", required=True, help="the recipe to export (e.g. best.yaml)")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="the file format")
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.gguf)")
+    p.add_argument("--names", default=None, choices=["bfl", "diffusers"],
+                   help="tensor names: bfl (Black Forest Labs' layout, read by ComfyUI-GGUF and "
+                        "stable-diffusion.cpp; the default for Flux) or diffusers (module paths, "
+                        "for diffusers' from_single_file; ComfyUI refuses such Flux files)")
+    p.add_argument("--component", default="transformer", help="the component to export")
+    p.add_argument("--requantize", action="store_true",
+                   help="re-quantize layers of non-GGUF methods from the original weights to "
+                        "the GGUF type of the most bytes no larger than theirs (each mapping is "
+                        "printed)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     return p
 

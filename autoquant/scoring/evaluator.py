@@ -271,3 +271,24 @@ def evaluation_memory(pipe: Any, device: str, cap: int, recipe: Recipe | None = 
     inv = inventory(pipe)
     plan_bytes = (recipe or Recipe()).resolve(inv).nbytes(comps)
     return MemoryPlan(pipe, device, cap, comps, plan_bytes, enforce=True, inv=inv).place()
+
+
+def evaluate_replaced(evaluator: Evaluator, component: str, module: Any,
+                      label: str) -> EvalResult:
+    """Score the pipeline with ``component`` replaced by ``module`` (e.g. a transformer loaded
+    from an exported file) against the evaluator's full-precision references; the original
+    component is put back after."""
+    pipe = evaluator.pipe
+    original = components_of(pipe)[component]
+    device = next(original.parameters()).device
+    setattr(pipe, component, module.to(device))
+    try:
+        result = evaluator.evaluate(None, label=label)
+    finally:
+        setattr(pipe, component, original)
+    inv = inventory(pipe)  # the original's layers: bits per weight of the file's weights
+    weights = sum(l.weight_params for l in inv if l.component == component)
+    linear = sum(measured_bytes(m) for m in module.modules()
+                 if isinstance(m, torch.nn.Linear))
+    return dataclasses.replace(result, bits_per_weight=8 * linear / max(weights, 1),
+                               fp_share=float("nan"))

@@ -59,14 +59,18 @@ def demo_folder() -> Path:
     _link(minilm / "model.safetensors", folder / "text_encoder" / "model.safetensors")
     for f in _TOKENIZER_FILES:
         _link(minilm / f, folder / "tokenizer" / f)
-    index = folder / "model_index.json"
+    write_json_once(folder / "model_index.json", MODEL_INDEX)
+    return folder
+
+
+def write_json_once(path: Path, data) -> None:
+    """``data`` as JSON at ``path`` unless it is there already (missing or damaged: written)."""
     try:
-        intact = json.loads(index.read_text()) == MODEL_INDEX
-    except (OSError, ValueError):  # missing or damaged: written again
+        intact = json.loads(path.read_text()) == data
+    except (OSError, ValueError):
         intact = False
     if not intact:
-        _atomic.write_text(index, json.dumps(MODEL_INDEX, indent=1))
-    return folder
+        _atomic.write_text(path, json.dumps(data, indent=1))
 
 
 @functools.cache

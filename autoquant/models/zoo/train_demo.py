@@ -105,8 +105,12 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
-def train_vae(pixels, test_pixels, device, seconds, steps, log):
-    vae = M.build_vae().to(device).train()
+def train_vae(pixels, test_pixels, device, seconds, steps, log, build=None, shift=False):
+    """A VAE (``build()``, default the demo's) trained to reconstruct; its latents scaled to unit
+    std (``scaling_factor``) and, with ``shift``, centred (``shift_factor``, as Flux decodes
+    ``latents / scaling_factor + shift_factor``). Returns the VAE and the scaled posterior's
+    means and stds of ``pixels``."""
+    vae = (build or M.build_vae)().to(device).train()
     bs = 256
 
     def loss_at(_step):
@@ -128,11 +132,13 @@ def train_vae(pixels, test_pixels, device, seconds, steps, log):
         mean, std = torch.cat(mean), torch.cat(std)
         rec = vae.decode(vae.encode(test_pixels[:2000]).latent_dist.mean).sample.clamp(-1, 1)
         mse = F.mse_loss((rec + 1) / 2, (test_pixels[:2000] + 1) / 2).item()
-    scaling = (1.0 / mean.std()).item()
-    vae.register_to_config(scaling_factor=scaling)
+    offset = mean.mean().item() if shift else 0.0
+    scaling = (1.0 / (mean - offset).std()).item()
+    config = {"scaling_factor": scaling, **({"shift_factor": offset} if shift else {})}
+    vae.register_to_config(**config)
     log.stage("vae", steps=step, seconds=round(took, 1), final_loss=loss.item(),
-              test_psnr=10 * math.log10(1 / mse), scaling_factor=scaling)
-    return vae, mean * scaling, std * scaling
+              test_psnr=10 * math.log10(1 / mse), **config)
+    return vae, (mean - offset) * scaling, std * scaling
 
 
 def train_denoiser(lat_mean, lat_std, labels, terciles, cache, device, seconds, steps, log):
