@@ -64,6 +64,9 @@ NOT_A_METHOD = {
     ("scoring/baseline.py", "none"),  # the same option
     ("scoring/baseline.py", ": choose 'none' or 'default'"),
     ("scoring/metrics.py", "none"),  # torchmetrics' reduction="none"
+    # the GGUF file format (its writer, the export verb's choice), named as backends declare it
+    # in Backend.formats -- which layers a GGUF file holds is asked of the registry
+    ("export/gguf.py", "gguf"), ("cli/parser.py", "gguf"),
 }
 
 

@@ -178,7 +178,8 @@ class Backend(ABC):
 
     def formats(self, cfg: QuantConfig) -> dict[str, str]:
         """``{export format: how it holds cfg's layers}`` for every format that can hold them
-        exactly (the weights scored are the weights shipped); a format not named cannot."""
+        exactly (the weights scored are the weights shipped); a format not named cannot. For
+        ``gguf`` the value is the GGUF tensor type (``dtype``: the model's own float type)."""
         return {"autoquant-folder": "save_quantized: the tensors and metadata export_state writes"}
 
     def _calibrates(self) -> bool | str:

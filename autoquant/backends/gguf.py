@@ -210,6 +210,9 @@ class GGUFBackend(Backend):
         return _layer(cfg, tensors["blocks"], tensors.get("bias"), in_features, out_features,
                       dtype, device)
 
+    def formats(self, cfg):
+        return {**super().formats(cfg), "gguf": cfg.type}  # its blocks, byte for byte
+
     def configs(self):
         return [GGUFConfig(type=t) for t in TYPES]
 

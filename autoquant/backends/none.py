@@ -68,5 +68,9 @@ class NoneBackend(Backend):
         new.load_state_dict({k: v.to(device) for k, v in tensors.items()})
         return new.requires_grad_(False)
 
+    def formats(self, cfg):
+        # a GGUF file keeps a full-precision layer in the model's dtype (BF16, F16 or F32)
+        return {**super().formats(cfg), "gguf": "dtype"}
+
     def configs(self):
         return [NoneConfig()]

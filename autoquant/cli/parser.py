@@ -194,12 +194,17 @@ def _evaluate(sub) -> argparse.ArgumentParser:
     return p
 
 
+#: the formats ``autoquant export`` writes (autoquant.export)
+EXPORT_FORMATS = ("gguf",)
+
+
 def _export(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a recipe as a file other tools load (GGUF)")
     _add_model(p, required=False)
     p.add_argument("--recipe", required=True, help="the recipe to export (e.g. best.yaml)")
-    p.add_argument("--format", default="gguf", choices=["gguf"], help="the file format")
-    p.add_argument("--out", required=True, help="the file to write (e.g. model.gguf)")
+    p.add_argument("--format", default=EXPORT_FORMATS[0], choices=EXPORT_FORMATS,
+                   help="the file format")
+    p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--names", default=None, choices=["bfl", "diffusers"],
                    help="tensor names: bfl (Black Forest Labs' layout, read by ComfyUI-GGUF and "
                         "stable-diffusion.cpp; the default for Flux) or diffusers (module paths, "

@@ -28,12 +28,14 @@ import torch
 from .. import __version__, _atomic
 from .._errors import InputError
 from .._progress import tqdm
-from ..backends import config_from_dict, full_precision
+from ..backends import full_precision, get_backend
 from ..backends.gguf import TYPES, GGUFConfig, imatrix_of, quantize_rows
 from ..models.inventory import components_of, inventory
 from ..plans.recipe import Plan, Recipe
 from .names import flux_layout
 
+#: this writer's format, as backends name it in ``Backend.formats``
+FORMAT = "gguf"
 NAMES = ("bfl", "diffusers")
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 
@@ -64,16 +66,15 @@ def _dtype_kind(dtype: torch.dtype) -> str:
 def nearest_gguf(cfg, shape: tuple[int, int], dtype: torch.dtype) -> GGUFConfig | None:
     """The GGUF type of the most bytes no larger than ``cfg``'s for a layer of ``shape`` (None:
     none fits in its bytes or its shape)."""
-    from ..backends import get_backend
+    from ..backends import methods
 
     out_f, in_f = shape
     mine = get_backend(cfg.method).nbytes(cfg, out_f, in_f, False, dtype)
-    gguf_backend = get_backend("gguf")
-    fits = [c for c in gguf_backend.configs()
-            if gguf_backend.layer_reason(c, out_f, in_f, dtype) is None
-            and gguf_backend.nbytes(c, out_f, in_f, False, dtype) <= mine]
-    return max(fits, key=lambda c: gguf_backend.nbytes(c, out_f, in_f, False, dtype),
-               default=None)
+    fits = [(b.nbytes(c, out_f, in_f, False, dtype), c) for b in map(get_backend, methods())
+            for c in b.configs() if b.formats(c).get(FORMAT) in TYPES
+            and b.layer_reason(c, out_f, in_f, dtype) is None
+            and b.nbytes(c, out_f, in_f, False, dtype) <= mine]
+    return max(fits, key=lambda bc: bc[0])[1] if fits else None
 
 
 def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer", names: str = "bfl",
@@ -99,7 +100,7 @@ def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer", names: 
     refused = []
     for path, layer in layers.items():
         cfg = plan.configs.get(layer.name, fp)
-        if cfg.method not in ("gguf", fp.method):
+        if FORMAT not in get_backend(cfg.method).formats(cfg):
             near = nearest_gguf(cfg, (layer.out_features, layer.in_features), dtype)
             if not requantize or near is None:
                 refused.append(f"{layer.name} ({cfg.label}"
@@ -112,8 +113,8 @@ def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer", names: 
         raise InputError(
             f"{len(refused)} layer(s) of the recipe use methods a GGUF file cannot hold "
             f"exactly: {'; '.join(refused[:6])}{' ...' if len(refused) > 6 else ''}. Search with "
-            f"--space gguf, or pass --requantize to re-quantize them from the original weights "
-            f"to the GGUF type of the most bytes no larger than theirs")
+            f"--space {FORMAT}, or pass --requantize to re-quantize them from the original "
+            f"weights to the GGUF type of the most bytes no larger than theirs")
     if names == "bfl":
         try:
             layout = flux_layout(list(state))
@@ -134,16 +135,15 @@ def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer", names: 
                 mixed.append(f"{name} <- {', '.join(sorted(c.label for c in chosen))}")
                 continue
             cfg = chosen.pop()
-            if cfg.method == "gguf":
-                kind = cfg.type
-            else:
+            kind = get_backend(cfg.method).formats(cfg)[FORMAT]
+            if kind not in TYPES:  # the model's own float type
                 kind, cfg = _dtype_kind(t0.dtype), None
         entries.append(Entry(name, parts, swapped, kind, tuple(shape), cfg))
     if mixed:
         raise InputError(
             f"these tensors of the BFL checkpoint stack layers of different types, which one "
             f"GGUF tensor cannot hold: {'; '.join(mixed[:4])}{' ...' if len(mixed) > 4 else ''}. "
-            f"Tie them in the space (the gguf space does), or export with --names diffusers")
+            f"Tie them in the space (the {FORMAT} space does), or export with --names diffusers")
     return entries, mapped
 
 
