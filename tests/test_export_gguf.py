@@ -186,3 +186,23 @@ def test_cli_export_then_evaluate_scores_the_file_as_the_recipe(tmp_path, capsys
                      "--json"]) == 0
         scores[flag] = json.loads(capsys.readouterr().out)["metrics"]["psnr"]["mean"]
     assert scores["--recipe"] == scores["--gguf"]
+
+
+def test_search_on_the_gguf_space_exports_its_best_plan(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["search", "--model", "tiny-flux", "--space", "gguf", "--budget", "45%",
+                 "--trials", "3", "--export", "gguf", "--out", str(out), "--no-clip",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    e = report["export"]
+    assert e["names"] == "bfl" and (out / "best.gguf").stat().st_size == e["bytes"]
+    best = autoquant.load_recipe(out / "best.yaml")
+    plan = best.resolve(autoquant.inventory(autoquant.load_pipeline("tiny-flux",
+                                                                    dtype="bfloat16")))
+    q = plan.configs["transformer.single_transformer_blocks.0.attn.to_q"]
+    fused = e["tensor_types"]["single_blocks.0.linear1.weight"]
+    assert fused == (q.type if q.method == "gguf" else "BF16")
+    # a space of other methods cannot be exported: said before any model loads
+    assert main(["search", "--model", "tiny-flux", "--space", "default", "--budget", "45%",
+                 "--export", "gguf", "--out", str(tmp_path / "x"), "--no-clip"]) == 2
+    assert "--space gguf" in capsys.readouterr().err

@@ -360,6 +360,15 @@ def cmd_search(args) -> int:
 
     parse_budget(args.budget)  # a malformed budget fails before anything loads
     space = load_space(args.space, allow_fp_cap_above_default=args.allow_fp_cap)
+    if args.export:
+        from ..backends import get_backend
+
+        foreign = [c.label for c in space.candidates
+                   if args.export not in get_backend(c.method).formats(c)]
+        if foreign:
+            raise InputError(f"--export {args.export}: a {args.export} file cannot hold the "
+                             f"space's {', '.join(foreign)}; search a space of its types "
+                             f"(--space {args.export})")
     settings = _settings(args, "search")
     out = writable_folder(args.out, "--out")
     if args.artifacts:
@@ -409,11 +418,30 @@ def cmd_search(args) -> int:
 
         for s, h in previous.items():
             signal.signal(s, h)
+    if args.export and "best" in report:
+        report["export"] = _export_best(args, pipe, report["best"]["recipe"])
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1, default=str))
         return 0
     _print_search(args, search, report)
+    if "export" in report:
+        e = report["export"]
+        types = ", ".join(f"{n} {k}" for k, n in sorted(e["types"].items()))
+        print(f"exported: {e['path']} ({e['bytes']:,} bytes; {types}; {e['names']} names)")
     return 0
+
+
+def _export_best(args, pipe, recipe_path: str) -> dict:
+    """``search --export``: the best plan as a file, from the original weights."""
+    from ..export.gguf import export_gguf
+    from ..plans.recipe import load_recipe
+
+    comp = "transformer"
+    names = "bfl" if type(getattr(pipe, comp, None)).__name__ == "FluxTransformer2DModel" \
+        else "diffusers"
+    out = Path(recipe_path).with_suffix(f".{args.export}")
+    return export_gguf(pipe, load_recipe(recipe_path), out, component=comp, names=names,
+                       progress=not args.json)
 
 
 def _print_search(args, search, report) -> None:

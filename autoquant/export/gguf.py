@@ -220,7 +220,7 @@ def export_gguf(pipe: Any, recipe: Recipe, path: str | Path, component: str = "t
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
     return {"path": str(path), "bytes": path.stat().st_size, "tensors": len(entries),
             "tensor_bytes": sum(e.nbytes for e in entries), "types": kinds, "names": names,
-            "requantized": mapped}
+            "tensor_types": {e.name: e.kind for e in entries}, "requantized": mapped}
 
 
 def check_file(path: str | Path, module: Any) -> dict[str, Any]:

@@ -105,13 +105,12 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
-def train_vae(pixels, test_pixels, device, seconds, steps, log, build=None, shift=False):
+def train_vae(pixels, test_pixels, device, seconds, steps, log, build=None, shift=False, bs=256):
     """A VAE (``build()``, default the demo's) trained to reconstruct; its latents scaled to unit
     std (``scaling_factor``) and, with ``shift``, centred (``shift_factor``, as Flux decodes
     ``latents / scaling_factor + shift_factor``). Returns the VAE and the scaled posterior's
     means and stds of ``pixels``."""
     vae = (build or M.build_vae)().to(device).train()
-    bs = 256
 
     def loss_at(_step):
         x = pixels[torch.randint(0, len(pixels), (bs,), device=device)]
