@@ -765,6 +765,33 @@ def _argument_cases(add) -> None:
     add("argument", "model-unreachable-hub", cli(["inspect", "--model", "nobody/none"],
                                                  "could not load 'nobody/none'",
                                                  before_model=False))
+    hqq_recipe = "format: autoquant-recipe/1\ndefault: {method: hqq, bits: 4}\n"
+    gguf_recipe = "format: autoquant-recipe/1\ndefault: {method: gguf, type: Q4_0}\n"
+    add("export", "recipe-missing", cli(lambda ctx: ["export", "--model", TINY, "--recipe",
+                                                     str(ctx.tmp / "nope.yaml"), "--out",
+                                                     str(ctx.path("m.gguf"))], "no recipe file"))
+    add("export", "format-unknown", cli(lambda ctx: ["export", "--model", TINY, "--recipe",
+                                                     str(ctx.write("r.yaml", gguf_recipe)),
+                                                     "--format", "onnx", "--out",
+                                                     str(ctx.path("m.gguf"))], "invalid choice"))
+    add("export", "recipe-names-no-model", cli(lambda ctx: [
+        "export", "--recipe", str(ctx.write("r.yaml", gguf_recipe)), "--out",
+        str(ctx.path("m.gguf"))], "the recipe names no model"))
+    add("export", "non-gguf-layers", cli(lambda ctx: [
+        "export", "--model", TINY, "--recipe", str(ctx.write("r.yaml", hqq_recipe)), "--out",
+        str(ctx.path("m.gguf")), "--names", "diffusers"], "--requantize", before_model=False))
+    add("export", "search-space-not-gguf", cli(search("--budget", "40%", "--export", "gguf"),
+                                               "--space gguf"))
+    add("export", "evaluate-gguf-missing", cli(lambda ctx: [
+        "evaluate", "--model", TINY, "--no-clip", "--gguf", str(ctx.tmp / "none.gguf")],
+        "no such file", before_model=False))
+    add("export", "evaluate-gguf-junk", cli(lambda ctx: [
+        "evaluate", "--model", TINY, "--no-clip", "--gguf",
+        str(ctx.write("j.gguf", b"GGUF" + bytes(range(256)) * 8))], "not a readable GGUF file",
+        before_model=False))
+    add("export", "evaluate-gguf-and-recipe", cli(lambda ctx: [
+        "evaluate", "--model", TINY, "--no-clip", "--gguf", "x.gguf", "--recipe",
+        str(ctx.write("r.yaml", gguf_recipe))], "not both"))
     add("argument", "batch-size-zero", cli(["evaluate", "--model", TINY, "--no-clip",
                                             "--batch-size", "0"], "0 must be at least 1"))
     add("argument", "baseline-option-no-equals", cli(
