@@ -19,7 +19,7 @@ def ctx(tmp_path_factory):
 def test_the_catalogue_is_large_and_covers_every_kind():
     kinds = {c.kind for c in CASES}
     assert len(CASES) >= 160 and kinds == {"recipe", "space", "argument", "saved", "cache",
-                                           "study", "api", "machine"}
+                                           "study", "api", "machine", "export"}
     assert len({c.id for c in CASES}) == len(CASES)
 
 
