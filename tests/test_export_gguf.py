@@ -121,23 +121,60 @@ def test_the_bfl_file_has_comfyuis_flux_layout(pipe, tmp_path):
 def test_layers_of_other_methods_are_refused_or_requantized_by_bytes(pipe, tmp_path):
     hqq = autoquant.Recipe.from_dict({"format": "autoquant-recipe/1",
                                       "components": ["transformer"],
-                                      "default": {"method": "hqq", "bits": 4, "group_size": 64}})
+                                      "default": {"method": "hqq", "bits": 4, "group_size": 16},
+                                      # 16 wide: no GGUF type takes it
+                                      "layers": {"transformer.x_embedder": {"method": "none"}}})
     with pytest.raises(AutoquantError, match="(?s)cannot hold.*--requantize"):
         export_gguf(pipe, hqq, tmp_path / "x.gguf", names="diffusers", progress=False)
     assert not (tmp_path / "x.gguf").exists()
     info = export_gguf(pipe, hqq, tmp_path / "x.gguf", names="diffusers", requantize=True,
                        progress=False)
-    assert info["requantized"] and all("hqq4-g64 -> gguf-" in v
+    assert info["requantized"] and all("hqq4-g16 -> gguf-" in v
                                        for v in info["requantized"].values())
     from autoquant.backends import config_from_dict, get_backend
 
-    h = config_from_dict({"method": "hqq", "bits": 4})
+    h = config_from_dict({"method": "hqq", "bits": 4, "group_size": 16})
     for layer, how in info["requantized"].items():
         target = config_from_dict({"method": "gguf",
                                    "type": how.split("gguf-")[1].upper().replace("IQ4_NL", "IQ4_NL")})
         l = next(x for x in autoquant.inventory(pipe) if x.name == layer)
         assert get_backend("gguf").nbytes(target, l.out_features, l.in_features, False, l.dtype) \
             <= get_backend("hqq").nbytes(h, l.out_features, l.in_features, False, l.dtype)
+
+
+def test_hqq_4_bit_maps_to_q4_1_with_its_own_codes_and_is_scored_again(pipe, tmp_path):
+    """hqq computes (q - zero) * scale, Q4_1 d * q + m: the same codes, d and m in fp16."""
+    recipe = autoquant.Recipe.from_dict({"format": "autoquant-recipe/1",
+                                         "components": ["transformer"],
+                                         "default": {"method": "hqq", "bits": 4,
+                                                     "group_size": 32}})
+    info = export_gguf(pipe, recipe, tmp_path / "h.gguf", names="diffusers", progress=False)
+    assert info["types"].get("Q4_1") and all("-> Q4_1 (near-exact" in v
+                                              for v in info["requantized"].values())
+    lin = pipe.transformer.transformer_blocks[0].attn.to_q
+    reader = gguf.GGUFReader(str(tmp_path / "h.gguf"))
+    data = next(t for t in reader.tensors if t.name == "transformer_blocks.0.attn.to_q.weight")
+    mapped = torch.from_numpy(gguf.dequantize(data.data, gguf.GGMLQuantizationType.Q4_1))
+    from autoquant.backends import config_from_dict, quantize_layer
+
+    h = quantize_layer(lin, config_from_dict({"method": "hqq", "bits": 4, "group_size": 32}),
+                       torch.device("cpu"))
+    hqq_w = h.dequantize().float()
+    assert (mapped - hqq_w).abs().max() <= 0.02 * hqq_w.abs().max()
+    loaded = load_gguf(tmp_path / "h.gguf", pipe)
+    original = pipe.transformer
+    pipe.transformer = loaded
+    try:
+        from_file = _images(pipe)
+    finally:
+        pipe.transformer = original
+    autoquant.apply_recipe(pipe, recipe, progress=False, keep_originals=True)
+    try:
+        scored = _images(pipe)
+    finally:
+        autoquant.revert(pipe)
+    mse = (from_file - scored).pow(2).mean().item()
+    assert mse > 0 and 10 * np.log10(1 / mse) > 35  # near, not identical: scored again
 
 
 def test_fused_bfl_tensors_must_share_a_type(pipe, tmp_path):

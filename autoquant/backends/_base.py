@@ -182,6 +182,16 @@ class Backend(ABC):
         ``gguf`` the value is the GGUF tensor type (``dtype``: the model's own float type)."""
         return {"autoquant-folder": "save_quantized: the tensors and metadata export_state writes"}
 
+    def near_format(self, cfg: QuantConfig, fmt: str) -> str | None:
+        """A type of ``fmt`` that holds ``cfg``'s layers *nearly* exactly (the same codes, its
+        scales rounded to the format's precision), or None. A file made this way is not what
+        was scored: it must be scored again (the exporter says so)."""
+        return None
+
+    def near_export(self, linear: nn.Linear, cfg: QuantConfig, fmt: str):
+        """The ``near_format`` tensor of ``linear`` (raw bytes, rows of ``out_features``)."""
+        raise NotImplementedError
+
     def _calibrates(self) -> bool | str:
         """True / False, or "per config" where :meth:`needs_calibration` decides per config."""
         if self.calibrated or type(self).needs_calibration is Backend.needs_calibration:

@@ -131,3 +131,30 @@ class HQQBackend(Backend):
 
     def configs(self):
         return [HQQConfig(bits=b, group_size=64) for b in BITS]
+
+    # -- GGUF: 4-bit hqq (axis 1, groups of a multiple of 32) is GGUF's Q4_1 but for rounding ----
+    def near_format(self, cfg, fmt):
+        if fmt == "gguf" and cfg.bits == 4 and cfg.group_size % 32 == 0:
+            return "Q4_1"
+        return None
+
+    def near_export(self, linear, cfg, fmt):
+        """Q4_1 blocks of hqq's own codes: ``d = scale``, ``m = -zero * scale`` (fp16), the
+        4-bit codes as they are; hqq computes ``(q - zero) * scale``, Q4_1 ``d * q + m``."""
+        import numpy as np
+        from hqq.core.quantize import Quantizer
+
+        if self.near_format(cfg, fmt) is None:
+            raise ValueError(f"{cfg.label} has no near-exact {fmt} type")
+        q = self.quantize(linear, cfg, torch.device("cpu"))
+        codes = Quantizer.unpack[q.meta["packing"]](q.W_q, dtype=torch.uint8)
+        codes = codes[: linear.out_features * linear.in_features // cfg.group_size]
+        scale = q.meta["scale"].float().reshape(-1, 1)
+        zero = q.meta["zero"].float().reshape(-1, 1)
+        per = cfg.group_size // 32
+        blocks = codes.reshape(-1, 32).numpy().astype(np.uint8)
+        d = scale.repeat_interleave(per, 0).half().numpy().view(np.uint8).reshape(-1, 2)
+        m = (-zero * scale).repeat_interleave(per, 0).half().numpy().view(np.uint8).reshape(-1, 2)
+        qs = blocks[:, :16] | (blocks[:, 16:] << 4)
+        out = np.concatenate([d, m, qs], axis=1)  # ggml's block_q4_1: d, m, qs[16]
+        return out.reshape(linear.out_features, -1)

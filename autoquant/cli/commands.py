@@ -199,7 +199,7 @@ def cmd_export(args) -> int:
     from .._format import human_bytes
 
     for layer, how in info["requantized"].items():
-        print(f"requantized {layer}: {how}")
+        print(f"mapped {layer}: {how}")
     types = ", ".join(f"{n} {k}" for k, n in sorted(info["types"].items()))
     print(f"wrote {info['path']}: {human_bytes(info['bytes'])}, {info['tensors']} tensors "
           f"({types}), {names} names")

@@ -140,7 +140,7 @@ def _search(sub) -> argparse.ArgumentParser:
                         "150ms; a space with a latency objective searches it without a limit")
     p.add_argument("--export", default=None, choices=EXPORT_FORMATS, metavar="FORMAT",
                    help="also write the best plan as a file of this format beside best.yaml "
-                        "(gguf: best.gguf, BFL names for Flux; use --space gguf)")
+                        "(best.<format>; BFL names for Flux); search a space of its types")
     p.add_argument("--latency-mode", default="eager", choices=["eager", "compile"],
                    help="time steps as deployed: eager, or under torch.compile")
     p.add_argument("--cache-gib", type=_positive_float, default=None,

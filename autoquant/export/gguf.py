@@ -40,6 +40,17 @@ NAMES = ("bfl", "diffusers")
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 
 
+@dataclasses.dataclass(frozen=True)
+class Near:
+    """A layer of another method written as the format's nearly-exact type (its own codes)."""
+    config: Any
+    type: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.label} as {self.type}"
+
+
 @dataclasses.dataclass
 class Entry:
     """One tensor of the file: its name, the state-dict tensors it stacks, how it is stored."""
@@ -49,6 +60,7 @@ class Entry:
     kind: str  # a GGUF type name, or "BF16" / "F16" / "F32"
     shape: tuple[int, ...]
     config: GGUFConfig | None = None
+    near: Near | None = None  # made by the layers' own backend (Backend.near_export)
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +112,13 @@ def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer", names: 
     refused = []
     for path, layer in layers.items():
         cfg = plan.configs.get(layer.name, fp)
-        if FORMAT not in get_backend(cfg.method).formats(cfg):
+        backend = get_backend(cfg.method)
+        if FORMAT not in backend.formats(cfg) and backend.near_format(cfg, FORMAT):
+            configs[path] = Near(cfg, backend.near_format(cfg, FORMAT))
+            mapped[layer.name] = (f"{cfg.label} -> {configs[path].type} (near-exact: its own "
+                                  f"codes, scales rounded to fp16; score the file again)")
+            continue
+        if FORMAT not in backend.formats(cfg):
             near = nearest_gguf(cfg, (layer.out_features, layer.in_features), dtype)
             if not requantize or near is None:
                 refused.append(f"{layer.name} ({cfg.label}"
@@ -135,6 +153,9 @@ def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer", names: 
                 mixed.append(f"{name} <- {', '.join(sorted(c.label for c in chosen))}")
                 continue
             cfg = chosen.pop()
+            if isinstance(cfg, Near):
+                entries.append(Entry(name, parts, swapped, cfg.type, tuple(shape), near=cfg))
+                continue
             kind = get_backend(cfg.method).formats(cfg)[FORMAT]
             if kind not in TYPES:  # the model's own float type
                 kind, cfg = _dtype_kind(t0.dtype), None
@@ -152,7 +173,11 @@ def _tensor_data(entry: Entry, state: dict[str, torch.Tensor], modules: dict[str
     parts = []
     for p in entry.parts:
         t = state[p].detach().to("cpu")
-        if entry.config is not None:
+        if entry.near is not None:
+            layer = modules[p.rpartition(".")[0]]
+            parts.append(get_backend(entry.near.config.method).near_export(
+                layer, entry.near.config, FORMAT))
+        elif entry.config is not None:
             imatrix = imatrix_of(modules[p.rpartition(".")[0]]) if entry.config.imatrix else None
             if entry.config.imatrix and imatrix is None:
                 raise InputError(f"{p}: its imatrix config needs calibration data; "
