@@ -29,6 +29,12 @@ def _demo(dtype):
     return load_demo_pipeline(dtype)
 
 
+def _demo_flux(dtype):
+    from .zoo.flux import load_demo_flux_pipeline
+
+    return load_demo_flux_pipeline(dtype)
+
+
 def _tiny(name):
     def load(dtype):
         from .tiny import BUILDERS
@@ -43,12 +49,21 @@ def _demo_generation() -> Mapping[str, Any]:
     return MappingProxyType(dict(DEMO_GENERATION))
 
 
+def _demo_flux_generation() -> Mapping[str, Any]:
+    from .zoo.flux import DEMO_FLUX_GENERATION  # a plain dict, no heavy imports
+
+    return MappingProxyType(dict(DEMO_FLUX_GENERATION))
+
+
 _TINY_GENERATION = MappingProxyType({"num_inference_steps": 4, "height": 32, "width": 32})
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
     BuiltinModel("demo", "the demo text-to-image model this project trains and ships "
                  "(PixArt format, Fashion-MNIST, 32 px)", _demo, _demo_generation(),
                  prompt_family="demo", clip="demo"),
+    BuiltinModel("demo-flux", "the Flux-architecture demo this project trains and ships "
+                 "(FluxPipeline: 2 double + 2 single blocks, Fashion-MNIST, 32 px)", _demo_flux,
+                 _demo_flux_generation(), prompt_family="demo", clip="demo"),
     BuiltinModel("tiny-flux", "a tiny Flux-shaped pipeline with random weights (tests, smoke runs)",
                  _tiny("tiny-flux"), _TINY_GENERATION),
     BuiltinModel("tiny-sd", "a tiny Stable-Diffusion-shaped pipeline with random weights",

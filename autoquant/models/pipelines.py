@@ -1,4 +1,4 @@
-"""Load pipelines by name: a built-in (``demo``, ``tiny-flux``, ``tiny-sd``), a local folder, or a
+"""Load pipelines by name: a built-in (``demo``, ``demo-flux``, ``tiny-flux``, ``tiny-sd``), a local folder, or a
 Hugging Face hub id; and pick the dtype they compute in."""
 
 from __future__ import annotations
