@@ -16,9 +16,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from ... import _atomic
 from ..._compat import dtype_kwargs
 from ..._paths import cache_dir
+from ._folder import _link, write_json_once
 from .models import DEMO_DIR  # noqa: F401  (the shipped weights' folder)
 
 #: default generation settings of the demo pipeline (passed to its __call__)
@@ -33,15 +33,6 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
-
-def _link(src: Path, dst: Path) -> None:
-    if dst.is_symlink() or dst.exists():
-        if dst.is_symlink() and dst.resolve() == src.resolve():
-            return
-        dst.unlink()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.symlink_to(src)
 
 
 def demo_folder() -> Path:
@@ -63,16 +54,6 @@ def demo_folder() -> Path:
     return folder
 
 
-def write_json_once(path: Path, data) -> None:
-    """``data`` as JSON at ``path`` unless it is there already (missing or damaged: written)."""
-    try:
-        intact = json.loads(path.read_text()) == data
-    except (OSError, ValueError):
-        intact = False
-    if not intact:
-        _atomic.write_text(path, json.dumps(data, indent=1))
-
-
 @functools.cache
 def _demo_pipeline_class():
     """The class, named where pickle finds it (``autoquant.models.zoo.DemoPipeline``): copying a
@@ -92,6 +73,10 @@ def _demo_pipeline_class():
 def __getattr__(name: str):
     if name == "DemoPipeline":  # built on first use: it needs diffusers
         return _demo_pipeline_class()
+    if name == "flux":  # the Flux demo's module, on first use (autoquant.zoo.flux...)
+        import importlib
+
+        return importlib.import_module(".flux", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..._compat import dtype_kwargs
 from ..._paths import cache_dir
+from ._folder import _link, write_json_once
 
 #: the shipped weights of the Flux demo
 FLUX_DIR = Path(__file__).parent / "demo-flux"
@@ -79,7 +80,6 @@ def demo_flux_folder() -> Path:
     """A plain diffusers ``FluxPipeline`` folder for the Flux demo (links into the package and
     the MiniLM package; written once per installation, offline)."""
     from .models import minilm_path
-    from . import _link, write_json_once
 
     minilm = minilm_path()
     key = hashlib.sha256(f"{FLUX_DIR.resolve()}|{minilm.resolve()}".encode()).hexdigest()[:12]
