@@ -765,7 +765,8 @@ def _argument_cases(add) -> None:
     add("argument", "model-unreachable-hub", cli(["inspect", "--model", "nobody/none"],
                                                  "could not load 'nobody/none'",
                                                  before_model=False))
-    hqq_recipe = "format: autoquant-recipe/1\ndefault: {method: hqq, bits: 4}\n"
+    # hqq 3-bit: no near-exact GGUF type (4-bit hqq maps to Q4_1), and no --requantize
+    hqq_recipe = "format: autoquant-recipe/1\ndefault: {method: hqq, bits: 3}\n"
     gguf_recipe = "format: autoquant-recipe/1\ndefault: {method: gguf, type: Q4_0}\n"
     add("export", "recipe-missing", cli(lambda ctx: ["export", "--model", TINY, "--recipe",
                                                      str(ctx.tmp / "nope.yaml"), "--out",
@@ -784,7 +785,7 @@ def _argument_cases(add) -> None:
                                                "--space gguf"))
     add("export", "evaluate-gguf-missing", cli(lambda ctx: [
         "evaluate", "--model", TINY, "--no-clip", "--gguf", str(ctx.tmp / "none.gguf")],
-        "no such file", before_model=False))
+        "no such file"))
     add("export", "evaluate-gguf-junk", cli(lambda ctx: [
         "evaluate", "--model", TINY, "--no-clip", "--gguf",
         str(ctx.write("j.gguf", b"GGUF" + bytes(range(256)) * 8))], "not a readable GGUF file",

@@ -251,7 +251,7 @@ def _accepted(method: str, **fields) -> set[int]:
 
 def test_the_suite_covers_every_bit_width_each_method_accepts():
     """``configs()`` (what this suite runs) against what the config classes accept."""
-    assert set(methods()) == {"none", "hqq", "bnb", "torchao", "higgs", "gptq"}
+    assert set(methods()) == {"none", "hqq", "bnb", "torchao", "higgs", "gptq", "gguf"}
     covered = lambda **match: {c.bits for c in CONFIGS  # noqa: E731
                                if all(getattr(c, k, None) == v for k, v in match.items())}
     assert _accepted("hqq") == covered(method="hqq") == {1, 2, 3, 4, 8}
@@ -265,6 +265,9 @@ def test_the_suite_covers_every_bit_width_each_method_accepts():
     from autoquant.backends.torchao import TYPES
 
     assert torchao_types == set(TYPES)
+    from autoquant.backends.gguf import TYPES as GGUF_TYPES
+
+    assert {c.type for c in CONFIGS if c.method == "gguf"} == set(GGUF_TYPES)
 
 
 def test_higgs_grids_are_gaussian_mse_optimal():

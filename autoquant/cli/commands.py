@@ -217,6 +217,8 @@ def cmd_evaluate(args) -> int:
 
     if args.gguf and args.recipe:
         raise InputError("give --recipe or --gguf, not both")
+    if args.gguf and not Path(args.gguf).is_file():
+        raise InputError(f"--gguf {args.gguf}: no such file")
     recipe = load_recipe(args.recipe) if args.recipe else None  # validated before loading
     settings = _settings(args, args.prompt_set)
     if args.cache_dir:
@@ -229,17 +231,21 @@ def cmd_evaluate(args) -> int:
         memory = evaluation_memory(pipe, args.device, gpu_memory, recipe, args.components)
     elif args.device:
         pipe.to(args.device)
+    loaded = None
+    if args.gguf:  # read and checked before any image is made
+        from ..export.gguf import load_gguf
+        from ..scoring.evaluator import default_components
+
+        loaded = load_gguf(args.gguf, pipe, (args.components or default_components(pipe))[0])
     clip = _clip(args, args.device or "cpu")
     evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
                           cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
                           progress=not args.json, compile=args.compile, memory=memory)
-    if args.gguf:
-        from ..export.gguf import load_gguf
+    if loaded is not None:
         from ..scoring.evaluator import evaluate_replaced
 
-        component = evaluator.components[0]
-        loaded = load_gguf(args.gguf, pipe, component)
-        result = evaluate_replaced(evaluator, component, loaded, Path(args.gguf).name)
+        result = evaluate_replaced(evaluator, evaluator.components[0], loaded,
+                                   Path(args.gguf).name)
     else:
         label = Path(args.recipe).stem if args.recipe else "full precision"
         result = evaluator.evaluate(recipe, label=label)
