@@ -35,13 +35,9 @@ def _images(p):
              output_type="pt", generator=torch.Generator().manual_seed(0)).images
 
 
-def test_the_diffusers_file_loaded_by_diffusers_makes_the_scored_images(pipe, tmp_path):
-    recipe = autoquant.Recipe.from_dict(MIXED)
-    info = export_gguf(pipe, recipe, tmp_path / "m.gguf", names="diffusers", progress=False)
-    assert {"Q4_0", "Q8_0", "IQ4_NL", "BF16", "F32"} <= set(info["types"])
-    loaded = load_gguf(tmp_path / "m.gguf", pipe)
-    assert type(loaded).__name__ == "FluxTransformer2DModel"
-    reference = _images(pipe)
+def _file_and_scored(pipe, loaded, recipe):
+    """The images of ``pipe`` with its transformer loaded from the file, and with ``recipe``
+    applied (the pipeline is back in full precision after each)."""
     original = pipe.transformer
     pipe.transformer = loaded
     try:
@@ -53,6 +49,17 @@ def test_the_diffusers_file_loaded_by_diffusers_makes_the_scored_images(pipe, tm
         scored = _images(pipe)
     finally:
         autoquant.revert(pipe)
+    return from_file, scored
+
+
+def test_the_diffusers_file_loaded_by_diffusers_makes_the_scored_images(pipe, tmp_path):
+    recipe = autoquant.Recipe.from_dict(MIXED)
+    info = export_gguf(pipe, recipe, tmp_path / "m.gguf", names="diffusers", progress=False)
+    assert {"Q4_0", "Q8_0", "IQ4_NL", "BF16", "F32"} <= set(info["types"])
+    loaded = load_gguf(tmp_path / "m.gguf", pipe)
+    assert type(loaded).__name__ == "FluxTransformer2DModel"
+    reference = _images(pipe)
+    from_file, scored = _file_and_scored(pipe, loaded, recipe)
     assert torch.equal(from_file, scored)  # what is scored is what ships
     assert not torch.equal(scored, reference)
     # the file's tensor bytes are the byte formulas' (codes) plus F32 biases and norms
@@ -162,17 +169,7 @@ def test_hqq_4_bit_maps_to_q4_1_with_its_own_codes_and_is_scored_again(pipe, tmp
     hqq_w = h.dequantize().float()
     assert (mapped - hqq_w).abs().max() <= 0.02 * hqq_w.abs().max()
     loaded = load_gguf(tmp_path / "h.gguf", pipe)
-    original = pipe.transformer
-    pipe.transformer = loaded
-    try:
-        from_file = _images(pipe)
-    finally:
-        pipe.transformer = original
-    autoquant.apply_recipe(pipe, recipe, progress=False, keep_originals=True)
-    try:
-        scored = _images(pipe)
-    finally:
-        autoquant.revert(pipe)
+    from_file, scored = _file_and_scored(pipe, loaded, recipe)
     mse = (from_file - scored).pow(2).mean().item()
     assert mse > 0 and 10 * np.log10(1 / mse) > 35  # near, not identical: scored again
 

@@ -91,22 +91,18 @@ def flux_layout(state_keys: list[str]) -> list[tuple[str, list[str], bool]]:
             take(f"{b}.{suffix}", [f"{d}.{suffix}"])
         for d, b in SWAPPED.items():
             take(f"{b}.{suffix}", [f"{d}.{suffix}"], swapped=True)
-    for i in _blocks(keys, "transformer_blocks"):
-        for suffix in ("weight", "bias"):
-            for b, parts in FUSED_DOUBLE.items():
-                take(f"{b.format(i=i)}.{suffix}", [f"{p.format(i=i)}.{suffix}" for p in parts])
-            for d, b in RENAMED_DOUBLE.items():
-                take(f"{b.format(i=i)}.{suffix}", [f"{d.format(i=i)}.{suffix}"])
-        for d, b in NORMS_DOUBLE.items():
-            take(b.format(i=i), [d.format(i=i)])
-    for i in _blocks(keys, "single_transformer_blocks"):
-        for suffix in ("weight", "bias"):
-            for b, parts in FUSED_SINGLE.items():
-                take(f"{b.format(i=i)}.{suffix}", [f"{p.format(i=i)}.{suffix}" for p in parts])
-            for d, b in RENAMED_SINGLE.items():
-                take(f"{b.format(i=i)}.{suffix}", [f"{d.format(i=i)}.{suffix}"])
-        for d, b in NORMS_SINGLE.items():
-            take(b.format(i=i), [d.format(i=i)])
+    for prefix, fused, renamed, norms in (
+            ("transformer_blocks", FUSED_DOUBLE, RENAMED_DOUBLE, NORMS_DOUBLE),
+            ("single_transformer_blocks", FUSED_SINGLE, RENAMED_SINGLE, NORMS_SINGLE)):
+        for i in _blocks(keys, prefix):
+            for suffix in ("weight", "bias"):
+                for b, parts in fused.items():
+                    take(f"{b.format(i=i)}.{suffix}",
+                         [f"{p.format(i=i)}.{suffix}" for p in parts])
+                for d, b in renamed.items():
+                    take(f"{b.format(i=i)}.{suffix}", [f"{d.format(i=i)}.{suffix}"])
+            for d, b in norms.items():
+                take(b.format(i=i), [d.format(i=i)])
     left = sorted(keys - used)
     if left:
         raise ValueError(f"no BFL name for {left[:5]}{' ...' if len(left) > 5 else ''}: this is "

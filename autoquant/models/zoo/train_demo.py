@@ -292,11 +292,15 @@ def install(trained: Path, target: Path) -> None:
     print(f"installed into {target}")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m autoquant.models.zoo.train_demo")
+def run_script(argv, prog: str, prepare, train, install, text_cache: str, target: Path,
+               train_options=None) -> int:
+    """The three-step command line every demo's training script has: ``prepare`` (caption
+    states, CPU), ``train`` (time-boxed stages), ``install`` (into the package).
+    ``train_options(parser)`` adds a script's own training flags."""
+    ap = argparse.ArgumentParser(prog=prog)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("--out", default="text_cache.pt")
+    p.add_argument("--out", default=text_cache)
     p = sub.add_parser("train")
     p.add_argument("--text-cache", required=True)
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX .gz files")
@@ -305,9 +309,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's time box")
     p.add_argument("--smoke", action="store_true", help="tiny data, for a quick check")
+    if train_options is not None:
+        train_options(p)
     p = sub.add_parser("install")
     p.add_argument("--trained", required=True)
-    p.add_argument("--target", default=str(Path(__file__).parent / "demo"))
+    p.add_argument("--target", default=str(target))
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         prepare(Path(args.out))
@@ -316,6 +322,11 @@ def main(argv=None) -> int:
     else:
         install(Path(args.trained), Path(args.target))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_script(argv, "python -m autoquant.models.zoo.train_demo", prepare, train, install,
+                      "text_cache.pt", Path(__file__).parent / "demo")
 
 
 if __name__ == "__main__":

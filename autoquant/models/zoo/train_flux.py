@@ -17,7 +17,6 @@ uses for 16 image tokens, 10% of captions dropped to the empty prompt for guidan
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -33,7 +32,7 @@ from . import captions as C
 from . import flux as X
 from . import models as M
 from .data import brightness_terciles, load_split, to_pixels
-from .train_demo import Log, _autocast, fit, seed_all, train_vae
+from .train_demo import Log, _autocast, fit, run_script, seed_all, train_vae
 
 
 @torch.no_grad()
@@ -168,34 +167,16 @@ def install(trained: Path, target: Path) -> None:
     print(f"installed into {target}")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m autoquant.models.zoo.train_flux")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--out", default="flux_text.pt")
-    p = sub.add_parser("train")
-    p.add_argument("--text-cache", required=True)
-    p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's time box")
-    p.add_argument("--smoke", action="store_true", help="tiny data, for a quick check")
+def _train_options(p) -> None:
     p.add_argument("--batch", type=int, default=512, help="the denoiser's batch")
     p.add_argument("--vae-batch", type=int, default=256, help="the VAE's batch")
     p.add_argument("--denoiser-seconds", type=float, default=None,
                    help="the denoiser's time box (default 300 s x --scale)")
-    p = sub.add_parser("install")
-    p.add_argument("--trained", required=True)
-    p.add_argument("--target", default=str(X.FLUX_DIR))
-    args = ap.parse_args(argv)
-    if args.cmd == "prepare":
-        prepare(Path(args.out))
-    elif args.cmd == "train":
-        train(args)
-    else:
-        install(Path(args.trained), Path(args.target))
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_script(argv, "python -m autoquant.models.zoo.train_flux", prepare, train, install,
+                      "flux_text.pt", X.FLUX_DIR, _train_options)
 
 
 if __name__ == "__main__":
