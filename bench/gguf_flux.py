@@ -10,7 +10,11 @@ rotation, which no other loader reads -- then tensors are downgraded from the mi
 checkpoint order outwards, first to Q5_0, then to Q4_0 (then 1-D tensors to BF16, which cannot
 matter here: they are a few KiB), until the file fits; the first and last blocks stay higher.
 
-    python bench/gguf_flux.py [--trials 10] [--json bench/results/gguf_flux.json]
+The search measures its sensitivity table in ``images`` mode (a generation per entry: the
+replayed table, blind to guidance, planned below uniform here) and chooses every tensor, the
+usual keep list included; ``--space`` / ``--sensitivity`` reproduce the other runs.
+
+    python bench/gguf_flux.py [--trials 30] [--json bench/results/gguf_flux.json]
 """
 
 from __future__ import annotations
@@ -43,6 +47,26 @@ def uniform(type_name: str, imatrix: bool = False) -> autoquant.Recipe:
     return autoquant.Recipe.from_dict({
         "format": "autoquant-recipe/1", "components": ["transformer"], "model": {"id": MODEL},
         "default": {"method": "gguf", "type": type_name, "imatrix": imatrix}, "layers": KEEP})
+
+
+def without_imatrix(recipe: autoquant.Recipe) -> autoquant.Recipe | None:
+    """``recipe`` with every imatrix layer rounded without one (None: it uses none)."""
+    d = recipe.to_dict()
+    found = False
+    for spec in [d.get("default", {}), *d.get("layers", {}).values()]:
+        if spec.get("imatrix"):
+            spec["imatrix"], found = False, True
+    return autoquant.Recipe.from_dict(d) if found else None
+
+
+def type_counts(recipe: autoquant.Recipe, pipe) -> dict[str, int]:
+    """How many of the transformer's Linear layers the plan puts at each config."""
+    plan = recipe.resolve(autoquant.inventory(pipe))
+    out: dict[str, int] = {}
+    for name, cfg in plan.configs.items():
+        if name.startswith("transformer."):
+            out[cfg.label] = out.get(cfg.label, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def positional(pipe, target_bytes: int) -> autoquant.Recipe | None:
@@ -80,7 +104,9 @@ def positional(pipe, target_bytes: int) -> autoquant.Recipe | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=10, help="search trials per budget")
+    ap.add_argument("--trials", type=int, default=30, help="search trials per budget")
+    ap.add_argument("--space", default="gguf")
+    ap.add_argument("--sensitivity", default="images")
     ap.add_argument("--json", default="bench/results/gguf_flux.json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -94,10 +120,13 @@ def main(argv=None) -> int:
     print(f"uniform files scored ({time.perf_counter() - t0:.0f} s)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="gguf-flux-"))
     search = Search(SearchConfig(model=MODEL, budget=str(base["Q4_K"].bytes),
-                                 space=autoquant.load_space("gguf"), trials=args.trials,
+                                 space=autoquant.load_space(args.space), trials=args.trials,
                                  out=tmp / "s", settings=search_settings(model=MODEL), clip=clip,
-                                 progress=False, sensitivity="full"), pipe)
+                                 progress=False, sensitivity=args.sensitivity), pipe)
+    t1 = time.perf_counter()
     search.prepare()
+    prepare_s = time.perf_counter() - t1
+    print(f"sensitivity ({args.sensitivity}) measured in {prepare_s:.0f} s", flush=True)
     rows, records = [], []
     for t in UNIFORM:
         r = base[t]
@@ -107,9 +136,16 @@ def main(argv=None) -> int:
             search.retarget(str(r.bytes), tmp / t)
             report = run_search(search)
             ours = holdout.evaluate(autoquant.load_recipe(tmp / t / "best.yaml"), "autoquant")
+            best = autoquant.load_recipe(tmp / t / "best.yaml")
             rec["autoquant"] = {"bytes": ours.bytes, "trials": report["trials"],
+                                "types": type_counts(best, pipe),
                                 **{k: ours.metrics[k]["mean"] for k in ("psnr", "ssim",
                                                                         "clip_fidelity")}}
+            off = without_imatrix(best)
+            if off is not None:  # the same plan, the same bytes, plain ggml rounding
+                o = holdout.evaluate(off, "autoquant, imatrix off")
+                rec["autoquant_imatrix_off"] = {"bytes": o.bytes,
+                                                "psnr": o.metrics["psnr"]["mean"]}
             pos = positional(pipe, r.bytes)
             if pos is not None:
                 p = holdout.evaluate(pos, "positional")
@@ -130,6 +166,10 @@ def main(argv=None) -> int:
                         "on": imat[t].metrics["psnr"]["mean"]} for t in imat}
     print("imatrix at equal bytes (held-out PSNR off -> on): " + ", ".join(
         f"{t} {v['off']:.2f} -> {v['on']:.2f}" for t, v in imatrix_rows.items()))
+    for r in records:
+        if "autoquant_imatrix_off" in r:
+            print(f"searched plan at {r['type']} bytes, imatrix on -> off: "
+                  f"{r['autoquant']['psnr']:.2f} -> {r['autoquant_imatrix_off']['psnr']:.2f} dB")
     # the Q4_K-size plan as a file, loaded by diffusers, scored again
     best = autoquant.load_recipe(tmp / "Q4_K" / "best.yaml")
     info = export_gguf(pipe, best, tmp / "best.gguf", names="diffusers", progress=False)
@@ -146,7 +186,9 @@ def main(argv=None) -> int:
           f"{agree['recipe_psnr']:.2f} dB, the file through diffusers {agree['file_psnr']:.2f} dB"
           f", images identical: {agree['identical']}")
     bfl = export_gguf(pipe, best, tmp / "best-bfl.gguf", names="bfl", progress=False)
-    write_json(args.json, {"environment": environment(), "rows": records,
+    write_json(args.json, {"environment": environment(), "space": args.space,
+                           "sensitivity": args.sensitivity, "sensitivity_s": prepare_s,
+                           "trials": args.trials, "rows": records,
                            "imatrix": imatrix_rows, "file": agree,
                            "bfl_file": {k: bfl[k] for k in ("bytes", "tensors", "types")}})
     return 0

@@ -112,3 +112,54 @@ def test_mutations_change_the_base_and_stay_feasible(search):
         assert max(search.constraints(choice)) <= 0
         seen.add(tuple(choice))
     assert len(seen) > 3  # mutations explore, they do not repeat one plan
+
+
+def _image_planner(rows, nbytes, byte_budget, fp=None):
+    """A Planner over an images-mode table, without a model (what it reads of budget/groups)."""
+    from types import SimpleNamespace
+
+    from autoquant.search._budget import Planner
+
+    groups = SimpleNamespace(groups=[SimpleNamespace(options=[
+        SimpleNamespace(full_precision=bool(fp and fp[g][k])) for k in range(len(r))])
+        for g, r in enumerate(rows)])
+    budget = SimpleNamespace(opt_bytes=nbytes, opt_fp=fp or [[0] * len(r) for r in rows],
+                             fixed_bytes=0, fp_allowed=10**9, latency_limit_s=None,
+                             budget_bytes=byte_budget)
+    return Planner(budget, groups, rows, per_image=True)
+
+
+def test_an_image_table_plans_for_the_mean_psnr_not_the_mean_error():
+    """Two images: group 0's damage falls on an image that is nearly exact (1e-6), group 1's on
+    one that is already far off (1e-3). Summed squared error says: protect group 1 (its damage
+    is 4x larger); the mean PSNR says: protect group 0 (it costs that image 13 dB, group 1
+    costs the other 0.8 dB). One upgrade fits the budget."""
+    import math
+
+    floor = [1e-6, 1e-3]
+    rows = [[[1e-6, 1e-3], [2e-5 + 1e-6, 1e-3]],  # group 0: option 0 = 8-bit, 1 = 2-bit
+            [[1e-6, 1e-3], [1e-6, 1e-3 + 2e-4]],
+            [[1e-6, 1e-3], [1e-6 + 1e-9, 1e-3]]]  # group 2: only the floor moves (bf16 noise)
+    nbytes = [[10, 1], [10, 1], [10, 1]]
+    planner = _image_planner(rows, nbytes, byte_budget=12)
+    assert list(planner.images.floor) == floor
+    plain = solve([[sum(v) for v in r] for r in rows], nbytes, [[0, 0]] * 3, 12, 0)
+    assert plain == [1, 0, 1]  # the summed error's choice
+    choice = planner.solve_at(12)
+    assert choice == [0, 1, 1]
+    lost = planner.proxy(choice)
+    assert lost == pytest.approx((10 * math.log10((1e-3 + 2e-4) / 1e-3)
+                                  + 10 * math.log10((1e-6 + 1e-9) / 1e-6)) / 2, rel=1e-6)
+    assert lost < planner.proxy(plain)
+    assert planner.proxy([0, 0, 0]) == 0.0  # every group at the floor: no damage predicted
+
+
+def test_an_image_table_keeps_full_precision_at_zero_and_a_broken_image_ruinous():
+    inf = float("inf")
+    rows = [[[1e-4, 1e-4], [inf, 1e-4], [0.0, 0.0]],  # option 1 made a NaN image; 2 is fp
+            [[1e-4, 1e-4], [3e-4, 3e-4], [0.0, 0.0]]]
+    fp = [[0, 0, 1], [0, 0, 1]]
+    planner = _image_planner(rows, [[5, 1, 20], [5, 1, 20]], byte_budget=7, fp=fp)
+    assert all(v == 0.0 for d in planner.images.delta for v in d[2])
+    assert planner.solve_at(7) == [0, 1]  # never the option whose image broke
+    assert planner.error[0][1] > 100 * planner.error[1][1]

@@ -327,3 +327,52 @@ def test_seeds_hold_each_uniform_config_with_the_usual_layers_kept(tmp_path):
     assert kept and all(plan[n].full_precision for n in kept if n in plan)
     assert {c.label for n, c in plan.items() if n not in kept} == {"hqq4-g32"}
     assert max(search.constraints(seeds["uniform hqq4-g32 + protect"])) <= 0
+
+
+def test_images_sensitivity_is_each_images_error_with_one_group_changed(tmp_path):
+    """``--sensitivity images``: per (group, config), the search images' own errors -- entry by
+    entry what generating with that group alone quantized gives; stored in the study, so a
+    rerun plans from it without generating it again."""
+    import math
+
+    by_block = SearchSpace.from_dict({  # one group per block: few generations
+        **SPACE, "candidates": SPACE["candidates"][:2] + SPACE["candidates"][3:],
+        "tie": ["re:(transformer\\.(?:single_)?transformer_blocks\\.\\d+)\\..*"]})
+
+    def images_search(trials, resume=False):  # 4 images of 3 steps: a generation per entry
+        s = make_search(tmp_path, trials=trials, resume=resume, sensitivity="images",
+                        space=by_block)
+        settings = dataclasses.replace(s.settings, prompts=s.settings.prompts[:4], steps=3)
+        return Search(dataclasses.replace(s.cfg, settings=settings), s.pipe)
+
+    search = images_search(3)
+    search.prepare()
+    assert search.sensitivity_mode == "images"
+    n = len(search.evaluator.pairs)
+    g = max(range(len(search.groups.groups)), key=lambda i: len(search.groups.groups[i].layers))
+    group = search.groups.groups[g]
+    for k, cfg in enumerate(group.options):
+        row = search.error[g][k]
+        assert len(row) == n
+        if cfg.full_precision:
+            assert row == [0.0] * n
+            continue
+        search.cache.assemble({l.name: cfg for l in group.layers})
+        images = search.evaluator.images()
+        search.cache.restore()
+        refs = search.evaluator.references
+        assert row == pytest.approx((images.float() - refs.float()).pow(2).flatten(1).mean(1)
+                                    .tolist(), rel=1e-6, abs=1e-12)
+    two_bit = group.options.index(next(c for c in group.options if getattr(c, "bits", 0) == 2))
+    assert sum(search.error[g][two_bit]) > 0
+    # the plan the solver proposes meets the budget; the proxy is the predicted dB lost
+    seeds = search.seeds()
+    assert seeds[0][0] == "solver@100%" and max(search.constraints(seeds[0][1])) <= 0
+    lost = [search.proxy(c) for _, c in seeds]
+    assert all(math.isfinite(v) and v >= 0 for v in lost)
+    assert search.proxy(seeds[0][1]) <= min(search.proxy(c) for s, c in seeds
+                                            if s.startswith("uniform")) + 1e-9
+    run_search(search)
+    again = images_search(4, resume=True)
+    run_search(again)
+    assert again.timing["sensitivity_reused"] and again.error == search.error

@@ -131,10 +131,13 @@ def _search(sub) -> argparse.ArgumentParser:
                         "the same settings is joined or continued anyway)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the proposals (default 0)")
     _add_eval_options(p, prompt_set=False, batch_size=20)
-    p.add_argument("--sensitivity", default="auto", choices=["auto", "full", "anchored"],
+    p.add_argument("--sensitivity", default="auto",
+                   choices=["auto", "full", "anchored", "images"],
                    help="full: replay the denoiser for every (layer group, config); anchored: "
-                        "once per group (12x fewer on the demo, plans as good); auto: full if it "
-                        "takes <= 30 s")
+                        "once per group (12x fewer on the demo, plans as good); images: "
+                        "generate the search images for every (group, config) -- the slowest, "
+                        "the most faithful (GGUF types, guided models); auto: full if it takes "
+                        "<= 30 s")
     p.add_argument("--latency", default=None, metavar="LIMIT",
                    help="search step time too, within LIMIT: 1.0x (full precision's step) or "
                         "150ms; a space with a latency objective searches it without a limit")

@@ -198,6 +198,14 @@ class Evaluator:
         at = {i: k for k, i in enumerate(i for b in wanted for i in b)}
         return made[[at[i] for i in idx]]
 
+    def images(self, subset: list[int] | None = None) -> torch.Tensor:
+        """The images ``subset`` (indices into the pairs; default all) of the pipeline as it
+        stands, made in the references' batches. Raises on NaN/inf images."""
+        images = self._images(list(range(len(self.pairs))) if subset is None else list(subset))
+        if not torch.isfinite(images).all():
+            raise NonFiniteError("the quantized pipeline produced non-finite images (NaN/inf)")
+        return images
+
     def score(self, subset: list[int] | None = None) -> tuple[dict, float, float]:
         """Aggregated metrics of the pipeline as it stands on ``subset`` (indices into the pairs;
         default all): ``(metrics, generation s, metrics s)``."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
+
 from .._errors import InputError
 from .._format import human_bytes
 from ._groups import Groups
@@ -117,21 +119,81 @@ class Budget:
         return out
 
 
-class Planner:
-    """The solver's plans for one budget and one sensitivity table (``error[g][k]``)."""
+class ImageTable:
+    """An ``images``-mode table: ``rows[g][k]`` holds each search image's squared error with only
+    group g at option k. What it predicts for a plan is each image's error -- the floor (the
+    smallest error any quantized option gives that image: a bf16 pipeline's images move that
+    much under any change at all, and that part does not add up over groups) plus every group's
+    damage above it -- and the score it stands for is the mean PSNR over the images."""
 
-    def __init__(self, budget: Budget, groups: Groups, error: list[list[float]]):
-        self.budget, self.groups, self.error = budget, groups, error
+    def __init__(self, rows: list[list[list[float]]], groups: Groups):
+        fp = [[c.full_precision for c in g.options] for g in groups.groups]
+        arrays = [np.asarray(r, dtype=float) for r in rows]
+        quantized = [a[k] for a, f in zip(arrays, fp) for k in range(len(f)) if not f[k]]
+        finite = np.concatenate([q[np.isfinite(q)] for q in quantized] or [np.ones(1)])
+        worst = float(finite.max()) if finite.size else 1.0
+        self.floor = np.maximum(np.min([np.where(np.isfinite(q), q, np.inf) for q in quantized],
+                                       axis=0) if quantized else np.ones(arrays[0].shape[1]),
+                                1e-12)
+        self.delta = []
+        for a, f in zip(arrays, fp):
+            a = np.where(np.isfinite(a), a, 1e3 * worst)  # a non-finite image: ruinous, not NaN
+            d = np.clip(a - self.floor, 0.0, None)
+            d[np.asarray(f, dtype=bool)] = 0.0
+            self.delta.append(d)
+
+    def predicted(self, choice: list[int]) -> np.ndarray:
+        return self.floor + sum(self.delta[g][k] for g, k in enumerate(choice))
+
+    def db_lost(self, choice: list[int]) -> float:
+        """Predicted mean PSNR below the floor's, in dB (0: no damage above the floor)."""
+        return float(10 * np.mean(np.log10(self.predicted(choice) / self.floor)))
+
+    def linear(self, weights: np.ndarray) -> list[list[float]]:
+        """``cost[g][k]``: the weighted mean damage; with weights 1/(a plan's predicted errors)
+        it is the first-order change of the mean log error around that plan."""
+        return [[float(np.mean(d[k] * weights)) for k in range(len(d))] for d in self.delta]
+
+
+class Planner:
+    """The solver's plans for one budget and one sensitivity table (``error[g][k]``; with
+    ``per_image``, an ``images``-mode table of per-image errors, see :class:`ImageTable`)."""
+
+    def __init__(self, budget: Budget, groups: Groups, error: list[list], per_image: bool = False):
+        self.budget, self.groups = budget, groups
+        self.images = ImageTable(error, groups) if per_image else None
+        # additive, for display and ordering: damage relative to each image's floor
+        self.error = self.images.linear(1 / self.images.floor) if per_image else error
 
     def proxy(self, choice: list[int]) -> float:
+        if self.images is not None:
+            return self.images.db_lost(choice)
         return sum(self.error[g][k] for g, k in enumerate(choice))
 
-    def solve_at(self, byte_budget: float, fixed: dict[int, int] | None = None):
+    def _solve(self, cost, byte_budget: float, fixed: dict[int, int] | None = None):
         b = self.budget
         extra = ([(b.opt_lat, b.latency_limit_s - b.fp_step_s)]
                  if b.latency_limit_s is not None else None)
-        return solve(self.error, b.opt_bytes, b.opt_fp, byte_budget - b.fixed_bytes,
+        return solve(cost, b.opt_bytes, b.opt_fp, byte_budget - b.fixed_bytes,
                      b.fp_allowed, fixed, extra)
+
+    def solve_at(self, byte_budget: float, fixed: dict[int, int] | None = None):
+        if self.images is None:
+            return self._solve(self.error, byte_budget, fixed)
+        # The mean PSNR is a mean of logs: not additive over groups. Majorize-minimize: the
+        # log's tangent at the current plan bounds it from above, so each solve of the
+        # linearized problem predicts no lower a PSNR than the plan before it.
+        choice, best = None, None
+        weights = 1 / self.images.floor
+        for _ in range(8):
+            new = self._solve(self.images.linear(weights), byte_budget, fixed)
+            if new is None or new == choice:
+                break
+            choice = new
+            if best is None or self.proxy(choice) < self.proxy(best):
+                best = choice
+            weights = 1 / self.images.predicted(choice)
+        return best
 
     def fastest_at(self, byte_budget: float) -> list[int] | None:
         """The plan with the smallest predicted step time within ``byte_budget`` (and the cap)."""

@@ -37,6 +37,7 @@ class SearchConfig:
     #: bytes the layer cache may hold; None: half of the device's free memory at the start
     cache_bytes: float | None = None
     #: "full": one replay per (group, config); "anchored": one per group (see _sensitivity.py);
+    #: "images": one generation of the search images per (group, config), scored per image;
     #: "auto": full unless one replay x the number of replays would exceed ``full_sensitivity_s``
     sensitivity: str = "auto"
     full_sensitivity_s: float = 30.0

@@ -192,18 +192,27 @@ class Measurements:
         mode, probe_s = choose_mode(mode, self.replay, self.cache, self.groups,
                                     self.cfg.full_sensitivity_s, self.cfg.progress)
         self.timing["replay_s"] = probe_s
-        rows = measure(mode, self.replay, self.cache, self.groups, progress=self.cfg.progress)
+        rows = measure(mode, self.replay, self.cache, self.groups, progress=self.cfg.progress,
+                       evaluator=self.evaluator)
         return [rows[i] for i in range(len(self.groups.groups))], mode
 
-    def use_sensitivity(self, table: list[list[float]], mode: str) -> None:
-        """Plan from ``table`` from now on (one row per group, one value per option)."""
+    def use_sensitivity(self, table: list[list], mode: str) -> None:
+        """Plan from ``table`` from now on (one row per group, one value per option; in
+        ``images`` mode one list of per-image errors per option)."""
         if len(table) != len(self.groups.groups) or any(
                 len(row) != len(g.options) for row, g in zip(table, self.groups.groups)):
             raise InputError("a sensitivity table needs one row per group and one value per "
                              "option")
+        if mode == "images":
+            n = len(self.evaluator.pairs) if self.evaluator is not None else \
+                len(table[0][0]) if table and table[0] and isinstance(table[0][0], list) else -1
+            if not all(isinstance(v, list) and len(v) == n and
+                       all(isinstance(x, (int, float)) for x in v) for row in table for v in row):
+                raise InputError(f"an images sensitivity table needs, per group and option, a "
+                                 f"list of {n} per-image errors (one per search image)")
         self.error, self.sensitivity_mode = table, mode
         self.timing["sensitivity_mode"] = mode
-        self.planner = Planner(self.budget, self.groups, table)
+        self.planner = Planner(self.budget, self.groups, table, per_image=mode == "images")
 
     def _planned(self) -> Planner:
         if self.planner is None:

@@ -197,7 +197,7 @@ class _Worker:
                      for l in g.layers})
             xs = self.layer_inputs
         rows = measure(prepared["mode"], search.replay, search.cache, search.groups,
-                       list(indices), progress=False, xs=xs)
+                       list(indices), progress=False, xs=xs, evaluator=search.evaluator)
         return {str(i): row for i, row in rows.items()}
 
     def finish(self) -> None:
