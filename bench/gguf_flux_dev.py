@@ -23,7 +23,10 @@ import torch
 
 import autoquant
 from autoquant._format import human_bytes, table
-from autoquant.export.gguf import export_gguf, load_gguf, plan_file
+from autoquant.export.gguf import export_gguf, from_single_file, load_gguf, plan_file
+from autoquant.generation.settings import EvalSettings, prompt_set
+from autoquant.scoring.evaluator import generate_images
+from autoquant.search._replay import Replay
 from autoquant.backends.measure import measured_bytes
 
 from _common import environment, write_json
@@ -78,36 +81,14 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def load_bfl(path: Path, transformer):
-    """The BFL-named file (what ComfyUI and stable-diffusion.cpp read) loaded by diffusers
-    itself, as a diffusers user loads a downloaded Flux GGUF: ``from_single_file`` (its key
-    converter, written for Flux-dev's widths) with ``GGUFQuantizationConfig``; ``config=`` the
-    model's own config, so it works offline."""
-    from diffusers import GGUFQuantizationConfig
-
-    with tempfile.TemporaryDirectory() as folder:
-        transformer.save_config(folder)
-        return type(transformer).from_single_file(
-            str(path), config=folder, torch_dtype=torch.bfloat16,
-            quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)).eval()
-
-
-def step_call(transformer, device, size: int):
-    """One denoiser call at ``size`` px (batch 1, 512 text tokens), Flux-dev's guidance."""
-    cfg = transformer.config
-    side = size // 16
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.zeros(side, side, 3)
-    ids[..., 1] = torch.arange(side)[:, None]
-    ids[..., 2] = torch.arange(side)[None, :]
-    kw = dict(hidden_states=torch.randn(1, side * side, cfg.in_channels, generator=gen),
-              encoder_hidden_states=torch.randn(1, 512, cfg.joint_attention_dim, generator=gen),
-              pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=gen),
-              timestep=torch.tensor([0.5]), img_ids=ids.reshape(-1, 3),
-              txt_ids=torch.zeros(512, 3), guidance=torch.tensor([3.5]), return_dict=False)
-    return {k: (v.to(device, torch.bfloat16) if isinstance(v, torch.Tensor) and
-                v.is_floating_point() and k not in ("img_ids", "txt_ids") else
-                v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+def step_call(pipe, size: int) -> tuple:
+    """One real denoiser call at ``size`` px (batch 1, 512 text tokens, Flux-dev's guidance),
+    captured from a short generation, as the other Flux benches take it."""
+    settings = EvalSettings(prompts=prompt_set("flux", "search")[:1], seeds=(0,), steps=2,
+                            guidance=3.5, height=size, width=size, batch_size=1,
+                            extra=(("max_sequence_length", 512),))
+    return Replay.capture(pipe, "transformer", lambda: generate_images(
+        pipe, settings, settings.pairs())).step_call()
 
 
 def main(argv=None) -> int:
@@ -142,31 +123,32 @@ def main(argv=None) -> int:
                export_peak_rss_above_model=rss.peak - rss.start,
                export_threads=torch.get_num_threads())
     out["file_vs_predicted"] = info["bytes"] / predicted - 1
+    out["file_vs_planned_tensors"] = info["bytes"] / out["tensor_bytes_planned"] - 1
     print(f"exported {info['tensors']} tensors {info['types']} in {out['export_s']:.0f} s: "
           f"{human_bytes(info['bytes'])} (predicted {human_bytes(predicted)}, "
           f"{out['file_vs_predicted']:+.3%}; its tensors as planned + the header: "
-          f"{info['bytes'] / out['tensor_bytes_planned'] - 1:+.4%}); peak memory above the model "
+          f"{out['file_vs_planned_tensors']:+.4%}); peak memory above the model "
           f"{human_bytes(out['export_peak_rss_above_model'])}", flush=True)
-
-    out["file_vs_planned_tensors"] = info["bytes"] / out["tensor_bytes_planned"] - 1
     t = time.perf_counter()
-    loaded = load_bfl(path, transformer) if not args.small else load_gguf(
+    # the BFL file itself at Flux-dev's widths (diffusers' key converter assumes them); --small
+    # loads a diffusers-named twin through autoquant's checked loader
+    loaded = from_single_file(path, transformer) if not args.small else load_gguf(
         export_gguf(pipe, recipe, tmp / "diffusers.gguf", names="diffusers",
-                    progress=False)["path"], pipe)  # BFL's converter assumes Flux-dev widths
+                    progress=False)["path"], pipe)
     out["diffusers_load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     loaded.to(device)
     out["to_device_s"] = time.perf_counter() - t
     print(f"diffusers from_single_file: {out['diffusers_load_s']:.1f} s (+ "
           f"{out['to_device_s']:.1f} s to {device})", flush=True)
-    call = step_call(transformer, device, size)
-    rows = []
     with torch.no_grad():
-        transformer.to(device)
-        out["bf16_step_s"] = time_call(lambda: transformer(**call), device, args.repeats, 2)
+        pipe.to(device)
+        args_, kwargs = step_call(pipe, size)
+        run = lambda m: m(*args_, **kwargs)  # noqa: E731
+        out["bf16_step_s"] = time_call(lambda: run(transformer), device, args.repeats, 2)
         transformer.to("cpu")
-        out["file_step_s"] = time_call(lambda: loaded(**call), device, args.repeats, 2)
-        from_file = loaded(**call)[0].float()
+        out["file_step_s"] = time_call(lambda: run(loaded), device, args.repeats, 2)
+        from_file = run(loaded)[0].float()
         loaded.to("cpu")
         del loaded
         if device.type == "cuda":
@@ -174,17 +156,18 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         autoquant.apply_recipe(pipe, recipe, device=device, progress=False)
         out["autoquant_apply_s"] = time.perf_counter() - t
-        out["autoquant_step_s"] = time_call(lambda: pipe.transformer(**call), device,
+        out["autoquant_step_s"] = time_call(lambda: run(pipe.transformer), device,
                                             args.repeats, 2)
-        ours = pipe.transformer(**call)[0].float()
+        ours = run(pipe.transformer)[0].float()
+    rows = []
     diff = (from_file - ours).pow(2).mean() / ours.pow(2).mean()
     out["file_vs_autoquant_rel_mse"] = diff.item()
     out["file_vs_autoquant_identical"] = bool(torch.equal(from_file, ours))
-    for name in ("bf16", "file", "autoquant"):
+    for name, what in (("bf16", "bf16 (diffusers)"),
+                       ("file", "GGUF file via diffusers (GGUFLinear)"),
+                       ("autoquant", "same plan, autoquant's gguf layers")):
         s = out[f"{name}_step_s"]
-        rows.append([{"bf16": "bf16 (diffusers)", "file": "GGUF file via diffusers (GGUFLinear)",
-                      "autoquant": "same plan, autoquant's gguf layers"}[name],
-                     f"{s * 1e3:.1f}", f"{s / out['bf16_step_s']:.2f}x"])
+        rows.append([what, f"{s * 1e3:.1f}", f"{s / out['bf16_step_s']:.2f}x"])
     print(table(rows, [f"one step, {size} px, {device}", "ms", "vs bf16"]))
     print(f"file vs autoquant's layers: relative MSE {diff.item():.2e}, identical: "
           f"{out['file_vs_autoquant_identical']}")

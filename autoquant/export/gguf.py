@@ -299,15 +299,22 @@ def load_gguf(path: str | Path, pipe: Any, component: str = "transformer",
               dtype: torch.dtype | None = None) -> Any:
     """``component`` of ``pipe`` loaded from the GGUF file by diffusers itself
     (``from_single_file`` with ``GGUFQuantizationConfig``; the model's own config, so it works
-    offline) -- the module a diffusers user gets from the file."""
+    offline) -- the module a diffusers user gets from the file, checked first."""
+    module = components_of(pipe)[component]
+    check_file(path, module)
+    return from_single_file(path, module, dtype)
+
+
+def from_single_file(path: str | Path, module: Any, dtype: torch.dtype | None = None) -> Any:
+    """diffusers' own load of a GGUF file into ``module``'s class and config (``config=`` a
+    saved copy, so it works offline), without :func:`check_file` -- for a BFL-named file of
+    Flux-dev's widths, which diffusers' key converter handles (a benchmark's 12B file)."""
     import tempfile
 
     from diffusers import GGUFQuantizationConfig
 
     from .._quiet import quiet_loading
 
-    module = components_of(pipe)[component]
-    check_file(path, module)
     dtype = dtype or next(module.parameters()).dtype
     with tempfile.TemporaryDirectory() as folder, quiet_loading():
         module.save_config(folder)

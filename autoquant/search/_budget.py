@@ -127,19 +127,17 @@ class ImageTable:
     damage above it -- and the score it stands for is the mean PSNR over the images."""
 
     def __init__(self, rows: list[list[list[float]]], groups: Groups):
-        fp = [[c.full_precision for c in g.options] for g in groups.groups]
+        fp = [np.array([c.full_precision for c in g.options]) for g in groups.groups]
         arrays = [np.asarray(r, dtype=float) for r in rows]
-        quantized = [a[k] for a, f in zip(arrays, fp) for k in range(len(f)) if not f[k]]
-        finite = np.concatenate([q[np.isfinite(q)] for q in quantized] or [np.ones(1)])
-        worst = float(finite.max()) if finite.size else 1.0
-        self.floor = np.maximum(np.min([np.where(np.isfinite(q), q, np.inf) for q in quantized],
-                                       axis=0) if quantized else np.ones(arrays[0].shape[1]),
-                                1e-12)
+        quantized = np.concatenate([a[~f] for a, f in zip(arrays, fp)])  # [entries, images]
+        finite = np.isfinite(quantized)
+        ruinous = 1e3 * quantized[finite].max(initial=1e-12)  # a non-finite image's error
+        floor = np.where(finite, quantized, np.inf).min(axis=0)
+        self.floor = np.maximum(np.where(np.isfinite(floor), floor, ruinous), 1e-12)
         self.delta = []
         for a, f in zip(arrays, fp):
-            a = np.where(np.isfinite(a), a, 1e3 * worst)  # a non-finite image: ruinous, not NaN
-            d = np.clip(a - self.floor, 0.0, None)
-            d[np.asarray(f, dtype=bool)] = 0.0
+            d = np.clip(np.where(np.isfinite(a), a, ruinous) - self.floor, 0.0, None)
+            d[f] = 0.0
             self.delta.append(d)
 
     def predicted(self, choice: list[int]) -> np.ndarray:

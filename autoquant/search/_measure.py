@@ -204,8 +204,7 @@ class Measurements:
             raise InputError("a sensitivity table needs one row per group and one value per "
                              "option")
         if mode == "images":
-            n = len(self.evaluator.pairs) if self.evaluator is not None else \
-                len(table[0][0]) if table and table[0] and isinstance(table[0][0], list) else -1
+            n = len(self.settings.pairs())
             if not all(isinstance(v, list) and len(v) == n and
                        all(isinstance(x, (int, float)) for x in v) for row in table for v in row):
                 raise InputError(f"an images sensitivity table needs, per group and option, a "

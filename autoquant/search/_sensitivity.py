@@ -76,11 +76,11 @@ def _rows(cache: LayerCache, groups: Groups, indices: list[int], progress: bool,
             g = groups.groups[i]
             row = []
             for cfg in g.options:
-                if cfg.full_precision:
-                    row.append(fp_value())
-                else:
-                    # assembled inside the retry: a cache that gave memory back rebuilds it
-                    row.append(_retrying(cache, lambda: (_only(cache, g, cfg), measure_one())[1]))
+                def once(g=g, cfg=cfg):  # assembled inside the retry: a cache that gave
+                    _only(cache, g, cfg)  # memory back rebuilds it
+                    return measure_one()
+
+                row.append(fp_value() if cfg.full_precision else _retrying(cache, once))
                 bar.update()
             rows[i] = row
     finally:
