@@ -34,7 +34,7 @@ def _umask() -> int:
 
 
 #: mkstemp/mkdtemp make private (0600/0700) entries; what is written gets the usual modes
-_FILE_MODE, _DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
+FILE_MODE, _DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
 
 
 def _fsync_file(path: Path) -> None:
@@ -65,7 +65,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, _FILE_MODE)
+    os.chmod(tmp, FILE_MODE)
     try:
         yield tmp
         _fsync_file(tmp)

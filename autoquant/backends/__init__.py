@@ -16,7 +16,7 @@ from torch import nn
 from .. import _quiet
 from .._errors import BackendError, ConfigError
 from . import measure as _bytes
-from ._base import Backend, QuantConfig
+from ._base import QUANTIZATION_CONFIG, Backend, QuantConfig
 from .bnb import BnbBackend
 from .gguf import GGUFBackend
 from .gptq import GPTQBackend

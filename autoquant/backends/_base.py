@@ -74,6 +74,11 @@ def check_choice(name: str, value: Any, allowed: tuple[Any, ...], *, method: str
         raise ConfigError(f"{where}{name}={value!r} is not supported; choose one of {list(allowed)}")
 
 
+#: ``Backend.formats(cfg)["diffusers"]`` of a backend whose layers diffusers makes itself, from
+#: :meth:`Backend.diffusers_config` (the other values: "dtype", or the file format holding them)
+QUANTIZATION_CONFIG = "quantization_config"
+
+
 class Backend(ABC):
     """One quantization method. Stateless; one instance lives in the registry."""
 
@@ -191,6 +196,13 @@ class Backend(ABC):
     def near_export(self, linear: nn.Linear, cfg: QuantConfig, fmt: str):
         """The ``near_format`` tensor of ``linear`` (raw bytes, rows of ``out_features``)."""
         raise NotImplementedError
+
+    def diffusers_config(self, configs: dict[str, QuantConfig]) -> Any:
+        """diffusers' ``quantization_config`` that makes, while diffusers loads a component,
+        exactly the layers this backend makes for ``{module path: config}`` (every other layer
+        left alone). Backends whose ``formats`` say ``"diffusers": QUANTIZATION_CONFIG``
+        provide it."""
+        raise NotImplementedError(f"{self.name} has no diffusers quantization config")
 
     def _calibrates(self) -> bool | str:
         """True / False, or "per config" where :meth:`needs_calibration` decides per config."""

@@ -211,7 +211,8 @@ class GGUFBackend(Backend):
                       dtype, device)
 
     def formats(self, cfg):
-        return {**super().formats(cfg), "gguf": cfg.type}  # its blocks, byte for byte
+        # its blocks, byte for byte; in a diffusers folder the denoiser is one such GGUF file
+        return {**super().formats(cfg), "gguf": cfg.type, "diffusers": "gguf"}  # the file format
 
     def configs(self):
         return [GGUFConfig(type=t) for t in TYPES]

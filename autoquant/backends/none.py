@@ -69,8 +69,9 @@ class NoneBackend(Backend):
         return new.requires_grad_(False)
 
     def formats(self, cfg):
-        # a GGUF file keeps a full-precision layer in the model's dtype (BF16, F16 or F32)
-        return {**super().formats(cfg), "gguf": "dtype"}
+        # a GGUF file keeps a full-precision layer in the model's dtype (BF16, F16 or F32), and
+        # so does a diffusers folder
+        return {**super().formats(cfg), "gguf": "dtype", "diffusers": "dtype"}
 
     def configs(self):
         return [NoneConfig()]

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .._errors import ConfigError
-from ._base import (DTYPE_BYTES, Backend, QuantConfig, check_choice, check_int,
-                    float_and_group_reason)
+from ._base import (DTYPE_BYTES, QUANTIZATION_CONFIG, Backend, QuantConfig, check_choice,
+                    check_int, float_and_group_reason)
 
 TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "int4", "intx")
 _TEMPLATES: dict = {}
@@ -272,6 +272,22 @@ class TorchaoBackend(Backend):
         if bias:
             layer.bias = nn.Parameter(state["layer.bias"], requires_grad=False)
         return layer
+
+    def formats(self, cfg):
+        # diffusers' TorchAoConfig with one config per layer (FqnToConfig) builds the same
+        # tensor subclass from the same torchao config; safetensors holds every one of them
+        # (torchao's allow-list: Int8Tensor, Float8Tensor, Int4TilePackedTo4dTensor,
+        # IntxUnpackedToInt8Tensor)
+        return {**super().formats(cfg), "diffusers": QUANTIZATION_CONFIG}
+
+    def diffusers_config(self, configs):
+        from diffusers import TorchAoConfig
+        from torchao.quantization import FqnToConfig
+
+        # one torchao config per layer, made by the function this backend's layers are made
+        # with: diffusers calls quantize_ on each Linear as it loads, with that config
+        return TorchAoConfig(FqnToConfig({path: _torchao_config(cfg)
+                                          for path, cfg in configs.items()}))
 
     def configs(self):
         return ([TorchaoConfig(type=t) for t in ("int8", "int8_dynamic", "fp8", "fp8_dynamic")]

@@ -179,7 +179,6 @@ def cmd_apply(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..export.gguf import export_gguf
     from ..plans.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # validated before any model loads
@@ -187,6 +186,13 @@ def cmd_export(args) -> int:
         args.model = (recipe.model or {}).get("id")
         if not args.model:
             raise InputError("the recipe names no model: give --model")
+    if args.format == "diffusers":
+        return _export_diffusers(args, recipe)
+    if args.device:
+        raise InputError("--device applies to --format diffusers (a GGUF file is quantized "
+                         "on the CPU)")
+    from ..export.gguf import export_gguf
+
     writable_file(args.out, "--out")
     pipe = _load(args)
     names = args.names or ("bfl" if type(getattr(pipe, args.component, None)).__name__
@@ -210,13 +216,43 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _export_diffusers(args, recipe) -> int:
+    from .._format import human_bytes
+    from ..export.diffusers import check_replaceable, export_diffusers
+    from ..export.gguf import FORMAT as GGUF
+
+    if args.names or args.requantize or args.component != "transformer":
+        raise InputError(f"--names, --requantize and --component apply to --format {GGUF}; "
+                         f"the diffusers format writes every component")
+    writable_folder(str(Path(args.out).resolve().parent), "--out")
+    check_replaceable(Path(args.out))  # before any model loads
+    if args.device:
+        check_device(args.device)
+    pipe = _load(args)
+    info = export_diffusers(pipe, recipe, args.out, device=args.device,
+                            progress=not args.json)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for name, c in info["components"].items():
+        if c["layers"]:
+            print(f"{name}: {c['layers']} quantized layers ({c['how']}), "
+                  f"{human_bytes(c['bytes'])}")
+    print(f"wrote {info['path']}: {info['pipeline']} folder, {human_bytes(info['bytes'])}; "
+          f"load it with diffusers as its README.md shows; score it with autoquant evaluate "
+          f"--model {args.model} --diffusers {info['path']}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from ..plans.recipe import load_recipe
     from ..scoring.evaluator import Evaluator, evaluation_memory
     from ..scoring.references import ReferenceCache
 
-    if args.gguf and args.recipe:
-        raise InputError("give --recipe or --gguf, not both")
+    if sum(bool(x) for x in (args.gguf, args.recipe, args.diffusers)) > 1:
+        raise InputError("give one of --recipe, --gguf and --diffusers")
+    if args.diffusers and not Path(args.diffusers).is_dir():
+        raise InputError(f"--diffusers {args.diffusers}: no such folder")
     if args.gguf and not Path(args.gguf).is_file():
         raise InputError(f"--gguf {args.gguf}: no such file")
     recipe = load_recipe(args.recipe) if args.recipe else None  # validated before loading
@@ -237,6 +273,12 @@ def cmd_evaluate(args) -> int:
         from ..scoring.evaluator import default_components
 
         loaded = load_gguf(args.gguf, pipe, (args.components or default_components(pipe))[0])
+    elif args.diffusers:
+        from ..export.diffusers import load_component
+        from ..scoring.evaluator import default_components
+
+        name = (args.components or default_components(pipe))[0]
+        loaded = load_component(args.diffusers, name, pipe.components[name])
     clip = _clip(args, args.device or "cpu")
     evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
                           cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
@@ -245,7 +287,7 @@ def cmd_evaluate(args) -> int:
         from ..scoring.evaluator import evaluate_replaced
 
         result = evaluate_replaced(evaluator, evaluator.components[0], loaded,
-                                   Path(args.gguf).name)
+                                   Path(args.gguf or args.diffusers).name)
     else:
         label = Path(args.recipe).stem if args.recipe else "full precision"
         result = evaluator.evaluate(recipe, label=label)

@@ -188,6 +188,9 @@ def _evaluate(sub) -> argparse.ArgumentParser:
     p.add_argument("--gguf", default=None, metavar="FILE",
                    help="score a diffusers-named GGUF file of the denoiser (autoquant export "
                         "--names diffusers), loaded by diffusers itself, instead of a recipe")
+    p.add_argument("--diffusers", default=None, metavar="FOLDER",
+                   help="score the denoiser of a folder written by autoquant export --format "
+                        "diffusers, loaded by diffusers' own from_pretrained, instead of a recipe")
     _add_eval_options(p)
     p.add_argument("--components", nargs="+", default=None,
                    help="components whose bytes count (default: the denoiser)")
@@ -201,16 +204,24 @@ def _evaluate(sub) -> argparse.ArgumentParser:
 
 
 #: the formats ``autoquant export`` writes (autoquant.export)
-EXPORT_FORMATS = ("gguf",)
+EXPORT_FORMATS = ("gguf", "diffusers")
 
 
 def _export(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="write a recipe as a file other tools load (GGUF)")
+    p = sub.add_parser("export", help="write a recipe as a file other tools load (GGUF, a "
+                                      "diffusers folder)")
     _add_model(p, required=False)
     p.add_argument("--recipe", required=True, help="the recipe to export (e.g. best.yaml)")
     p.add_argument("--format", default=EXPORT_FORMATS[0], choices=EXPORT_FORMATS,
-                   help="the file format")
-    p.add_argument("--out", required=True, help="the file to write")
+                   help="GGUF: one file of the denoiser (ComfyUI-GGUF, stable-diffusion.cpp, "
+                        "diffusers' from_single_file); diffusers: a folder of the whole pipeline "
+                        "that DiffusionPipeline.from_pretrained loads, or its denoiser as one "
+                        "GGUF file (GGUF plans)")
+    p.add_argument("--out", required=True,
+                   help="the file (GGUF) or folder (diffusers) to write")
+    p.add_argument("--device", default=None,
+                   help="quantize on this device (diffusers format; GPU-only configs need "
+                        "cuda)")
     p.add_argument("--names", default=None, choices=["bfl", "diffusers"],
                    help="tensor names: bfl (Black Forest Labs' layout, read by ComfyUI-GGUF and "
                         "stable-diffusion.cpp; the default for Flux) or diffusers (module paths, "
