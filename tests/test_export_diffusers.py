@@ -229,6 +229,7 @@ def test_cli_exports_and_evaluate_scores_the_folder_as_the_recipe(pipe, exported
     assert main([*common, str(prompts), "--recipe", str(path)]) == 0
     scored = json.loads(capsys.readouterr().out)
     assert from_folder["psnr"] == scored["psnr"]
+    _check_card(out, info)
     # a second export replaces the folder it wrote (and only such a folder)
     assert main(["export", "--model", "demo-flux", "--dtype", "float32", "--recipe", str(path),
                  "--format", "diffusers", "--out", str(out), "--json"]) == 0
@@ -255,3 +256,52 @@ def test_gpu_torchao_configs_round_trip_bit_identical(cfg, tmp_path):
                                                 for k in a), layer.path
             n += 1
     assert n > 0
+
+
+def _check_card(folder, info):
+    """The card: hub front matter, the plan per block, pictures, the fidelity the export
+    measured (the folder loaded by diffusers) and the snippet that loads it."""
+    import yaml
+
+    text = (folder / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["base_model"] == "demo-flux" and front["library_name"] == "diffusers"
+    assert {"autoquant", "torchao"} <= set(front["tags"])
+    assert "| transformer.transformer_blocks.0 | 14 |" in text
+    for png in ("bitmap.png", "images.png"):
+        assert (folder / png).read_bytes().startswith(b"\x89PNG") and f"({png})" in text
+    fid = info["fidelity"]
+    assert fid["images"] > 0 and f"| {fid['psnr']:.2f} |" in text
+    assert info["snippet"] in text and "torch_dtype=torch.float32" in info["snippet"]
+
+
+def test_the_card_copies_a_plain_licence_from_the_base_models_card_only(tmp_path):
+    from autoquant.export.card import base_license
+
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# base\n")
+    assert base_license(str(tmp_path)) == "apache-2.0"
+    (tmp_path / "README.md").write_text("---\nlicense: \"<script>alert(1)</script>\"\n---\n")
+    assert base_license(str(tmp_path)) is None
+    (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n")
+    assert base_license(str(tmp_path)) is None
+    assert base_license(str(tmp_path / "missing")) is None
+
+
+def test_a_gguf_export_writes_its_card_but_never_over_a_foreign_readme(tmp_path, capsys):
+    pytest.importorskip("ggml")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("format: autoquant-recipe/1\ncomponents: [transformer]\n"
+                      "default: {method: gguf, type: Q8_0}\n")
+    args = ["export", "--model", "tiny-flux", "--recipe", str(recipe), "--names", "diffusers",
+            "--json"]
+    (tmp_path / "a").mkdir()
+    assert main([*args, "--out", str(tmp_path / "a" / "m.gguf")]) == 0
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "library_name: gguf" in card and "from_single_file" in card
+    assert "autoquant evaluate --model tiny-flux --gguf" in card
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "README.md").write_text("my own notes")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "b" / "m.gguf")]) == 0
+    assert json.loads(capsys.readouterr().out)["card"] is None
+    assert (tmp_path / "b" / "README.md").read_text() == "my own notes"

@@ -199,6 +199,7 @@ def cmd_export(args) -> int:
                            == "FluxTransformer2DModel" else "diffusers")
     info = export_gguf(pipe, recipe, args.out, component=args.component, names=names,
                        requantize=args.requantize, progress=not args.json)
+    info["card"] = _gguf_card(args, pipe, recipe, names)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -213,24 +214,81 @@ def cmd_export(args) -> int:
         print("load it with diffusers: FluxTransformer2DModel.from_single_file(path, "
               "quantization_config=GGUFQuantizationConfig(...), config=...); score it with "
               f"autoquant evaluate --model {args.model} --gguf {info['path']}")
+    print(f"model card: {info['card']}" if info["card"] else
+          "model card not written: the folder has a README.md autoquant did not write")
     return 0
+
+
+def _gguf_card(args, pipe, recipe, names: str) -> str | None:
+    """The card beside a GGUF file: ``README.md`` of its folder, unless that folder has one
+    autoquant did not write (returns the card's path, or None)."""
+    from ..export.card import CARD, MARK, write_card
+    from ..export.gguf import FORMAT as GGUF
+    from ..models.builtin import stock_generation
+
+    folder = Path(args.out).resolve().parent
+    card = folder / CARD
+    if card.exists() and MARK not in card.read_text(encoding="utf-8", errors="replace")[:8192]:
+        return None
+    file = Path(args.out).name
+    cls = type(getattr(pipe, args.component)).__name__
+    call = "".join(f", {k}={v!r}" for k, v in stock_generation(args.model).items())
+    snippet = [f"# ComfyUI: copy {file} to models/unet and load it with ComfyUI-GGUF's "
+               f"'Unet Loader (GGUF)'; stable-diffusion.cpp: --diffusion-model {file}"] \
+        if names == "bfl" else [f"# diffusers names: for diffusers only (ComfyUI-GGUF refuses "
+                                f"such files)"]
+    snippet += ["import torch",
+                f"from diffusers import DiffusionPipeline, {cls}, GGUFQuantizationConfig", "",
+                f"{args.component} = {cls}.from_single_file(",
+                f"    {file!r}, quantization_config=GGUFQuantizationConfig("
+                f"compute_dtype=torch.bfloat16),",
+                f"    torch_dtype=torch.bfloat16)  # add config=<the base model's {args.component}"
+                f" folder> offline",
+                f"pipe = DiffusionPipeline.from_pretrained({str(args.model)!r}, "
+                f"{args.component}={args.component}, torch_dtype=torch.bfloat16)",
+                f"image = pipe(\"a prompt\"{call}).images[0]"]
+    command = (f"autoquant evaluate --model {args.model} --gguf {args.out}" if names == "diffusers"
+               else f"autoquant export --recipe {args.recipe} --format {GGUF} --names diffusers "
+                    f"--out scored.{GGUF} && autoquant evaluate --model {args.model} --gguf "
+                    f"scored.{GGUF}")
+    write_card(folder, pipe, recipe, library=GGUF, fmt=GGUF, snippet="\n".join(snippet),
+               command=command, with_recipe=False)
+    return str(card)
 
 
 def _export_diffusers(args, recipe) -> int:
     from .._format import human_bytes
-    from ..export.diffusers import check_replaceable, export_diffusers
+    from ..export.card import write_card
+    from ..export.diffusers import check_replaceable, export_diffusers, load_component
     from ..export.gguf import FORMAT as GGUF
+    from ..models.builtin import stock_generation
 
     if args.names or args.requantize or args.component != "transformer":
         raise InputError(f"--names, --requantize and --component apply to --format {GGUF}; "
                          f"the diffusers format writes every component")
     writable_folder(str(Path(args.out).resolve().parent), "--out")
     check_replaceable(Path(args.out))  # before any model loads
-    if args.device:
-        check_device(args.device)
+    settings = None if args.no_score else _settings(args, args.prompt_set)
+    check_device(args.device)
     pipe = _load(args)
     info = export_diffusers(pipe, recipe, args.out, device=args.device,
-                            progress=not args.json)
+                            progress=not args.json, call=stock_generation(args.model))
+    if settings is not None:  # the card's fidelity: the folder as diffusers loads it
+        from ..scoring.evaluator import Evaluator, default_components, evaluate_replaced
+
+        name = default_components(pipe)[0]
+        loaded = load_component(args.out, name, pipe.components[name])
+        evaluator = Evaluator(pipe, settings, clip=_clip(args, args.device or "cpu"),
+                              components=[name], progress=not args.json)
+        result = evaluate_replaced(evaluator, name, loaded, Path(args.out).name)
+        fidelity = {**result.to_dict(), "images": result.images}
+        info["fidelity"] = {k: fidelity[k] for k in ("psnr", "psnr_worst", "ssim",
+                                                     "clip_fidelity", "images") if k in fidelity}
+        command = (f"autoquant evaluate --model {args.model} --diffusers {args.out} "
+                   f"--prompt-set {args.prompt_set}")
+        write_card(Path(args.out), pipe, recipe, library="diffusers", fmt="diffusers",
+                   snippet=info["snippet"], fidelity=fidelity, command=command,
+                   images=(evaluator.references, evaluator.last_images))
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -238,9 +296,13 @@ def _export_diffusers(args, recipe) -> int:
         if c["layers"]:
             print(f"{name}: {c['layers']} quantized layers ({c['how']}), "
                   f"{human_bytes(c['bytes'])}")
-    print(f"wrote {info['path']}: {info['pipeline']} folder, {human_bytes(info['bytes'])}; "
-          f"load it with diffusers as its README.md shows; score it with autoquant evaluate "
-          f"--model {args.model} --diffusers {info['path']}")
+    if "fidelity" in info:
+        f = info["fidelity"]
+        print(f"held-out fidelity of the folder as diffusers loads it: PSNR {f['psnr']:.2f} dB"
+              + (f", SSIM {f['ssim']:.4f}" if "ssim" in f else "")
+              + (f", CLIP fidelity {f['clip_fidelity']:.4f}" if "clip_fidelity" in f else ""))
+    print(f"wrote {info['path']}: {info['pipeline']} folder, {human_bytes(info['bytes'])}, "
+          f"with its model card (README.md). Load it with diffusers:\n{info['snippet']}")
     return 0
 
 

@@ -219,9 +219,11 @@ def _export(sub) -> argparse.ArgumentParser:
                         "GGUF file (GGUF plans)")
     p.add_argument("--out", required=True,
                    help="the file (GGUF) or folder (diffusers) to write")
-    p.add_argument("--device", default=None,
-                   help="quantize on this device (diffusers format; GPU-only configs need "
-                        "cuda)")
+    p.add_argument("--no-score", action="store_true",
+                   help="diffusers format: do not score the written folder on held-out prompts "
+                        "for its model card (scoring loads it with diffusers and generates "
+                        "the prompts' images twice: full precision and exported)")
+    _add_eval_options(p)  # what the card's fidelity is measured with; --device: GPU-only configs
     p.add_argument("--names", default=None, choices=["bfl", "diffusers"],
                    help="tensor names: bfl (Black Forest Labs' layout, read by ComfyUI-GGUF and "
                         "stable-diffusion.cpp; the default for Flux) or diffusers (module paths, "

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .. import __version__, _atomic
+from .card import write_card
 from .gguf import FORMAT as GGUF
 from .._errors import InputError
 from .._progress import tqdm
@@ -50,7 +51,6 @@ from ..plans.recipe import Recipe
 #: this writer's format, as backends name it in ``Backend.formats``
 FORMAT = "diffusers"
 RECORD = "autoquant_export.json"
-RECIPE = "recipe.yaml"
 #: how a component's quantized layers are held (``Backend.formats(cfg)["diffusers"]``): diffusers
 #: makes them from the backend's quantization config; one GGUF file; as they are
 DTYPE = "dtype"
@@ -176,10 +176,44 @@ def _quantized_component(module: Any, method: str, configs: dict[str, Any], stag
             torch.cuda.empty_cache()
 
 
+def load_snippet(directory: str | Path, pipeline: str, plans: list[ComponentPlan],
+                 dtype: torch.dtype, call: dict, gpu: bool) -> str:
+    """The lines a diffusers user runs to load the folder and make an image."""
+    where = str(directory)
+    dt = f"torch.{str(dtype).removeprefix('torch.')}"
+    gguf = [c for c in plans if c.holder == GGUF]
+    quantized = [c for c in plans if c.holder not in (DTYPE, GGUF)]
+    lines = ["import torch"]
+    if gguf:
+        c = gguf[0]
+        cls = "FluxTransformer2DModel" if c.name == "transformer" else "<the denoiser's class>"
+        lines += [f"from diffusers import {pipeline}, {cls}, GGUFQuantizationConfig", "",
+                  f"{c.name} = {cls}.from_single_file(",
+                  f"    {where + '/' + c.name + '/' + GGUF_FILE!r}, config={where + '/' + c.name!r},",
+                  f"    quantization_config=GGUFQuantizationConfig(compute_dtype={dt}), "
+                  f"torch_dtype={dt})",
+                  f"pipe = {pipeline}.from_pretrained({where!r}, {c.name}={c.name}, "
+                  f"torch_dtype={dt})"]
+    else:
+        lines += ["from diffusers import DiffusionPipeline", ""]
+        if quantized:
+            lines.append(f"# needs {', '.join(sorted({c.holder for c in quantized}))} installed;"
+                         f" torch_dtype as saved (the quantizer's default differs)")
+        lines.append(f"pipe = DiffusionPipeline.from_pretrained({where!r}, torch_dtype={dt})")
+    if gpu:
+        lines.append("pipe.to(\"cuda\")  # its quantized layers run on a GPU only")
+    args = "".join(f", {k}={v!r}" for k, v in call.items())
+    lines.append(f"image = pipe(\"a prompt\"{args}).images[0]")
+    return "\n".join(lines)
+
+
 def export_diffusers(pipe: Any, recipe: Recipe, directory: str | Path,
-                     device: str | None = None, progress: bool = True) -> dict:
+                     device: str | None = None, progress: bool = True,
+                     call: dict | None = None) -> dict:
     """Write ``recipe`` applied to ``pipe`` (full precision, untouched) as a diffusers folder at
-    ``directory``; returns what was written (per component: how, bytes on disk)."""
+    ``directory``, with its model card (no fidelity: :func:`autoquant.export.card.write_card`
+    adds it once the folder is scored); returns what was written (per component: how, bytes on
+    disk). ``call``: the pipeline's call arguments the card's snippet passes."""
     import diffusers
 
     from .gguf import export_gguf
@@ -194,8 +228,18 @@ def export_diffusers(pipe: Any, recipe: Recipe, directory: str | Path,
         raise InputError(f"{', '.join(needs_gpu)} layers are quantized on a GPU only: export "
                          f"with --device cuda")
     pipeline_cls = stock_class(pipe)
+    dtype = next(comps[plans[0].name].parameters()).dtype if plans else torch.float32
+    for c in plans:
+        if c.holder != DTYPE:
+            dtype = next(comps[c.name].parameters()).dtype
+    from ..models.source import source_of
+
+    source = source_of(pipe)
+    model_id = (recipe.model or {}).get("id") or (source.id if source else "<model>")
     index = {"_class_name": pipeline_cls.__name__, "_diffusers_version": diffusers.__version__}
     written: dict[str, dict] = {}
+    snippet = load_snippet(directory, pipeline_cls.__name__, plans, dtype, call or {},
+                           bool(needs_gpu))
 
     def write(new: Path) -> None:
         for key, value in pipe.config.items():
@@ -233,7 +277,8 @@ def export_diffusers(pipe: Any, recipe: Recipe, directory: str | Path,
                                  "bytes": sum(f.stat().st_size for f in target.rglob("*")
                                               if f.is_file())})
         (new / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (new / RECIPE).write_text(recipe.to_yaml())
+        write_card(new, pipe, recipe, library="diffusers", fmt=FORMAT, snippet=snippet,
+                   command=f"autoquant evaluate --model {model_id} --diffusers {directory}")
         for f in new.rglob("*"):  # safetensors writes private (0600) files; a folder to share
             if f.is_file():
                 f.chmod(_atomic.FILE_MODE)
@@ -242,7 +287,7 @@ def export_diffusers(pipe: Any, recipe: Recipe, directory: str | Path,
              "pipeline": pipeline_cls.__name__, "components": written}, indent=2) + "\n")
 
     _atomic.replace_folder(directory, write)
-    return {"path": str(directory), "pipeline": pipeline_cls.__name__,
+    return {"path": str(directory), "pipeline": pipeline_cls.__name__, "snippet": snippet,
             "bytes": sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()),
             "components": written}
 

@@ -21,6 +21,8 @@ class BuiltinModel:
     prompt_family: str = "generic"
     #: the CLIP that scores it by default (``load_clip`` spec), None: pass ``--clip``
     clip: str | None = None
+    #: the same call for the stock diffusers class an export names (None: ``generation``)
+    stock_generation: Mapping[str, Any] | None = None
 
 
 def _demo(dtype):
@@ -55,6 +57,12 @@ def _demo_flux_generation() -> Mapping[str, Any]:
     return MappingProxyType(dict(DEMO_FLUX_GENERATION))
 
 
+def _demo_flux_stock() -> Mapping[str, Any]:
+    from .zoo.flux import STOCK_FLUX_KWARGS
+
+    return MappingProxyType(dict(STOCK_FLUX_KWARGS))
+
+
 _TINY_GENERATION = MappingProxyType({"num_inference_steps": 4, "height": 32, "width": 32})
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
@@ -63,7 +71,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
                  prompt_family="demo", clip="demo"),
     BuiltinModel("demo-flux", "the Flux-architecture demo this project trains and ships "
                  "(FluxPipeline: 2 double + 2 single blocks, Fashion-MNIST, 32 px)", _demo_flux,
-                 _demo_flux_generation(), prompt_family="demo", clip="demo"),
+                 _demo_flux_generation(), prompt_family="demo", clip="demo",
+                 stock_generation=_demo_flux_stock()),
     BuiltinModel("tiny-flux", "a tiny Flux-shaped pipeline with random weights (tests, smoke runs)",
                  _tiny("tiny-flux"), _TINY_GENERATION),
     BuiltinModel("tiny-sd", "a tiny Stable-Diffusion-shaped pipeline with random weights",
@@ -80,6 +89,15 @@ def generation_defaults(model: str) -> dict[str, Any]:
     local pipelines use their own defaults)."""
     spec = builtin(model)
     return dict(spec.generation) if spec else {}
+
+
+def stock_generation(model: str) -> dict[str, Any]:
+    """The call arguments of the stock diffusers pipeline class for built-in ``model`` (what a
+    model card's snippet passes; {} for a model that is not built in)."""
+    spec = builtin(model)
+    if spec is None:
+        return {}
+    return dict(spec.stock_generation if spec.stock_generation is not None else spec.generation)
 
 
 def prompt_family(model: str) -> str:
