@@ -793,6 +793,18 @@ def _argument_cases(add) -> None:
     add("export", "evaluate-gguf-and-recipe", cli(lambda ctx: [
         "evaluate", "--model", TINY, "--no-clip", "--gguf", "x.gguf", "--recipe",
         str(ctx.write("r.yaml", gguf_recipe))], "not both"))
+    add("export", "diffusers-over-a-foreign-folder", cli(lambda ctx: [
+        "export", "--model", TINY, "--recipe", str(ctx.write("r.yaml", gguf_recipe)),
+        "--format", "diffusers", "--out", str(ctx.write("mine/notes.txt", "keep").parent)],
+        "holds other files"))
+    add("export", "diffusers-hqq-layers", cli(lambda ctx: [
+        "export", "--model", TINY, "--recipe", str(ctx.write("r.yaml", hqq_recipe)),
+        "--format", "diffusers", "--no-score", "--out", str(ctx.path("out"))],
+        "formats that hold this component", before_model=False))
+    add("export", "evaluate-diffusers-not-an-export", cli(lambda ctx: [
+        "evaluate", "--model", TINY, "--no-clip", "--diffusers",
+        str(ctx.write("d/model_index.json", "{}").parent)], "not a folder autoquant export",
+        before_model=False))
     add("argument", "batch-size-zero", cli(["evaluate", "--model", TINY, "--no-clip",
                                             "--batch-size", "0"], "0 must be at least 1"))
     add("argument", "baseline-option-no-equals", cli(

@@ -312,7 +312,7 @@ def cmd_evaluate(args) -> int:
     from ..scoring.references import ReferenceCache
 
     if sum(bool(x) for x in (args.gguf, args.recipe, args.diffusers)) > 1:
-        raise InputError("give one of --recipe, --gguf and --diffusers")
+        raise InputError("give only one of --recipe, --gguf and --diffusers, not both")
     if args.diffusers and not Path(args.diffusers).is_dir():
         raise InputError(f"--diffusers {args.diffusers}: no such folder")
     if args.gguf and not Path(args.gguf).is_file():
