@@ -79,7 +79,8 @@ def test_generation_is_deterministic_and_follows_unseen_wordings(flux):
 def test_stock_flux_pipeline_loads_the_folder_and_makes_the_same_image(flux):
     from diffusers import FluxPipeline
 
-    stock = FluxPipeline.from_pretrained(demo_flux_folder(), torch_dtype=torch.bfloat16)
+    # the fixture's dtype is --dtype auto's: bfloat16, or float32 on a CPU without native bf16
+    stock = FluxPipeline.from_pretrained(demo_flux_folder(), torch_dtype=flux.transformer.dtype)
     assert type(stock) is FluxPipeline
     prompt = "a photo of a bag"
     ours = flux(prompt, generator=torch.Generator().manual_seed(1), output_type="pt").images

@@ -54,7 +54,15 @@ def test_debug_keeps_the_libraries_messages(tmp_path):
     """What is silenced is only hidden: --debug shows a library's notice again."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
-    err = _run(["--debug", "evaluate", "--model", "demo", "--recipe", str(recipe), "--seeds", "0",
-                "--no-clip", "--json"], tmp_path)
-    assert "Skipping publisher trust check" in err or "kernels-community" in err or \
-        "Warning" in err, err[-2000:]
+    args = ["evaluate", "--model", "demo", "--recipe", str(recipe), "--seeds", "0", "--no-clip",
+            "--json"]
+
+    def messages(err: str) -> set[str]:
+        lines = [line for frame in err.splitlines() for line in frame.split("\r")]
+        return {re.sub(r"\d+", "N", line) for line in lines if line.strip()
+                and not BAR.search(line)}  # numbers (times, pids) differ from run to run
+
+    hidden = messages(_run(["--debug", *args], tmp_path)) - messages(_run(args, tmp_path))
+    # which notices the libraries print depends on the machine (bf16 CPUs print others), so the
+    # test asks only that some notice the plain run hides comes back
+    assert hidden, "--debug showed nothing the plain run hides"
