@@ -306,3 +306,20 @@ def test_a_gguf_export_writes_its_card_but_never_over_a_foreign_readme(tmp_path,
     assert main([*args, "--out", str(tmp_path / "b" / "m.gguf")]) == 0
     assert json.loads(capsys.readouterr().out)["card"] is None
     assert (tmp_path / "b" / "README.md").read_text() == "my own notes"
+
+
+def test_search_exports_its_best_plan_as_a_diffusers_folder(tmp_path, capsys):
+    pytest.importorskip("ggml")
+    out = tmp_path / "s"
+    assert main(["search", "--model", "tiny-flux", "--space", "gguf", "--budget", "45%",
+                 "--trials", "3", "--export", "diffusers", "--out", str(out), "--no-clip",
+                 "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)["export"]
+    folder = out / "best-diffusers"
+    assert e["path"] == str(folder) and (folder / RECORD).is_file()
+    assert (folder / "transformer" / "diffusion_pytorch_model.gguf").is_file()
+    assert "README.md" in {p.name for p in folder.iterdir()}
+    # a space diffusers cannot hold is refused before any model loads
+    assert main(["search", "--model", "tiny-flux", "--space", "default", "--budget", "45%",
+                 "--export", "diffusers", "--out", str(tmp_path / "x"), "--no-clip"]) == 2
+    assert "cannot hold" in capsys.readouterr().err

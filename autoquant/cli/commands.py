@@ -479,6 +479,12 @@ def cmd_search(args) -> int:
             raise InputError(f"--export {args.export}: a {args.export} file cannot hold the "
                              f"space's {', '.join(foreign)}; search a space of its types "
                              f"(--space {args.export})")
+        holders = {get_backend(c.method).formats(c)[args.export] for c in space.candidates
+                   if not c.full_precision}
+        if args.export == "diffusers" and len(holders) > 1:
+            raise InputError(f"--export diffusers: the space mixes methods one diffusers "
+                             f"component cannot hold together ({', '.join(sorted(holders))}); "
+                             f"search a space of one of them")
     settings = _settings(args, "search")
     out = writable_folder(args.out, "--out")
     if args.artifacts:
@@ -542,9 +548,20 @@ def cmd_search(args) -> int:
 
 
 def _export_best(args, pipe, recipe_path: str) -> dict:
-    """``search --export``: the best plan as a file, from the original weights."""
+    """``search --export``: the best plan as a file (or folder), from the original weights."""
     from ..export.gguf import export_gguf
     from ..plans.recipe import load_recipe
+
+    if args.export == "diffusers":
+        from ..export.diffusers import export_diffusers
+        from ..models.builtin import stock_generation
+
+        info = export_diffusers(pipe, load_recipe(recipe_path),
+                                Path(recipe_path).with_name("best-diffusers"),
+                                device=args.device, progress=not args.json,
+                                call=stock_generation(args.model))
+        return {**info, "types": {c["how"]: c["layers"] for c in info["components"].values()
+                                  if c["layers"]}, "names": "diffusers"}
 
     comp = "transformer"
     names = "bfl" if type(getattr(pipe, comp, None)).__name__ == "FluxTransformer2DModel" \
