@@ -197,6 +197,13 @@ class Backend(ABC):
         """The ``near_format`` tensor of ``linear`` (raw bytes, rows of ``out_features``)."""
         raise NotImplementedError
 
+    def lora_layers(self) -> dict[type, type]:
+        """``{quantized module class: peft LoRA layer class}`` for modules peft's own dispatch
+        does not take (registered on a LoraConfig with peft's custom-module hook by
+        :func:`autoquant.plans.lora.lora_config`); {} where peft handles them (nn.Linear
+        subclasses, HQQLinear, bitsandbytes' layers)."""
+        return {}
+
     def diffusers_config(self, configs: dict[str, QuantConfig]) -> Any:
         """diffusers' ``quantization_config`` that makes, while diffusers loads a component,
         exactly the layers this backend makes for ``{module path: config}`` (every other layer

@@ -14,6 +14,7 @@ decodes the codes in registers, elsewhere by dequantizing in PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -131,5 +132,59 @@ class HiggsBackend(Backend):
         return HiggsLinear(in_features, out_features, cfg.bits, cfg.p, cfg.group_size,
                            t["codes"], t["scales"], t["grid"], t["seed"], t.get("bias"))
 
+    def lora_layers(self):
+        # peft refuses HiggsLinear ("Target module HiggsLinear ... is not supported")
+        return {HiggsLinear: _higgs_lora_class()}
+
     def configs(self):
         return [HiggsConfig(bits=b, p=p, group_size=64) for p in (1, 2) for b in (2, 3, 4)]
+
+
+@functools.cache
+def _higgs_lora_class() -> type:
+    """A peft LoRA layer around a :class:`HiggsLinear` (peft's conventions for custom layers:
+    ``LoraLayer`` + ``update_layer``): the frozen HIGGS output plus the adapter's. Gradients
+    reach the adapter through the HIGGS matmul. Merging is refused: it would re-quantize the
+    layer, and the merged weights would not be the ones scored."""
+    from peft.tuners.lora import LoraLayer
+
+    class HiggsLoraLinear(nn.Module, LoraLayer):
+        def __init__(self, base_layer, adapter_name, config, r=0, lora_alpha=1, **kwargs):
+            if config.lora_bias:
+                raise ValueError("HIGGS layers do not take lora_bias")
+            if config.use_dora:
+                raise ValueError("HIGGS layers do not take DoRA (it needs the dense weight)")
+            super().__init__()
+            LoraLayer.__init__(self, base_layer)
+            self.fan_in_fan_out = False
+            self._active_adapter = adapter_name
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+            # peft moves an adapter to its base layer's ``weight``; a HIGGS layer has codes
+            self.to(base_layer.codes.device)
+
+        def forward(self, x, *args, **kwargs):
+            self._check_forward_args(x, *args, **kwargs)
+            result = self.base_layer(x)
+            if self.disable_adapters:
+                return result
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                a, b = self.lora_A[name], self.lora_B[name]
+                y = b(a(self.lora_dropout[name](x.to(a.weight.dtype))))
+                result = result + (y * self.scaling[name]).to(result.dtype)
+            return result
+
+        def merge(self, safe_merge=False, adapter_names=None):
+            raise ValueError("merging a LoRA into HIGGS layers would re-quantize them, and the "
+                             "merged layer would not be the one scored: keep the adapter "
+                             "unmerged (fuse_lora refused)")
+
+        def unmerge(self):
+            raise ValueError("HIGGS layers are never merged")
+
+        def __repr__(self):
+            return "lora." + super().__repr__()
+
+    HiggsLoraLinear.__module__, HiggsLoraLinear.__qualname__ = __name__, "HiggsLoraLinear"
+    return HiggsLoraLinear
