@@ -66,7 +66,9 @@ class HiggsLinear(nn.Module):
         x_rot = core.rotate(x, self.signs, self.group_size)
         from . import _higgs_triton as tri
 
-        if tri.available(x_rot):
+        # the Triton kernel has no backward: a gradient that must flow through the layer to
+        # its input (LoRA layers below it, training) takes the torch path, same weights
+        if tri.available(x_rot) and not (torch.is_grad_enabled() and x_rot.requires_grad):
             return tri.matmul(x_rot, self.codes, self.grid, self.scales, self.bias, self.bits,
                               self.p, self.group_size, self.out_features)
         w = core.dequantize_rotated(self.codes, self.scales, self.grid, self.bits, self.p,
