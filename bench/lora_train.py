@@ -49,6 +49,11 @@ def main() -> None:
     from diffusers import FluxTransformer2DModel
 
     dev = torch.device(args.device)
+    if dev.type == "cuda":
+        # cuDNN's attention backward on the H100 (torch 2.11) gave NaN gradients for every
+        # method here, full precision included, and then failed outright (mha_graph.execute):
+        # the flash / efficient kernels instead
+        torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows, out = [], []
     for label, spec in METHODS.items():
