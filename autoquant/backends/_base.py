@@ -197,6 +197,14 @@ class Backend(ABC):
         """The ``near_format`` tensor of ``linear`` (raw bytes, rows of ``out_features``)."""
         raise NotImplementedError
 
+    def export_tensors(self, linear: nn.Linear, cfg: QuantConfig, fmt: str
+                       ) -> dict[str, torch.Tensor]:
+        """``{tensor suffix: tensor}`` holding ``linear`` quantized with ``cfg`` in ``fmt``'s
+        layout (``comfy``: ``weight``, ``weight_scale``, ...), made by this backend's own
+        quantizer from the original weights: exactly the scored weights where ``formats(cfg)``
+        names ``fmt``, nearly (``near_format``) otherwise."""
+        raise NotImplementedError(f"{self.name} writes no {fmt} tensors")
+
     def lora_layers(self) -> dict[type, type]:
         """``{quantized module class: peft LoRA layer class}`` for modules peft's own dispatch
         does not take (registered on a LoraConfig with peft's custom-module hook by

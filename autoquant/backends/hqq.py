@@ -18,6 +18,7 @@ from torch import nn
 from ._base import DTYPE_BYTES, Backend, QuantConfig, check_int, float_and_group_reason
 
 BITS = (1, 2, 3, 4, 8)
+AWQ_GROUP = 64  # the group size of ComfyUI's awq_w4a16 layout
 #: groups per packed unit along the packing axis: a group count not divisible by it would be
 #: silently truncated by hqq's packer, so such layers are refused.
 _PACK_ROWS = {8: 1, 4: 2, 3: 1, 2: 4, 1: 8}
@@ -136,7 +137,35 @@ class HQQBackend(Backend):
     def near_format(self, cfg, fmt):
         if fmt == "gguf" and cfg.bits == 4 and cfg.group_size % 32 == 0:
             return "Q4_1"
+        if fmt == "comfy" and cfg.bits == 4 and cfg.group_size == AWQ_GROUP:
+            return "awq_w4a16"
         return None
+
+    def export_tensors(self, linear, cfg, fmt):
+        """ComfyUI's ``awq_w4a16`` of hqq's own codes: AWQ computes ``(q - 8) * s + z`` per
+        group of 64 inputs, hqq ``(q - zero) * scale``, so ``s = scale`` and
+        ``z = (8 - zero) * scale``, both rounded to 16 bits (fp16 where every value is a
+        normal fp16 number, else bf16) -- near-exact: score the file again."""
+        from hqq.core.quantize import Quantizer
+
+        if self.near_format(cfg, fmt) != "awq_w4a16":
+            raise ValueError(f"{cfg.label} has no {fmt} tensors")
+        n, k = linear.out_features, linear.in_features
+        q = self.quantize(linear, cfg, torch.device("cpu"))
+        codes = Quantizer.unpack[q.meta["packing"]](q.W_q, dtype=torch.uint8)
+        codes = codes[: n * k // cfg.group_size].reshape(n, k)
+        scale = q.meta["scale"].float().reshape(n, k // cfg.group_size)
+        zero = q.meta["zero"].float().reshape(n, k // cfg.group_size)
+        zeros = (8.0 - zero) * scale
+        both = torch.cat([scale.abs().flatten(), zeros.abs().flatten()])
+        nonzero = both[both > 0]
+        fits_fp16 = bool(nonzero.numel() == 0 or (nonzero.min() >= 2.0 ** -14
+                                                  and nonzero.max() < 65504))
+        half = torch.float16 if fits_fp16 else torch.bfloat16
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(torch.int8)  # low nibble first
+        return {"weight": packed.contiguous(),
+                "weight_scale": scale.t().contiguous().to(half),
+                "weight_zeros": zeros.t().contiguous().to(half)}
 
     def near_export(self, linear, cfg, fmt):
         """Q4_1 blocks of hqq's own codes: ``d = scale``, ``m = -zero * scale`` (fp16), the

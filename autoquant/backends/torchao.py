@@ -26,6 +26,7 @@ from .._errors import ConfigError
 from ._base import (DTYPE_BYTES, QUANTIZATION_CONFIG, Backend, QuantConfig, check_choice,
                     check_int, float_and_group_reason)
 
+COMFY = "comfy"  # the ComfyUI checkpoint format (autoquant.export.comfy)
 TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "int4", "intx")
 _TEMPLATES: dict = {}
 _GROUPED = ("int4", "intx")
@@ -278,7 +279,31 @@ class TorchaoBackend(Backend):
         # tensor subclass from the same torchao config; safetensors holds every one of them
         # (torchao's allow-list: Int8Tensor, Float8Tensor, Int4TilePackedTo4dTensor,
         # IntxUnpackedToInt8Tensor)
-        return {**super().formats(cfg), "diffusers": QUANTIZATION_CONFIG}
+        out = {**super().formats(cfg), "diffusers": QUANTIZATION_CONFIG}
+        if cfg.type in ("int8", "int8_dynamic"):
+            # ComfyUI's int8_tensorwise takes a scale per output row: torchao's very codes and
+            # scales (its zero point is always 0: symmetric), dequantized as q * scale
+            out[COMFY] = "int8_tensorwise"
+        return out
+
+    def near_format(self, cfg, fmt):
+        # ComfyUI's float8_e4m3fn holds one scale per tensor, torchao's fp8 one per row: the
+        # rows' values are re-quantized to fp8 under one scale (comfy-kitchen's quantizer)
+        if fmt == COMFY and cfg.type in ("fp8", "fp8_dynamic"):
+            return "float8_e4m3fn"
+        return None
+
+    def export_tensors(self, linear, cfg, fmt):
+        if fmt != COMFY or cfg.type not in ("int8", "int8_dynamic", "fp8", "fp8_dynamic"):
+            raise ValueError(f"{cfg.label} has no {fmt} tensors")
+        # fp8_dynamic's weights are fp8's (Float8Tensor per row from the same function); only
+        # fp8 weight-only can be made without a GPU of compute capability >= 8.9
+        made = TorchaoConfig(type={"fp8_dynamic": "fp8"}.get(cfg.type, cfg.type))
+        w = self.quantize(linear, made, torch.device("cpu")).weight
+        if cfg.type.startswith("int8") and bool((w.zero_point != 0).any()):
+            raise ValueError(f"{cfg.label}: a nonzero zero point, which int8_tensorwise lacks")
+        return {"weight": w.qdata.detach().clone(),
+                "weight_scale": w.scale.detach().float().reshape(-1, 1).clone()}
 
     def diffusers_config(self, configs):
         from diffusers import TorchAoConfig

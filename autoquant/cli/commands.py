@@ -188,6 +188,8 @@ def cmd_export(args) -> int:
             raise InputError("the recipe names no model: give --model")
     if args.format == "diffusers":
         return _export_diffusers(args, recipe)
+    if args.format == "comfy":
+        return _export_comfy(args, recipe)
     if args.device:
         raise InputError("--device applies to --format diffusers (a GGUF file is quantized "
                          "on the CPU)")
@@ -256,6 +258,66 @@ def _gguf_card(args, pipe, recipe, names: str) -> str | None:
     return str(card)
 
 
+def _export_comfy(args, recipe) -> int:
+    from .._format import human_bytes
+    from ..export.card import CARD, MARK, write_card
+    from ..export.comfy import comfy_snippet, export_comfy, linear_bytes, load_comfy, plan_file
+
+    if args.names or args.requantize or args.device:
+        raise InputError("--names, --requantize and --device do not apply to --format comfy "
+                         "(BFL names, made on the CPU)")
+    writable_file(args.out, "--out")
+    settings = None if args.no_score else _settings(args, args.prompt_set)
+    pipe = _load(args)
+    plan_file(pipe, recipe, args.component, args.comfy_target)  # refusals before any work
+    info = export_comfy(pipe, recipe, args.out, component=args.component,
+                        target=args.comfy_target, progress=not args.json)
+    fidelity, images = None, None
+    if settings is not None:  # the card's fidelity: the file as ComfyUI's layouts read it
+        from ..scoring.evaluator import Evaluator, evaluate_replaced
+
+        loaded = load_comfy(args.out, pipe, args.component)
+        evaluator = Evaluator(pipe, settings, clip=_clip(args, "cpu"),
+                              components=[args.component], progress=not args.json)
+        result = evaluate_replaced(evaluator, args.component, loaded, Path(args.out).name,
+                                   linear_bytes=linear_bytes(args.out, loaded))
+        fidelity = {**result.to_dict(), "images": result.images}
+        images = (evaluator.references, evaluator.last_images)
+        info["fidelity"] = {k: fidelity[k] for k in ("psnr", "psnr_worst", "ssim",
+                                                     "clip_fidelity", "images") if k in fidelity}
+    folder = Path(args.out).resolve().parent
+    card = folder / CARD
+    info["card"] = None
+    if not (card.exists() and MARK not in card.read_text(encoding="utf-8",
+                                                         errors="replace")[:8192]):
+        snippet = comfy_snippet(Path(args.out).name)
+        command = (f"autoquant evaluate --model {args.model} --comfy {args.out} "
+                   f"--prompt-set {args.prompt_set}")
+        write_card(folder, pipe, recipe, library="comfyui", fmt="comfy", snippet=snippet,
+                   fidelity=fidelity, command=command, images=images, with_recipe=False,
+                   requires=(f"ComfyUI {info['comfyui']} or newer" if info["comfyui"][0].isdigit()
+                             else info["comfyui"]), near=len(info["near_exact"]))
+        info["card"] = str(card)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for layer, how in info["near_exact"].items():
+        print(f"mapped {layer}: {how}")
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["formats"].items()))
+    print(f"wrote {info['path']}: {human_bytes(info['bytes'])}, {info['tensors']} tensors "
+          f"({kinds} quantized), BFL names; loads in "
+          + (f"ComfyUI {info['comfyui']} or newer" if info["comfyui"][0].isdigit()
+             else info["comfyui"]))
+    if "fidelity" in info:
+        f = info["fidelity"]
+        print(f"held-out fidelity of the file as ComfyUI's layouts read it: PSNR "
+              f"{f['psnr']:.2f} dB" + (f", SSIM {f['ssim']:.4f}" if "ssim" in f else "")
+              + (f", CLIP fidelity {f['clip_fidelity']:.4f}" if "clip_fidelity" in f else ""))
+    print(f"model card: {info['card']}" if info["card"] else
+          "model card not written: the folder has a README.md autoquant did not write")
+    return 0
+
+
 def _export_diffusers(args, recipe) -> int:
     from .._format import human_bytes
     from ..export.card import write_card
@@ -311,8 +373,10 @@ def cmd_evaluate(args) -> int:
     from ..scoring.evaluator import Evaluator, evaluation_memory
     from ..scoring.references import ReferenceCache
 
-    if sum(bool(x) for x in (args.gguf, args.recipe, args.diffusers)) > 1:
-        raise InputError("give only one of --recipe, --gguf and --diffusers, not both")
+    if sum(bool(x) for x in (args.gguf, args.recipe, args.diffusers, args.comfy)) > 1:
+        raise InputError("give only one of --recipe, --gguf, --diffusers and --comfy")
+    if args.comfy and not Path(args.comfy).is_file():
+        raise InputError(f"--comfy {args.comfy}: no such file")
     if args.diffusers and not Path(args.diffusers).is_dir():
         raise InputError(f"--diffusers {args.diffusers}: no such folder")
     if args.gguf and not Path(args.gguf).is_file():
@@ -341,6 +405,11 @@ def cmd_evaluate(args) -> int:
 
         name = (args.components or default_components(pipe))[0]
         loaded = load_component(args.diffusers, name, pipe.components[name])
+    elif args.comfy:
+        from ..export.comfy import load_comfy
+        from ..scoring.evaluator import default_components
+
+        loaded = load_comfy(args.comfy, pipe, (args.components or default_components(pipe))[0])
     clip = _clip(args, args.device or "cpu")
     evaluator = Evaluator(pipe, settings, clip=clip, components=args.components,
                           cache=ReferenceCache(args.cache_dir) if args.cache_dir else None,
@@ -348,8 +417,13 @@ def cmd_evaluate(args) -> int:
     if loaded is not None:
         from ..scoring.evaluator import evaluate_replaced
 
+        extra = {}
+        if args.comfy:
+            from ..export.comfy import linear_bytes
+
+            extra["linear_bytes"] = linear_bytes(args.comfy, loaded)
         result = evaluate_replaced(evaluator, evaluator.components[0], loaded,
-                                   Path(args.gguf or args.diffusers).name)
+                                   Path(args.gguf or args.diffusers or args.comfy).name, **extra)
     else:
         label = Path(args.recipe).stem if args.recipe else "full precision"
         result = evaluator.evaluate(recipe, label=label)

@@ -141,7 +141,7 @@ def _search(sub) -> argparse.ArgumentParser:
     p.add_argument("--latency", default=None, metavar="LIMIT",
                    help="search step time too, within LIMIT: 1.0x (full precision's step) or "
                         "150ms; a space with a latency objective searches it without a limit")
-    p.add_argument("--export", default=None, choices=EXPORT_FORMATS, metavar="FORMAT",
+    p.add_argument("--export", default=None, choices=SEARCH_EXPORT_FORMATS, metavar="FORMAT",
                    help="also write the best plan as a file of this format beside best.yaml "
                         "(best.<format>; BFL names for Flux); search a space of its types")
     p.add_argument("--latency-mode", default="eager", choices=["eager", "compile"],
@@ -191,6 +191,9 @@ def _evaluate(sub) -> argparse.ArgumentParser:
     p.add_argument("--diffusers", default=None, metavar="FOLDER",
                    help="score the denoiser of a folder written by autoquant export --format "
                         "diffusers, loaded by diffusers' own from_pretrained, instead of a recipe")
+    p.add_argument("--comfy", default=None, metavar="FILE",
+                   help="score a ComfyUI checkpoint of the denoiser (autoquant export --format "
+                        "comfy), its layers dequantized by comfy-kitchen as ComfyUI builds them")
     _add_eval_options(p)
     p.add_argument("--components", nargs="+", default=None,
                    help="components whose bytes count (default: the denoiser)")
@@ -204,25 +207,33 @@ def _evaluate(sub) -> argparse.ArgumentParser:
 
 
 #: the formats ``autoquant export`` writes (autoquant.export)
-EXPORT_FORMATS = ("gguf", "diffusers")
+EXPORT_FORMATS = ("gguf", "diffusers", "comfy")
+#: the formats ``search --export`` writes beside best.yaml
+SEARCH_EXPORT_FORMATS = ("gguf", "diffusers")
 
 
 def _export(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a recipe as a file other tools load (GGUF, a "
-                                      "diffusers folder)")
+                                      "diffusers folder, a ComfyUI checkpoint)")
     _add_model(p, required=False)
     p.add_argument("--recipe", required=True, help="the recipe to export (e.g. best.yaml)")
     p.add_argument("--format", default=EXPORT_FORMATS[0], choices=EXPORT_FORMATS,
                    help="GGUF: one file of the denoiser (ComfyUI-GGUF, stable-diffusion.cpp, "
                         "diffusers' from_single_file); diffusers: a folder of the whole pipeline "
                         "that DiffusionPipeline.from_pretrained loads, or its denoiser as one "
-                        "GGUF file (GGUF plans)")
+                        "GGUF file (GGUF plans); comfy: a ComfyUI mixed-precision checkpoint of "
+                        "a Flux denoiser (int8 and fp8 layers; 4-bit layers of groups of 64 "
+                        "with --comfy-target awq)")
     p.add_argument("--out", required=True,
-                   help="the file (GGUF) or folder (diffusers) to write")
+                   help="the file (GGUF, comfy) or folder (diffusers) to write")
+    p.add_argument("--comfy-target", default="stable", choices=["stable", "awq"],
+                   help="comfy format: the ComfyUI that loads the file: stable (ComfyUI >= "
+                        "0.27.0: int8_tensorwise, float8_e4m3fn) or awq (also awq_w4a16, in "
+                        "builds with Comfy-Org/ComfyUI#13580)")
     p.add_argument("--no-score", action="store_true",
-                   help="diffusers format: do not score the written folder on held-out prompts "
-                        "for its model card (scoring loads it with diffusers and generates "
-                        "the prompts' images twice: full precision and exported)")
+                   help="diffusers and comfy formats: do not score the export on held-out "
+                        "prompts for its model card (scoring loads it with its consumer's code "
+                        "and generates the prompts' images twice: full precision and exported)")
     _add_eval_options(p)  # what the card's fidelity is measured with; --device: GPU-only configs
     p.add_argument("--names", default=None, choices=["bfl", "diffusers"],
                    help="tensor names: bfl (Black Forest Labs' layout, read by ComfyUI-GGUF and "

@@ -158,7 +158,8 @@ def base_license(model_id: str | None) -> str | None:
 def write_card(folder: Path, pipe: Any, recipe: Recipe, *, library: str, fmt: str,
                snippet: str, fidelity: dict | None = None, command: str | None = None,
                images: tuple[torch.Tensor, torch.Tensor] | None = None,
-               name: str = CARD, with_recipe: bool = True) -> Path:
+               name: str = CARD, with_recipe: bool = True,
+               requires: str | None = None, near: int = 0) -> Path:
     """Write the card (and its pictures) into ``folder``; returns the card's path."""
     import yaml
 
@@ -181,8 +182,13 @@ def write_card(folder: Path, pipe: Any, recipe: Recipe, *, library: str, fmt: st
              f"# {_cell(Path(str(model_id)).name if model_id else 'model')}, quantized by "
              f"autoquant", "",
              f"A per-layer plan found by [autoquant](https://pypi.org/project/autoquant/) "
-             f"{__version__}, written as **{fmt}**: the file holds exactly the weights that "
-             f"were scored.", "", "## Load it", "", "```python", snippet.strip(), "```", "",
+             f"{__version__}, written as **{fmt}**: " + (
+                 "the file holds exactly the weights that were scored." if not near else
+                 f"{near} layer(s) are held near-exactly (the same codes, their scales "
+                 f"re-expressed in the format's layout); the fidelity below is measured on "
+                 f"the file itself."), "", "## Load it", "",
+             *([f"Needs **{_cell(requires)}**.", ""] if requires else []),
+             "```python", snippet.strip(), "```", "",
              "## The plan", "",
              f"{', '.join(total['components'])}: **{total['bytes'] / 2**20:.2f} MiB**, "
              f"**{total['bits_per_weight']:.2f} bits per weight** in its Linear layers "

@@ -282,10 +282,11 @@ def evaluation_memory(pipe: Any, device: str, cap: int, recipe: Recipe | None = 
 
 
 def evaluate_replaced(evaluator: Evaluator, component: str, module: Any,
-                      label: str) -> EvalResult:
+                      label: str, linear_bytes: int | None = None) -> EvalResult:
     """Score the pipeline with ``component`` replaced by ``module`` (e.g. a transformer loaded
     from an exported file) against the evaluator's full-precision references; the original
-    component is put back after."""
+    component is put back after. ``linear_bytes``: what the file holds for its Linear layers,
+    where ``module`` holds them dequantized (default: measured on ``module``)."""
     pipe = evaluator.pipe
     original = components_of(pipe)[component]
     device = next(original.parameters()).device
@@ -296,7 +297,10 @@ def evaluate_replaced(evaluator: Evaluator, component: str, module: Any,
         setattr(pipe, component, original)
     inv = inventory(pipe)  # the original's layers: bits per weight of the file's weights
     weights = sum(l.weight_params for l in inv if l.component == component)
-    linear = sum(measured_bytes(m) for m in module.modules()
-                 if isinstance(m, torch.nn.Linear))
+    linear = linear_bytes if linear_bytes is not None else sum(
+        measured_bytes(m) for m in module.modules() if isinstance(m, torch.nn.Linear))
+    extra = {} if linear_bytes is None else {
+        "bytes": result.bytes - sum(measured_bytes(m) for m in module.modules()
+                                    if isinstance(m, torch.nn.Linear)) + linear_bytes}
     return dataclasses.replace(result, bits_per_weight=8 * linear / max(weights, 1),
-                               fp_share=float("nan"))
+                               fp_share=float("nan"), **extra)
