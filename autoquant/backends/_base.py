@@ -22,6 +22,14 @@ from .._errors import ConfigError
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
+def weight_stub(out_features: int, in_features: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of a Linear weight's shape that stores one value (stride 0): what LoRA loaders
+    read of ``layer.weight`` (shape, device, dtype) on layers that store codes instead. Never
+    written to; made on each read, so it follows the layer's device."""
+    return torch.zeros((), dtype=dtype, device=device).expand(out_features, in_features)
+
+
 def float_and_group_reason(dtype: torch.dtype, in_features: int, group_size: int | None,
                            computes: str = "") -> str | None:
     """The checks every method starts its ``layer_reason`` with: a float weight, and (for grouped
@@ -206,10 +214,11 @@ class Backend(ABC):
         raise NotImplementedError(f"{self.name} writes no {fmt} tensors")
 
     def lora_layers(self) -> dict[type, type]:
-        """``{quantized module class: peft LoRA layer class}`` for modules peft's own dispatch
-        does not take (registered on a LoraConfig with peft's custom-module hook by
-        :func:`autoquant.plans.lora.lora_config`); {} where peft handles them (nn.Linear
-        subclasses, HQQLinear, bitsandbytes' layers)."""
+        """``{quantized module class: peft LoRA layer class}`` (registered on a LoraConfig with
+        peft's custom-module hook by :func:`autoquant.plans.lora.lora_config`): peft's own LoRA
+        layer for the module with merging refused (:func:`autoquant.backends._lora.
+        refusing_merge`), or one of the backend's where peft has none; {} for a backend whose
+        layers are plain Linears."""
         return {}
 
     def diffusers_config(self, configs: dict[str, QuantConfig]) -> Any:

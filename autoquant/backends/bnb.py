@@ -95,6 +95,16 @@ class BnbBackend(Backend):
     def owns(self, module):
         return type(module).__module__.startswith("bitsandbytes.")
 
+    def lora_layers(self):
+        import bitsandbytes as bnb
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+
+        from ._lora import refusing_merge
+
+        # peft's own bitsandbytes LoRA layers, merging refused (peft would re-quantize)
+        return {bnb.nn.Linear4bit: refusing_merge(Linear4bit, "bitsandbytes"),
+                bnb.nn.Linear8bitLt: refusing_merge(Linear8bitLt, "bitsandbytes")}
+
     def layer_reason(self, cfg, out_features, in_features, dtype):
         reason = float_and_group_reason(dtype, in_features, None, "bitsandbytes computes in")
         if reason:

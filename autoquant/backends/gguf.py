@@ -165,6 +165,16 @@ class GGUFBackend(Backend):
         return type(module).__name__ == "GGUFLinear" and \
             type(module).__module__.startswith("diffusers.quantizers.gguf")
 
+    def lora_layers(self):
+        from diffusers.quantizers.gguf.utils import GGUFLinear
+        from peft.tuners.lora.layer import Linear
+
+        from ._lora import refusing_merge
+
+        # peft's own Linear LoRA (GGUFLinear is an nn.Linear), merging refused: peft would add
+        # the update to the packed bytes
+        return {GGUFLinear: refusing_merge(Linear, "GGUF")}
+
     def layer_reason(self, cfg, out_features, in_features, dtype):
         if dtype not in DTYPE_BYTES:
             return f"dtype {dtype} is not a float type GGUF's layers compute in"

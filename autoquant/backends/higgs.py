@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -157,7 +158,9 @@ def _higgs_lora_class() -> type:
             if config.use_dora:
                 raise ValueError("HIGGS layers do not take DoRA (it needs the dense weight)")
             super().__init__()
-            LoraLayer.__init__(self, base_layer)
+            with warnings.catch_warnings():  # "Unsupported layer type": this class supports it
+                warnings.filterwarnings("ignore", message="Unsupported layer type")
+                LoraLayer.__init__(self, base_layer)
             self.fan_in_fan_out = False
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
@@ -178,12 +181,12 @@ def _higgs_lora_class() -> type:
             return result
 
         def merge(self, safe_merge=False, adapter_names=None):
-            raise ValueError("merging a LoRA into HIGGS layers would re-quantize them, and the "
-                             "merged layer would not be the one scored: keep the adapter "
-                             "unmerged (fuse_lora refused)")
+            from ._lora import MERGE_REFUSED
+
+            raise ValueError(MERGE_REFUSED.format(what="HIGGS"))
 
         def unmerge(self):
-            raise ValueError("HIGGS layers are never merged")
+            return None  # never merged: nothing to undo (fuse_lora's undo reaches every layer)
 
         def __repr__(self):
             return "lora." + super().__repr__()

@@ -53,7 +53,9 @@ class HQQBackend(Backend):
     loggers = ("hqq",)
 
     def owns(self, module):
-        return type(module).__module__.startswith("hqq.")
+        from hqq.core.quantize import HQQLinear
+
+        return isinstance(module, HQQLinear)
 
     def layer_reason(self, cfg, out_features, in_features, dtype):
         reason = float_and_group_reason(dtype, in_features, cfg.group_size, "hqq computes in")
@@ -76,7 +78,9 @@ class HQQBackend(Backend):
         return codes + meta + (out_features * DTYPE_BYTES[dtype] if bias else 0)
 
     def quantize(self, linear, cfg, device):
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+        from hqq.core.quantize import BaseQuantizeConfig
+
+        from ._hqq_layer import HQQLinear as ShapedHQQLinear
 
         # HQQLinear deletes the parameters of the layer it is given: hand it a throw-away shell
         # that shares (a device copy of) the weights, so the caller's layer stays intact.
@@ -86,7 +90,7 @@ class HQQBackend(Backend):
         if linear.bias is not None:
             shell.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
         qcfg = BaseQuantizeConfig(nbits=cfg.bits, group_size=cfg.group_size, axis=1)
-        return HQQLinear(shell, qcfg, del_orig=True, compute_dtype=linear.weight.dtype,
+        return ShapedHQQLinear(shell, qcfg, del_orig=True, compute_dtype=linear.weight.dtype,
                          device=str(device))
 
     def export_state(self, module):
@@ -112,9 +116,11 @@ class HQQBackend(Backend):
         return out
 
     def import_state(self, cfg, out_features, in_features, bias, dtype, tensors, meta, device):
-        from hqq.core.quantize import HQQLinear, Quantizer
+        from hqq.core.quantize import Quantizer
 
-        layer = HQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device),
+        from ._hqq_layer import HQQLinear as ShapedHQQLinear
+
+        layer = ShapedHQQLinear(None, quant_config=None, compute_dtype=dtype, device=str(device),
                           initialize=False)
         packing = Quantizer.bit_to_packing[cfg.bits]
         params = {"nbits": cfg.bits, "channel_wise": True, "group_size": cfg.group_size,
@@ -129,6 +135,15 @@ class HQQBackend(Backend):
             "packing": packing, "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
             "quant_scale": False, "quant_zero": False, "compute_dtype": dtype})
         return layer
+
+    def lora_layers(self):
+        from peft.tuners.lora.hqq import HqqLoraLinear
+
+        from ._hqq_layer import HQQLinear
+        from ._lora import refusing_merge
+
+        # peft's own hqq LoRA layer, but merging refused: peft would re-quantize the layer
+        return {HQQLinear: refusing_merge(HqqLoraLinear, "hqq")}
 
     def configs(self):
         return [HQQConfig(bits=b, group_size=64) for b in BITS]

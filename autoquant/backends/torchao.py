@@ -93,7 +93,12 @@ def _torchao_config(cfg: TorchaoConfig):
                                    mapping_type=tq.MappingType.ASYMMETRIC)
 
 
-class RowPaddedLinear(nn.Linear):
+class TorchaoLinear(nn.Linear):
+    """A Linear whose weight is a torchao tensor subclass: a class of its own so that peft's
+    custom-module hook can give its LoRA layers by type (plain Linears stay peft's)."""
+
+
+class RowPaddedLinear(TorchaoLinear):
     """An ``int8_dynamic`` layer. Compiled on CUDA, Inductor lowers its matmul to cuBLAS's int8
     GEMM, which refuses inputs of <= 16 rows ("self.size(0) needs to be greater than 16";
     pytorch/ao#2376, open) -- and Flux's modulation layers read one row per image. Such inputs
@@ -126,7 +131,7 @@ def _(x, qdata, scale):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
-class Int8WeightOnlyLinear(nn.Linear):
+class Int8WeightOnlyLinear(TorchaoLinear):
     """An ``int8`` (weight-only) layer. Compiled, Inductor fuses torchao's int8 -> bf16 weight
     conversion into the matmul and generates its own kernel for it: on an H100 (torch 2.11,
     torchao 0.18) a Flux-dev step with every layer so compiled took over 12 s, against 251 ms
@@ -145,7 +150,7 @@ class Int8WeightOnlyLinear(nn.Linear):
 
 def _linear_class(cfg: TorchaoConfig) -> type[nn.Linear]:
     return {"int8_dynamic": RowPaddedLinear, "int8": Int8WeightOnlyLinear}.get(cfg.type,
-                                                                               nn.Linear)
+                                                                               TorchaoLinear)
 
 
 class TorchaoBackend(Backend):
@@ -305,6 +310,13 @@ class TorchaoBackend(Backend):
         return {"weight": w.qdata.detach().clone(),
                 "weight_scale": w.scale.detach().float().reshape(-1, 1).clone()}
 
+    def lora_layers(self):
+        from peft.tuners.lora.torchao import TorchaoLoraLinear
+
+        from ._lora import refusing_merge
+
+        return {TorchaoLinear: _torchao_lora_class(refusing_merge(TorchaoLoraLinear, "torchao"))}
+
     def diffusers_config(self, configs):
         from diffusers import TorchAoConfig
         from torchao.quantization import FqnToConfig
@@ -318,6 +330,23 @@ class TorchaoBackend(Backend):
         return ([TorchaoConfig(type=t) for t in ("int8", "int8_dynamic", "fp8", "fp8_dynamic")]
                 + [TorchaoConfig(type="int4", group_size=64)]
                 + [TorchaoConfig(type="intx", bits=b, group_size=64) for b in range(1, 9)])
+
+
+@functools.cache
+def _torchao_lora_class(refusing: type) -> type:
+    """peft's TorchaoLoraLinear (merge refused), told it will never re-quantize: peft warns on
+    every layer made without a re-quantizing function, which is only used by merge."""
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("get_apply_tensor_subclass", _never_requantized)
+        refusing.__init__(self, *args, **kwargs)
+
+    return type(refusing.__name__, (refusing,), {"__init__": __init__,
+                                                 "__module__": __name__,
+                                                 "__qualname__": refusing.__name__})
+
+
+def _never_requantized(*args, **kwargs):
+    raise ValueError("torchao LoRA layers are never merged")
 
 
 @functools.cache
