@@ -6,7 +6,8 @@ time with the consumer's own loader, the loaded model's images against autoquant
 
 Formats: ``diffusers`` (a folder: ``DiffusionPipeline``/``from_pretrained`` of the quantized
 denoiser, torchao plans; the denoiser as one GGUF file for GGUF plans) and ``gguf`` (one file,
-diffusers names, ``from_single_file`` + ``GGUFQuantizationConfig``).
+diffusers names, ``from_single_file`` + ``GGUFQuantizationConfig``) and ``comfy`` (a ComfyUI
+checkpoint, read as ComfyUI's loader builds its layers: comfy-kitchen's layouts, dequantized).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 import autoquant
 from autoquant._format import human_bytes, table
+from autoquant.export.comfy import export_comfy, linear_bytes, load_comfy
 from autoquant.export.diffusers import export_diffusers, load_component
 from autoquant.export.gguf import export_gguf, load_gguf
 from autoquant.scoring.evaluator import evaluate_replaced
@@ -61,6 +63,11 @@ CASES = [
     ("diffusers", "gguf-Q4_K (+ keep list)", uniform({"method": "gguf", "type": "Q4_K"}, True)),
     ("gguf", "gguf-Q4_K (+ keep list)", uniform({"method": "gguf", "type": "Q4_K"}, True)),
     ("gguf", "gguf-Q8_0 (+ keep list)", uniform({"method": "gguf", "type": "Q8_0"}, True)),
+    ("comfy", "torchao-int8", uniform({"method": "torchao", "type": "int8"})),
+    ("comfy", "torchao-int8_dynamic", uniform({"method": "torchao", "type": "int8_dynamic"})),
+    ("comfy", "torchao-fp8 (near-exact)", uniform({"method": "torchao", "type": "fp8"})),
+    ("comfy-awq", "hqq4-g64 (near-exact)", uniform({"method": "hqq", "bits": 4,
+                                                    "group_size": 64})),
 ]
 
 
@@ -90,6 +97,14 @@ def main() -> None:
                               if f.is_file())
                 t0 = time.perf_counter()
                 loaded = load_component(target, "transformer", pipe.transformer)
+            elif fmt.startswith("comfy"):
+                target = Path(tmp) / f"file{i}.safetensors"
+                export_comfy(pipe, recipe, target, progress=False,
+                             target="awq" if fmt == "comfy-awq" else "stable")
+                export_s = time.perf_counter() - t0
+                on_disk = target.stat().st_size
+                t0 = time.perf_counter()
+                loaded = load_comfy(target, pipe)
             else:
                 target = Path(tmp) / f"file{i}.gguf"
                 export_gguf(pipe, recipe, target, names="diffusers", progress=False)
@@ -101,7 +116,9 @@ def main() -> None:
             # the loaded model's images vs autoquant's own layers, on the held-out set
             scored = holdout.evaluate(recipe, label)
             own = holdout.last_images.clone()
-            result = evaluate_replaced(holdout, "transformer", loaded, label)
+            extra = ({"linear_bytes": linear_bytes(target, loaded)} if fmt.startswith("comfy")
+                     else {})
+            result = evaluate_replaced(holdout, "transformer", loaded, label, **extra)
             theirs = holdout.last_images
             identical = torch.equal(own, theirs)
             m = result.to_dict()

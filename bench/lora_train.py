@@ -40,6 +40,15 @@ METHODS = {"bf16 / fp32 (no quantization)": None,
            "bnb nf4": {"method": "bnb", "type": "nf4"}}
 
 
+def denoiser_batch(gen: torch.Generator) -> dict:
+    """4 random latents of demo-flux's denoiser (16 image and 16 text tokens) at t = 0.5."""
+    return dict(hidden_states=torch.randn(4, 16, 64, generator=gen),
+                timestep=torch.full((4,), 0.5),
+                encoder_hidden_states=torch.randn(4, 16, 384, generator=gen),
+                pooled_projections=torch.randn(4, 384, generator=gen),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(16, 3))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -73,11 +82,7 @@ def main() -> None:
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         opt = torch.optim.AdamW(params, lr=1e-3)
         gen = torch.Generator().manual_seed(0)
-        batch = dict(hidden_states=torch.randn(4, 16, 64, generator=gen),
-                     timestep=torch.full((4,), 0.5),
-                     encoder_hidden_states=torch.randn(4, 16, 384, generator=gen),
-                     pooled_projections=torch.randn(4, 384, generator=gen),
-                     img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(16, 3))
+        batch = denoiser_batch(gen)
         batch = {k: v.to(dev, dtype if v.is_floating_point() and k != "timestep" else v.dtype)
                  for k, v in batch.items()}
         target = torch.randn(4, 16, 64, generator=gen).to(dev, dtype)

@@ -792,7 +792,24 @@ def _argument_cases(add) -> None:
         before_model=False))
     add("export", "evaluate-gguf-and-recipe", cli(lambda ctx: [
         "evaluate", "--model", TINY, "--no-clip", "--gguf", "x.gguf", "--recipe",
-        str(ctx.write("r.yaml", gguf_recipe))], "not both"))
+        str(ctx.write("r.yaml", gguf_recipe))], "give only one of"))
+    add("export", "comfy-gguf-layers", cli(lambda ctx: [
+        "export", "--model", TINY, "--recipe", str(ctx.write("r.yaml", gguf_recipe)),
+        "--format", "comfy", "--out", str(ctx.path("m.safetensors"))],
+        "no ComfyUI format of this target", before_model=False))
+    add("export", "comfy-hqq-without-awq-target", cli(lambda ctx: [
+        "export", "--model", TINY, "--recipe", str(ctx.write(
+            "r.yaml", "format: autoquant-recipe/1\ndefault: {method: hqq, bits: 4, "
+                      "group_size: 64}\n")),
+        "--format", "comfy", "--out", str(ctx.path("m.safetensors"))], "--comfy-target awq",
+        before_model=False))
+    add("export", "evaluate-comfy-junk-file", cli(lambda ctx: [
+        "evaluate", "--model", TINY, "--no-clip", "--comfy",
+        str(ctx.write("j.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}  "))],
+        "not a readable safetensors file", before_model=False))
+    add("export", "evaluate-comfy-missing-file", cli(lambda ctx: [
+        "evaluate", "--model", TINY, "--no-clip", "--comfy", str(ctx.path("nope.safetensors"))],
+        "no such file", before_model=False))
     add("export", "diffusers-over-a-foreign-folder", cli(lambda ctx: [
         "export", "--model", TINY, "--recipe", str(ctx.write("r.yaml", gguf_recipe)),
         "--format", "diffusers", "--out", str(ctx.write("mine/notes.txt", "keep").parent)],

@@ -4,7 +4,10 @@ Types (``{method: torchao, type: ..., bits: ..., group_size: ...}``) and what th
 - ``int8``, ``int8_dynamic`` (bits 8): int8 codes ``[out, in]`` + float32 scale and int8 zero
   point per output row; ``int8_dynamic`` also quantizes activations per token at run time.
 - ``fp8``, ``fp8_dynamic`` (bits 8): float8 e4m3 codes + float32 scale per output row;
-  ``fp8_dynamic`` quantizes activations too and needs a CUDA GPU of compute capability >= 8.9.
+  ``fp8_dynamic`` quantizes activations too (per token) and needs a CUDA GPU of compute
+  capability >= 8.9.
+- ``fp8_dynamic_tensor`` (bits 8): fp8_dynamic with one scale per tensor, for the weight and for
+  each call's activations (cuBLAS' tensor-wise fp8 GEMM instead of the row-wise kernel).
 - ``intx`` (bits 1..8): codes stored **unpacked, one int8 per weight**, on every device
   (IntxUnpackedToInt8Tensor), + a scale (layer dtype) and an int8 zero point per group. It cuts
   error, not bytes, below 8 bits: the byte formula says so, and the search sees it.
@@ -27,7 +30,9 @@ from ._base import (DTYPE_BYTES, QUANTIZATION_CONFIG, Backend, QuantConfig, chec
                     check_int, float_and_group_reason)
 
 COMFY = "comfy"  # the ComfyUI checkpoint format (autoquant.export.comfy)
-TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "int4", "intx")
+TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "fp8_dynamic_tensor", "int4", "intx")
+#: the types that quantize activations in fp8 at run time (GPU of compute capability >= 8.9)
+FP8_DYNAMIC = ("fp8_dynamic", "fp8_dynamic_tensor")
 _TEMPLATES: dict = {}
 _GROUPED = ("int4", "intx")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -44,7 +49,8 @@ class TorchaoConfig(QuantConfig):
 
     def __post_init__(self):
         check_choice("type", self.type, TYPES, method="torchao")
-        fixed = {"int8": 8, "int8_dynamic": 8, "fp8": 8, "fp8_dynamic": 8, "int4": 4}.get(self.type)
+        fixed = {"int8": 8, "int8_dynamic": 8, "fp8": 8, "fp8_dynamic": 8,
+                 "fp8_dynamic_tensor": 8, "int4": 4}.get(self.type)
         if self.bits is None:
             if fixed is None:
                 raise ConfigError("torchao: type intx needs bits (1..8)")
@@ -83,6 +89,8 @@ def _torchao_config(cfg: TorchaoConfig):
         return tq.Float8WeightOnlyConfig(**quiet)
     if cfg.type == "fp8_dynamic":
         return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow(), **quiet)
+    if cfg.type == "fp8_dynamic_tensor":
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerTensor(), **quiet)
     if cfg.type == "int4":
         return tq.Int4WeightOnlyConfig(group_size=cfg.group_size,
                                        int4_packing_format="tile_packed_to_4d", **quiet)
@@ -168,12 +176,12 @@ class TorchaoBackend(Backend):
         reason = super().unavailable_reason(cfg, device)
         if reason:
             return reason
-        if cfg.type in ("fp8_dynamic", "int4"):
+        if cfg.type in (*FP8_DYNAMIC, "int4"):
             if device.type != "cuda":
                 return f"{cfg.label} needs a CUDA GPU (its kernels are GPU-only), not {device.type}"
             if not torch.cuda.is_available():
                 return f"{cfg.label} needs a CUDA GPU and none is visible"
-            if cfg.type == "fp8_dynamic":
+            if cfg.type in FP8_DYNAMIC:
                 cap = torch.cuda.get_device_capability(device)
                 if cap < (8, 9):
                     return (f"{cfg.label} needs compute capability >= 8.9 (Ada/Hopper); "
@@ -191,8 +199,8 @@ class TorchaoBackend(Backend):
             return reason
         if cfg.type == "int4" and dtype != torch.bfloat16:
             return f"int4 (tinygemm) needs bfloat16 weights, not {dtype}"
-        if cfg.type == "fp8_dynamic" and (in_features % 16 or out_features % 16):
-            return "fp8_dynamic (scaled_mm) needs in_features and out_features divisible by 16"
+        if cfg.type in FP8_DYNAMIC and (in_features % 16 or out_features % 16):
+            return f"{cfg.type} (scaled_mm) needs in_features and out_features divisible by 16"
         return None
 
     def nbytes(self, cfg, out_features, in_features, bias, dtype):
@@ -202,6 +210,8 @@ class TorchaoBackend(Backend):
             return total + n + out_features * (4 + 1)  # codes + fp32 scale + int8 zero per row
         if cfg.type in ("fp8", "fp8_dynamic"):
             return total + n + out_features * 4  # codes + fp32 scale per row
+        if cfg.type == "fp8_dynamic_tensor":
+            return total + n + 4  # codes + one fp32 scale
         groups = n // cfg.group_size
         if cfg.type == "int4":
             # tinygemm pads in_features to a multiple of 1024 and out_features to one of 8
@@ -239,7 +249,7 @@ class TorchaoBackend(Backend):
         Its metadata is the only metadata a saved layer may carry."""
         key = (cfg, out_features, in_features, bias, dtype)
         if key not in _TEMPLATES:
-            device = torch.device("cuda" if cfg.type in ("int4", "fp8_dynamic") else "cpu")
+            device = torch.device("cuda" if cfg.type in ("int4", *FP8_DYNAMIC) else "cpu")
             lin = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
             with torch.no_grad():
                 lin.weight.fill_(0.5)
@@ -327,7 +337,8 @@ class TorchaoBackend(Backend):
                                           for path, cfg in configs.items()}))
 
     def configs(self):
-        return ([TorchaoConfig(type=t) for t in ("int8", "int8_dynamic", "fp8", "fp8_dynamic")]
+        return ([TorchaoConfig(type=t) for t in ("int8", "int8_dynamic", "fp8", "fp8_dynamic",
+                                                  "fp8_dynamic_tensor")]
                 + [TorchaoConfig(type="int4", group_size=64)]
                 + [TorchaoConfig(type="intx", bits=b, group_size=64) for b in range(1, 9)])
 

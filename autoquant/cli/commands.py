@@ -141,12 +141,14 @@ def cmd_apply(args) -> int:
         writable_file(args.out, "--out")
     check_device(args.device)
     pipe = _load(args)
+    if args.compile_mode != "default" and not args.compile:
+        raise InputError("--compile-mode applies with --compile")
     summary = apply_recipe(pipe, recipe, device=args.device, progress=not args.json)
     result = {"summary": summary.to_dict()}
     if args.compile:
         from ..runtime.compile import compile_pipeline
 
-        result["compiled"] = compile_pipeline(pipe)
+        result["compiled"] = compile_pipeline(pipe, mode=args.compile_mode)
     if args.save:
         result["saved"] = str(save_quantized(pipe, args.save))
     if args.prompt:

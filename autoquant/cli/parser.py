@@ -169,6 +169,11 @@ def _apply(sub) -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="save the quantized pipeline to this folder")
     p.add_argument("--compile", action="store_true",
                    help="run the denoiser under torch.compile (faster steps after a first slow one)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs",
+                            "max-autotune"],
+                   help="with --compile: torch.compile's mode (reduce-overhead / max-autotune "
+                        "record CUDA graphs; max-autotune* tune kernels while compiling)")
     p.add_argument("--prompt", default=None, help="generate one image with this prompt")
     p.add_argument("--out", default="autoquant.png", type=_image_file,
                    help="where the image goes (.png, .jpg, .webp ...)")

@@ -22,6 +22,18 @@ from ..models.inventory import DENOISERS, components_of
 #: regional only where the blocks hold this share of the weights: a UNet declares its attention
 #: blocks, but its convolutions would stay eager -- it compiles whole
 REGIONAL_SHARE = 0.9
+#: ``torch.compile`` modes (None: the default). ``reduce-overhead`` and ``max-autotune`` record
+#: CUDA graphs (static shapes: one graph per block variant and input shape); ``max-autotune*``
+#: benchmark kernel choices while compiling (minutes)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def _mode(mode: str | None) -> str | None:
+    if mode in (None, "default"):
+        return None
+    if mode not in COMPILE_MODES:
+        raise InputError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
 
 
 def regions(module: nn.Module) -> list[nn.Module]:
@@ -35,16 +47,18 @@ def regions(module: nn.Module) -> list[nn.Module]:
     return blocks if held >= REGIONAL_SHARE * total else []
 
 
-def compile_module(module: nn.Module, whole: bool = False) -> list[nn.Module]:
+def compile_module(module: nn.Module, whole: bool = False,
+                   mode: str | None = None) -> list[nn.Module]:
     """Compile ``module`` in place (``nn.Module.compile``: from its next call on), regionally
-    where it declares repeated blocks (``whole``: as one graph anyway). Returns what was
-    compiled, for :func:`uncompile`."""
+    where it declares repeated blocks (``whole``: as one graph anyway), in ``torch.compile``
+    ``mode`` (:data:`COMPILE_MODES`). Returns what was compiled, for :func:`uncompile`."""
     from .._compat import pin_inductor_simd
 
+    mode = _mode(mode)
     pin_inductor_simd()
     blocks = [] if whole else regions(module)
     if not blocks:
-        module.compile(dynamic=False)
+        module.compile(dynamic=False, mode=mode)
         return [module]
     config = torch._dynamo.config
     # one cache entry per distinct block variant, at most one per block (+ slack for guards)
@@ -55,7 +69,7 @@ def compile_module(module: nn.Module, whole: bool = False) -> list[nn.Module]:
     if getattr(config, "accumulated_recompile_limit", limit) < 4 * limit:
         config.accumulated_recompile_limit = 4 * limit
     for block in blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=mode)
     return blocks
 
 
@@ -65,7 +79,8 @@ def uncompile(modules: list[nn.Module]) -> None:
         block._compiled_call_impl = None
 
 
-def compile_pipeline(target: Any, components: list[str] | None = None) -> list[str]:
+def compile_pipeline(target: Any, components: list[str] | None = None,
+                     mode: str | None = None) -> list[str]:
     """Run ``components`` (default: the denoiser) under ``torch.compile`` from the next call on
     (``nn.Module.compile``, in place; block by block where the model declares repeated blocks,
     as diffusers' ``compile_repeated_blocks``). Every backend's layers compile in one graph
@@ -76,6 +91,7 @@ def compile_pipeline(target: Any, components: list[str] | None = None) -> list[s
     if missing:
         raise InputError(f"no component(s) {missing} to compile; this pipeline has "
                          f"{sorted(comps)}")
+    _mode(mode)  # a bad mode fails before anything compiles
     for name in names:
-        compile_module(comps[name])
+        compile_module(comps[name], mode=mode)
     return names

@@ -80,13 +80,14 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 15,
 
 
 @contextlib.contextmanager
-def compiled(module: nn.Module, whole: bool = False) -> Iterator[Callable]:
+def compiled(module: nn.Module, whole: bool = False, mode: str | None = None
+             ) -> Iterator[Callable]:
     """``module`` under ``torch.compile`` as deployed (regionally where it declares repeated
-    blocks, see :mod:`autoquant.runtime.compile`; ``whole``: one graph) inside the ``with`` block,
-    eager again after."""
+    blocks, see :mod:`autoquant.runtime.compile`; ``whole``: one graph; ``mode``: a
+    ``torch.compile`` mode) inside the ``with`` block, eager again after."""
     from .compile import compile_module, uncompile
 
-    done = compile_module(module, whole)
+    done = compile_module(module, whole, mode)
     try:
         yield module
     finally:
