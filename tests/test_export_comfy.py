@@ -252,3 +252,44 @@ def test_cli_export_then_evaluate(tmp_path, capsys):
                  "--format", "comfy", "--out", str(out), "--names", "bfl"]) == 2
     assert "do not apply to --format comfy" in capsys.readouterr().err
 
+
+
+def test_push_to_hub_uploads_the_file_and_its_card(tmp_path, capsys, monkeypatch):
+    """Against a local HTTP server speaking the hub's API (tests/hub_server.py): the real
+    huggingface_hub client creates the repository and commits the file, the card and its
+    pictures -- nothing else from the folder."""
+    from tests.hub_server import FakeHub
+
+    hub = FakeHub()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+        import huggingface_hub.constants as hc
+
+        monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+        # the suite runs offline (conftest); this one test talks to the local server only
+        monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+        (tmp_path / "r.yaml").write_text(
+            "format: autoquant-recipe/1\ncomponents: [transformer]\n"
+            "default: {method: torchao, type: int8}\n")
+        (tmp_path / "notes.txt").write_text("mine, not for the hub")
+        out = tmp_path / "flux.safetensors"
+        assert main(["export", "--model", "tiny-flux", "--recipe", str(tmp_path / "r.yaml"),
+                     "--format", "comfy", "--out", str(out), "--no-clip", "--json",
+                     "--push-to-hub", "me/tiny-flux-comfy", "--private"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["hub"]["repo"] == "me/tiny-flux-comfy"
+        created = hub.repos["me/tiny-flux-comfy"]
+        assert created.get("private") is True or created.get("visibility") == "private", created
+        sent = hub.files["me/tiny-flux-comfy"]
+        assert set(sent) == {"flux.safetensors", "README.md", "bitmap.png", "images.png"}
+        assert sent["flux.safetensors"] == out.read_bytes()
+        assert sent["README.md"] == (tmp_path / "README.md").read_bytes()
+        assert "library_name: comfyui" in hub.cards[0]  # the hub checked the card's YAML
+    finally:
+        hub.close()
+    assert main(["export", "--model", "tiny-flux", "--recipe", str(tmp_path / "r.yaml"),
+                 "--format", "comfy", "--out", str(tmp_path / "x.safetensors"),
+                 "--push-to-hub", "not a repo"]) == 2
+    assert "owner/name" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

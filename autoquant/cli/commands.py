@@ -184,6 +184,12 @@ def cmd_export(args) -> int:
     from ..plans.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # validated before any model loads
+    if args.push_to_hub:
+        from ..export.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
+    elif args.private:
+        raise InputError("--private applies with --push-to-hub")
     if not args.model:
         args.model = (recipe.model or {}).get("id")
         if not args.model:
@@ -192,6 +198,20 @@ def cmd_export(args) -> int:
         return _export_diffusers(args, recipe)
     if args.format == "comfy":
         return _export_comfy(args, recipe)
+    return _export_gguf(args, recipe)
+
+
+def _pushed(args, info: dict) -> dict | None:
+    """``--push-to-hub``: upload what was written (``info["path"]``) with its card."""
+    if not args.push_to_hub:
+        return None
+    from ..export.hub import push_to_hub
+
+    info["hub"] = push_to_hub(info["path"], args.push_to_hub, private=args.private)
+    return info["hub"]
+
+
+def _export_gguf(args, recipe) -> int:
     if args.device:
         raise InputError("--device applies to --format diffusers (a GGUF file is quantized "
                          "on the CPU)")
@@ -204,6 +224,7 @@ def cmd_export(args) -> int:
     info = export_gguf(pipe, recipe, args.out, component=args.component, names=names,
                        requantize=args.requantize, progress=not args.json)
     info["card"] = _gguf_card(args, pipe, recipe, names)
+    hub = _pushed(args, info)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -220,6 +241,8 @@ def cmd_export(args) -> int:
               f"autoquant evaluate --model {args.model} --gguf {info['path']}")
     print(f"model card: {info['card']}" if info["card"] else
           "model card not written: the folder has a README.md autoquant did not write")
+    if hub:
+        print(f"uploaded {len(hub['files'])} file(s) to {hub['url']}")
     return 0
 
 
@@ -300,6 +323,7 @@ def _export_comfy(args, recipe) -> int:
                    requires=(f"ComfyUI {info['comfyui']} or newer" if info["comfyui"][0].isdigit()
                              else info["comfyui"]), near=len(info["near_exact"]))
         info["card"] = str(card)
+    hub = _pushed(args, info)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -317,6 +341,8 @@ def _export_comfy(args, recipe) -> int:
               + (f", CLIP fidelity {f['clip_fidelity']:.4f}" if "clip_fidelity" in f else ""))
     print(f"model card: {info['card']}" if info["card"] else
           "model card not written: the folder has a README.md autoquant did not write")
+    if hub:
+        print(f"uploaded {len(hub['files'])} file(s) to {hub['url']}")
     return 0
 
 
@@ -353,6 +379,7 @@ def _export_diffusers(args, recipe) -> int:
         write_card(Path(args.out), pipe, recipe, library="diffusers", fmt="diffusers",
                    snippet=info["snippet"], fidelity=fidelity, command=command,
                    images=(evaluator.references, evaluator.last_images))
+    hub = _pushed(args, info)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -367,6 +394,8 @@ def _export_diffusers(args, recipe) -> int:
               + (f", CLIP fidelity {f['clip_fidelity']:.4f}" if "clip_fidelity" in f else ""))
     print(f"wrote {info['path']}: {info['pipeline']} folder, {human_bytes(info['bytes'])}, "
           f"with its model card (README.md). Load it with diffusers:\n{info['snippet']}")
+    if hub:
+        print(f"uploaded {len(hub['files'])} file(s) to {hub['url']}")
     return 0
 
 

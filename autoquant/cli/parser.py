@@ -244,6 +244,11 @@ def _export(sub) -> argparse.ArgumentParser:
                    help="tensor names: bfl (Black Forest Labs' layout, read by ComfyUI-GGUF and "
                         "stable-diffusion.cpp; the default for Flux) or diffusers (module paths, "
                         "for diffusers' from_single_file; ComfyUI refuses such Flux files)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="then upload the export and its model card to this Hugging Face model "
+                        "repository (owner/name; created if missing; huggingface_hub's token)")
+    p.add_argument("--private", action="store_true",
+                   help="with --push-to-hub: create the repository private")
     p.add_argument("--component", default="transformer", help="the component to export")
     p.add_argument("--requantize", action="store_true",
                    help="re-quantize layers of non-GGUF methods from the original weights to "
