@@ -30,7 +30,6 @@ CONFIGS = {
     "torchao fp8 (weight-only)": {"method": "torchao", "type": "fp8"},
     "torchao int8_dynamic": {"method": "torchao", "type": "int8_dynamic"},
     "torchao int8 (weight-only)": {"method": "torchao", "type": "int8"},
-    "gemlite a8w4 (hqq4 codes, fp8 activations)": {"method": "gemlite", "type": "a8w4"},
     "hqq 4-bit g64": {"method": "hqq", "bits": 4, "group_size": 64},
     "bnb nf4": {"method": "bnb", "type": "nf4"},
 }

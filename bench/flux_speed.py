@@ -9,7 +9,7 @@ Plans (each Linear of the transformer that takes the config): ``bf16``; ``fp8_ro
 (torchao fp8_dynamic: activations per token, weights per channel); ``fp8_tensor``
 (fp8_dynamic_tensor); ``int8_dyn``, ``int8_wo``; ``fp8_50`` (fp8_row with the three layers
 that tip it over 50% of bf16's bytes in nf4, the earlier run's fastest 50% plan); ``hqq4``,
-``nf4``; ``a8w4`` (gemlite: hqq's 4-bit codes x fp8 activations) where gemlite is installed.
+``nf4``.
 Compiled block by block, as ``autoquant apply --compile`` does.
 """
 
@@ -47,7 +47,6 @@ PLANS = {
     "int8_wo": {"default": {"method": "torchao", "type": "int8"}},
     "hqq4": {"default": {"method": "hqq", "bits": 4, "group_size": 64}},
     "nf4": {"default": NF4},
-    "a8w4": {"default": {"method": "gemlite", "type": "a8w4", "group_size": 64}},
 }
 
 
