@@ -49,11 +49,24 @@ def denoiser_batch(gen: torch.Generator) -> dict:
                 img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(16, 3))
 
 
+def flux_dev_batch(gen: torch.Generator) -> dict:
+    """One 512 px latent of Flux-dev's denoiser (1,024 image and 256 text tokens)."""
+    return dict(hidden_states=torch.randn(1, 1024, 64, generator=gen),
+                timestep=torch.full((1,), 0.5), guidance=torch.full((1,), 3.5),
+                encoder_hidden_states=torch.randn(1, 256, 4096, generator=gen),
+                pooled_projections=torch.randn(1, 768, generator=gen),
+                img_ids=torch.zeros(1024, 3), txt_ids=torch.zeros(256, 3))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default="bench/results/lora_train_cpu.json")
+    ap.add_argument("--flux-dev", action="store_true",
+                    help="the Flux-dev architecture (random bf16 weights, GPU) instead of "
+                         "demo-flux's denoiser: 512 px (1,024 image + 256 text tokens), batch 1")
+    ap.add_argument("--methods", default=None, help="labels to run, comma-separated")
     args = ap.parse_args()
     from diffusers import FluxTransformer2DModel
 
@@ -65,8 +78,15 @@ def main() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows, out = [], []
-    for label, spec in METHODS.items():
-        model = FluxTransformer2DModel.from_pretrained(FLUX_DIR / "transformer", torch_dtype=dtype)
+    chosen = args.methods.split(",") if args.methods else list(METHODS)
+    for label, spec in ((k, v) for k, v in METHODS.items() if k in chosen):
+        if args.flux_dev:
+            from _flux import flux_transformer
+
+            model = flux_transformer(dev)
+        else:
+            model = FluxTransformer2DModel.from_pretrained(FLUX_DIR / "transformer",
+                                                           torch_dtype=dtype)
         try:
             if spec is not None:
                 autoquant.apply_recipe(model, autoquant.Recipe.from_dict(
@@ -82,10 +102,10 @@ def main() -> None:
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         opt = torch.optim.AdamW(params, lr=1e-3)
         gen = torch.Generator().manual_seed(0)
-        batch = denoiser_batch(gen)
+        batch = flux_dev_batch(gen) if args.flux_dev else denoiser_batch(gen)
         batch = {k: v.to(dev, dtype if v.is_floating_point() and k != "timestep" else v.dtype)
                  for k, v in batch.items()}
-        target = torch.randn(4, 16, 64, generator=gen).to(dev, dtype)
+        target = torch.randn(batch["hidden_states"].shape, generator=gen).to(dev, dtype)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         losses, t0 = [], None
@@ -111,6 +131,12 @@ def main() -> None:
                      f"{peak / 2**20:.0f} MiB" if peak is not None else "-"])
         print(table(rows[-1:], ["method", "steps/s", "loss first", "loss last", "peak"]),
               flush=True)
+        del model, opt, params
+        import gc
+
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     print()
     print(table(rows, ["method", "steps/s", "loss first", "loss last", "peak"]))
     write_json(args.json, {"environment": environment(dev), "device": args.device,
