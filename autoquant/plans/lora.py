@@ -129,7 +129,6 @@ def load_lora_weights(pipe: Any, source: Any, adapter_name: str | None = None,
     if unexpected:
         raise InputError(f"the LoRA holds weights of layers {component} lacks, e.g. "
                          f"{unexpected[0]}")
-    module.requires_grad_(False)  # inference: nothing trains unless the caller says so
     return adapter_name
 
 
