@@ -157,6 +157,38 @@ def test_a_flux_denoiser_compiles_block_by_block_one_graph_per_block_variant(tin
     assert (compiled.float() - eager.float()).abs().max() < 0.05
 
 
+def test_a_compile_mode_with_cuda_graphs_copies_each_blocks_outputs(tiny_flux_factory):
+    """reduce-overhead / max-autotune record CUDA graphs: block by block, the next block of a
+    kind would overwrite its graph's output, so each call's outputs are copied out (here on
+    the CPU, where no graph is recorded, the copying wrapper and the images are checked)."""
+    from autoquant.runtime.compile import compile_module, regions, uncompile
+    from tests.helpers import generate
+
+    pipe = tiny_flux_factory()
+    eager = generate(pipe)
+    with pytest.raises(InputError, match="compile mode 'fastest'"):
+        autoquant.compile_pipeline(pipe, mode="fastest")
+    torch._dynamo.reset()
+    done = compile_module(pipe.transformer, mode="reduce-overhead")
+    try:
+        block = regions(pipe.transformer)[0]
+        assert block._compiled_call_impl.__name__ == "call"  # the copying wrapper
+        assert (generate(pipe).float() - eager.float()).abs().max() < 0.05
+    finally:
+        uncompile(done)
+        torch._dynamo.reset()
+
+
+def test_compile_mode_needs_compile(tmp_path, capsys):
+    from autoquant.cli.commands import main
+
+    (tmp_path / "r.yaml").write_text("format: autoquant-recipe/1\n"
+                                     "default: {method: torchao, type: int8}\n")
+    assert main(["apply", "--model", "tiny-flux", "--recipe", str(tmp_path / "r.yaml"),
+                 "--compile-mode", "reduce-overhead"]) == 2
+    assert "--compile-mode applies with --compile" in capsys.readouterr().err
+
+
 def test_compiled_undoes_itself():
     from autoquant.runtime.latency import compiled
 

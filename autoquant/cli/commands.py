@@ -135,14 +135,14 @@ def cmd_apply(args) -> int:
     from ..plans.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # validated before any model is loaded
+    if args.compile_mode != "default" and not args.compile:
+        raise InputError("--compile-mode applies with --compile")
     if args.save:
         writable_folder(args.save, "--save")
     if args.prompt:
         writable_file(args.out, "--out")
     check_device(args.device)
     pipe = _load(args)
-    if args.compile_mode != "default" and not args.compile:
-        raise InputError("--compile-mode applies with --compile")
     summary = apply_recipe(pipe, recipe, device=args.device, progress=not args.json)
     result = {"summary": summary.to_dict()}
     if args.compile:
