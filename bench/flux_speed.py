@@ -87,7 +87,6 @@ def main() -> None:
     out = {"environment": environment(device), "rows": []}
     model = flux_transformer(device)
     fp_bytes = measured_bytes(model)
-    original = {n: m for n, m in model.named_modules()}  # noqa: F841 -- keep the originals
     base = None
     for name in args.plans.split(","):
         spec = PLANS[name]

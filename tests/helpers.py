@@ -20,6 +20,32 @@ def generate(pipe, seed=0, steps=2, prompt="a photo of a red cat"):
                 generator=torch.Generator().manual_seed(seed)).images
 
 
+def two_images(pipe):
+    """Two prompts, 2 steps, 32 px, seed 0: the export tests' images."""
+    return pipe(["a red cube", "a blue ball"], num_inference_steps=2, height=32, width=32,
+                output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+
+def file_and_scored(pipe, loaded, recipe, component: str = "transformer"):
+    """The images of ``pipe`` with ``component`` replaced by ``loaded`` (an exported file as
+    its consumer loads it), and with ``recipe`` applied; the pipeline is back in full
+    precision after each."""
+    import autoquant
+
+    original = getattr(pipe, component)
+    setattr(pipe, component, loaded)
+    try:
+        from_file = two_images(pipe)
+    finally:
+        setattr(pipe, component, original)
+    autoquant.apply_recipe(pipe, recipe, progress=False, keep_originals=True)
+    try:
+        scored = two_images(pipe)
+    finally:
+        autoquant.revert(pipe)
+    return from_file, scored
+
+
 def snapshot(pipe):
     """Every tensor and module type of the pipeline, to prove it was left untouched."""
     out = {}

@@ -17,6 +17,7 @@ from autoquant import AutoquantError  # noqa: E402
 from autoquant.backends import get_backend  # noqa: E402
 from autoquant.cli.commands import main  # noqa: E402
 from autoquant.export.comfy import export_comfy, linear_bytes, load_comfy, read_comfy  # noqa: E402
+from tests.helpers import file_and_scored, two_images  # noqa: E402
 
 
 def _recipe(default, **layers):
@@ -116,23 +117,8 @@ def test_the_loaded_file_makes_the_scored_images(pipe, tmp_path):
     recipe = _recipe(INT8)
     export_comfy(p32, recipe, tmp_path / "m.safetensors", progress=False)
     loaded = load_comfy(tmp_path / "m.safetensors", p32)
-
-    def images(p):
-        return p(["a red cube", "a blue ball"], num_inference_steps=2, height=32, width=32,
-                 output_type="pt", generator=torch.Generator().manual_seed(0)).images
-
-    reference = images(p32)
-    original = p32.transformer
-    p32.transformer = loaded
-    try:
-        from_file = images(p32)
-    finally:
-        p32.transformer = original
-    autoquant.apply_recipe(p32, recipe, progress=False, keep_originals=True)
-    try:
-        scored = images(p32)
-    finally:
-        autoquant.revert(p32)
+    reference = two_images(p32)
+    from_file, scored = file_and_scored(p32, loaded, recipe)
     psnr = lambda a, b: 10 * torch.log10(1 / ((a - b) ** 2).mean()).item()  # noqa: E731
     assert psnr(from_file, scored) >= 60
     assert psnr(scored, reference) < psnr(from_file, scored)  # quantization error dominates

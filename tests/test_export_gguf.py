@@ -17,6 +17,7 @@ import autoquant  # noqa: E402
 from autoquant import AutoquantError  # noqa: E402
 from autoquant.cli.commands import main  # noqa: E402
 from autoquant.export.gguf import check_file, export_gguf, load_gguf  # noqa: E402
+from tests.helpers import file_and_scored, two_images  # noqa: E402
 
 MIXED = {"format": "autoquant-recipe/1", "components": ["transformer"],
          "default": {"method": "gguf", "type": "Q4_0"},
@@ -30,36 +31,14 @@ def pipe():
     return autoquant.load_pipeline("tiny-flux", dtype="bfloat16")
 
 
-def _images(p):
-    return p(["a red cube", "a blue ball"], num_inference_steps=2, height=32, width=32,
-             output_type="pt", generator=torch.Generator().manual_seed(0)).images
-
-
-def _file_and_scored(pipe, loaded, recipe):
-    """The images of ``pipe`` with its transformer loaded from the file, and with ``recipe``
-    applied (the pipeline is back in full precision after each)."""
-    original = pipe.transformer
-    pipe.transformer = loaded
-    try:
-        from_file = _images(pipe)
-    finally:
-        pipe.transformer = original
-    autoquant.apply_recipe(pipe, recipe, progress=False, keep_originals=True)
-    try:
-        scored = _images(pipe)
-    finally:
-        autoquant.revert(pipe)
-    return from_file, scored
-
-
 def test_the_diffusers_file_loaded_by_diffusers_makes_the_scored_images(pipe, tmp_path):
     recipe = autoquant.Recipe.from_dict(MIXED)
     info = export_gguf(pipe, recipe, tmp_path / "m.gguf", names="diffusers", progress=False)
     assert {"Q4_0", "Q8_0", "IQ4_NL", "BF16", "F32"} <= set(info["types"])
     loaded = load_gguf(tmp_path / "m.gguf", pipe)
     assert type(loaded).__name__ == "FluxTransformer2DModel"
-    reference = _images(pipe)
-    from_file, scored = _file_and_scored(pipe, loaded, recipe)
+    reference = two_images(pipe)
+    from_file, scored = file_and_scored(pipe, loaded, recipe)
     assert torch.equal(from_file, scored)  # what is scored is what ships
     assert not torch.equal(scored, reference)
     # the file's tensor bytes are the byte formulas' (codes) plus F32 biases and norms
@@ -169,7 +148,7 @@ def test_hqq_4_bit_maps_to_q4_1_with_its_own_codes_and_is_scored_again(pipe, tmp
     hqq_w = h.dequantize().float()
     assert (mapped - hqq_w).abs().max() <= 0.02 * hqq_w.abs().max()
     loaded = load_gguf(tmp_path / "h.gguf", pipe)
-    from_file, scored = _file_and_scored(pipe, loaded, recipe)
+    from_file, scored = file_and_scored(pipe, loaded, recipe)
     mse = (from_file - scored).pow(2).mean().item()
     assert mse > 0 and 10 * np.log10(1 / mse) > 35  # near, not identical: scored again
 

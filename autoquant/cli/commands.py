@@ -249,14 +249,14 @@ def _export_gguf(args, recipe) -> int:
 def _gguf_card(args, pipe, recipe, names: str) -> str | None:
     """The card beside a GGUF file: ``README.md`` of its folder, unless that folder has one
     autoquant did not write (returns the card's path, or None)."""
-    from ..export.card import CARD, MARK, write_card
+    from ..export.card import card_beside, write_card
     from ..export.gguf import FORMAT as GGUF
     from ..models.builtin import stock_generation
 
-    folder = Path(args.out).resolve().parent
-    card = folder / CARD
-    if card.exists() and MARK not in card.read_text(encoding="utf-8", errors="replace")[:8192]:
+    card = card_beside(args.out)
+    if card is None:
         return None
+    folder = card.parent
     file = Path(args.out).name
     cls = type(getattr(pipe, args.component)).__name__
     call = "".join(f", {k}={v!r}" for k, v in stock_generation(args.model).items())
@@ -283,10 +283,33 @@ def _gguf_card(args, pipe, recipe, names: str) -> str | None:
     return str(card)
 
 
+def _score_export(args, pipe, settings, component: str, loaded, info: dict, device: str,
+                  **replaced) -> tuple[dict, tuple]:
+    """The held-out fidelity of an export (``loaded``: its ``component`` as its consumer loads
+    it), for its card; sets ``info["fidelity"]``. Returns (fidelity, (references, images))."""
+    from ..scoring.evaluator import Evaluator, evaluate_replaced
+
+    evaluator = Evaluator(pipe, settings, clip=_clip(args, device), components=[component],
+                          progress=not args.json)
+    result = evaluate_replaced(evaluator, component, loaded, Path(args.out).name, **replaced)
+    fidelity = {**result.to_dict(), "images": result.images}
+    info["fidelity"] = {k: fidelity[k] for k in ("psnr", "psnr_worst", "ssim",
+                                                 "clip_fidelity", "images") if k in fidelity}
+    return fidelity, (evaluator.references, evaluator.last_images)
+
+
+def _print_fidelity(what: str, info: dict) -> None:
+    if "fidelity" in info:
+        f = info["fidelity"]
+        print(f"held-out fidelity of {what}: PSNR {f['psnr']:.2f} dB"
+              + (f", SSIM {f['ssim']:.4f}" if "ssim" in f else "")
+              + (f", CLIP fidelity {f['clip_fidelity']:.4f}" if "clip_fidelity" in f else ""))
+
+
 def _export_comfy(args, recipe) -> int:
     from .._format import human_bytes
-    from ..export.card import CARD, MARK, write_card
-    from ..export.comfy import comfy_snippet, export_comfy, linear_bytes, load_comfy, plan_file
+    from ..export.card import card_beside, write_card
+    from ..export.comfy import comfy_snippet, export_comfy, linear_bytes, load_comfy, requirement
 
     if args.names or args.requantize or args.device:
         raise InputError("--names, --requantize and --device do not apply to --format comfy "
@@ -294,34 +317,23 @@ def _export_comfy(args, recipe) -> int:
     writable_file(args.out, "--out")
     settings = None if args.no_score else _settings(args, args.prompt_set)
     pipe = _load(args)
-    plan_file(pipe, recipe, args.component, args.comfy_target)  # refusals before any work
+    # its plan's refusals come before anything is made or written
     info = export_comfy(pipe, recipe, args.out, component=args.component,
                         target=args.comfy_target, progress=not args.json)
     fidelity, images = None, None
     if settings is not None:  # the card's fidelity: the file as ComfyUI's layouts read it
-        from ..scoring.evaluator import Evaluator, evaluate_replaced
-
         loaded = load_comfy(args.out, pipe, args.component)
-        evaluator = Evaluator(pipe, settings, clip=_clip(args, "cpu"),
-                              components=[args.component], progress=not args.json)
-        result = evaluate_replaced(evaluator, args.component, loaded, Path(args.out).name,
-                                   linear_bytes=linear_bytes(args.out, loaded))
-        fidelity = {**result.to_dict(), "images": result.images}
-        images = (evaluator.references, evaluator.last_images)
-        info["fidelity"] = {k: fidelity[k] for k in ("psnr", "psnr_worst", "ssim",
-                                                     "clip_fidelity", "images") if k in fidelity}
-    folder = Path(args.out).resolve().parent
-    card = folder / CARD
+        fidelity, images = _score_export(args, pipe, settings, args.component, loaded, info,
+                                         "cpu", linear_bytes=linear_bytes(args.out, loaded))
+    card = card_beside(args.out)
     info["card"] = None
-    if not (card.exists() and MARK not in card.read_text(encoding="utf-8",
-                                                         errors="replace")[:8192]):
-        snippet = comfy_snippet(Path(args.out).name)
+    if card is not None:
         command = (f"autoquant evaluate --model {args.model} --comfy {args.out} "
                    f"--prompt-set {args.prompt_set}")
-        write_card(folder, pipe, recipe, library="comfyui", fmt="comfy", snippet=snippet,
-                   fidelity=fidelity, command=command, images=images, with_recipe=False,
-                   requires=(f"ComfyUI {info['comfyui']} or newer" if info["comfyui"][0].isdigit()
-                             else info["comfyui"]), near=len(info["near_exact"]))
+        write_card(card.parent, pipe, recipe, library="comfyui", fmt="comfy",
+                   snippet=comfy_snippet(Path(args.out).name), fidelity=fidelity,
+                   command=command, images=images, with_recipe=False,
+                   requires=requirement(info["comfyui"]), near=len(info["near_exact"]))
         info["card"] = str(card)
     hub = _pushed(args, info)
     if args.json:
@@ -331,14 +343,8 @@ def _export_comfy(args, recipe) -> int:
         print(f"mapped {layer}: {how}")
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(info["formats"].items()))
     print(f"wrote {info['path']}: {human_bytes(info['bytes'])}, {info['tensors']} tensors "
-          f"({kinds} quantized), BFL names; loads in "
-          + (f"ComfyUI {info['comfyui']} or newer" if info["comfyui"][0].isdigit()
-             else info["comfyui"]))
-    if "fidelity" in info:
-        f = info["fidelity"]
-        print(f"held-out fidelity of the file as ComfyUI's layouts read it: PSNR "
-              f"{f['psnr']:.2f} dB" + (f", SSIM {f['ssim']:.4f}" if "ssim" in f else "")
-              + (f", CLIP fidelity {f['clip_fidelity']:.4f}" if "clip_fidelity" in f else ""))
+          f"({kinds} quantized), BFL names; loads in {requirement(info['comfyui'])}")
+    _print_fidelity("the file as ComfyUI's layouts read it", info)
     print(f"model card: {info['card']}" if info["card"] else
           "model card not written: the folder has a README.md autoquant did not write")
     if hub:
@@ -364,21 +370,17 @@ def _export_diffusers(args, recipe) -> int:
     info = export_diffusers(pipe, recipe, args.out, device=args.device,
                             progress=not args.json, call=stock_generation(args.model))
     if settings is not None:  # the card's fidelity: the folder as diffusers loads it
-        from ..scoring.evaluator import Evaluator, default_components, evaluate_replaced
+        from ..scoring.evaluator import default_components
 
         name = default_components(pipe)[0]
         loaded = load_component(args.out, name, pipe.components[name])
-        evaluator = Evaluator(pipe, settings, clip=_clip(args, args.device or "cpu"),
-                              components=[name], progress=not args.json)
-        result = evaluate_replaced(evaluator, name, loaded, Path(args.out).name)
-        fidelity = {**result.to_dict(), "images": result.images}
-        info["fidelity"] = {k: fidelity[k] for k in ("psnr", "psnr_worst", "ssim",
-                                                     "clip_fidelity", "images") if k in fidelity}
+        fidelity, images = _score_export(args, pipe, settings, name, loaded, info,
+                                         args.device or "cpu")
         command = (f"autoquant evaluate --model {args.model} --diffusers {args.out} "
                    f"--prompt-set {args.prompt_set}")
         write_card(Path(args.out), pipe, recipe, library="diffusers", fmt="diffusers",
                    snippet=info["snippet"], fidelity=fidelity, command=command,
-                   images=(evaluator.references, evaluator.last_images))
+                   images=images)
     hub = _pushed(args, info)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -387,11 +389,7 @@ def _export_diffusers(args, recipe) -> int:
         if c["layers"]:
             print(f"{name}: {c['layers']} quantized layers ({c['how']}), "
                   f"{human_bytes(c['bytes'])}")
-    if "fidelity" in info:
-        f = info["fidelity"]
-        print(f"held-out fidelity of the folder as diffusers loads it: PSNR {f['psnr']:.2f} dB"
-              + (f", SSIM {f['ssim']:.4f}" if "ssim" in f else "")
-              + (f", CLIP fidelity {f['clip_fidelity']:.4f}" if "clip_fidelity" in f else ""))
+    _print_fidelity("the folder as diffusers loads it", info)
     print(f"wrote {info['path']}: {info['pipeline']} folder, {human_bytes(info['bytes'])}, "
           f"with its model card (README.md). Load it with diffusers:\n{info['snippet']}")
     if hub:

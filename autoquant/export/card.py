@@ -155,6 +155,15 @@ def base_license(model_id: str | None) -> str | None:
     return None
 
 
+def card_beside(file: str | Path) -> Path | None:
+    """The card of a single-file export: ``README.md`` of its folder, or None where that folder
+    has a README.md autoquant did not write (a user's own is never replaced)."""
+    card = Path(file).resolve().parent / CARD
+    if card.exists() and MARK not in card.read_text(encoding="utf-8", errors="replace")[:8192]:
+        return None
+    return card
+
+
 def write_card(folder: Path, pipe: Any, recipe: Recipe, *, library: str, fmt: str,
                snippet: str, fidelity: dict | None = None, command: str | None = None,
                images: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -227,4 +236,4 @@ def write_card(folder: Path, pipe: Any, recipe: Recipe, *, library: str, fmt: st
     return path
 
 
-__all__ = ["write_card", "plan_rows", "base_license", "CARD", "MARK"]
+__all__ = ["write_card", "card_beside", "plan_rows", "base_license", "CARD", "MARK"]

@@ -39,7 +39,7 @@ from .. import __version__, _atomic
 from .._errors import InputError
 from .._progress import tqdm
 from ..backends import full_precision, get_backend
-from ..models.inventory import components_of, inventory
+from ..models.inventory import component_named, components_of, inventory
 from ..plans.recipe import Recipe
 from .gguf import FORMAT as GGUF
 from .names import flux_layout
@@ -77,6 +77,11 @@ QUANT_KEY = "comfy_quant"
 _MAX_JSON = 4096  # bytes of one layer's comfy_quant: a foreign file's may be anything
 
 
+def requirement(comfyui: str) -> str:
+    """What a file needs, in words, from ``export_comfy``'s ``comfyui`` (a release or a build)."""
+    return f"ComfyUI {comfyui} or newer" if comfyui[:1].isdigit() else comfyui
+
+
 def _kitchen():
     try:
         import comfy_kitchen  # noqa: F401
@@ -112,11 +117,7 @@ def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer",
     fused BFL tensors whose layers differ in format."""
     if target not in TARGETS:
         raise InputError(f"--comfy-target {target!r}: choose one of {', '.join(TARGETS)}")
-    comps = components_of(pipe)
-    if component not in comps:
-        raise InputError(f"no component {component!r} to export; this pipeline has "
-                         f"{sorted(comps)}")
-    module = comps[component]
+    module = component_named(pipe, component, "export")
     if type(module).__name__ != "FluxTransformer2DModel":
         raise InputError(f"the comfy format writes Flux denoisers (ComfyUI's Flux checkpoint "
                          f"layout); {component} is a {type(module).__name__}")
@@ -181,8 +182,8 @@ def _swap(t: torch.Tensor, axis: int) -> torch.Tensor:
                      dim=axis)
 
 
-def _quantized_tensors(fmt: str, per_layer: list[dict], swapped: bool,
-                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _quantized_tensors(fmt: str, per_layer: list[dict], swapped: bool
+                       ) -> dict[str, torch.Tensor]:
     """The format's tensors of one BFL tensor from its layers' (stacked in order)."""
     rows = LAYOUTS[fmt].rows
     out = {k: torch.cat([p[k] for p in per_layer], dim=rows[k]) if len(per_layer) > 1
@@ -223,7 +224,7 @@ def export_comfy(pipe: Any, recipe: Recipe, path: str | Path, component: str = "
             per_layer = [get_backend(quantized[o][0].method).export_tensors(
                 modules[o], quantized[o][0], FORMAT) for o in owners]
             base = name[: -len(".weight")]
-            for key, t in _quantized_tensors(fmt, per_layer, swapped, dtype).items():
+            for key, t in _quantized_tensors(fmt, per_layer, swapped).items():
                 tensors[f"{base}.{key}"] = t
             tensors[f"{base}.{QUANT_KEY}"] = _json_tensor(_quant_json(fmt, cfg))
             formats[fmt] = formats.get(fmt, 0) + 1
@@ -231,7 +232,9 @@ def export_comfy(pipe: Any, recipe: Recipe, path: str | Path, component: str = "
         t = torch.cat([state[p].detach().cpu() for p in parts]) if len(parts) > 1 \
             else state[parts[0]].detach().cpu()
         tensors[name] = (_swap(t, 0) if swapped else t).to(dtype).contiguous()
-    needs = COMFY_AWQ if "awq_w4a16" in formats else COMFY_STABLE
+    # the newest ComfyUI any of its formats needs (a stable release unless a build is named)
+    needs = next((LAYOUTS[f].comfy for f in formats if LAYOUTS[f].comfy != COMFY_STABLE),
+                 COMFY_STABLE)
     metadata = {"format": "pt", "autoquant.version": __version__,
                 "autoquant.recipe": yaml.safe_dump(recipe.to_dict(), sort_keys=False),
                 "autoquant.comfyui": needs}
@@ -405,5 +408,5 @@ def comfy_snippet(file: str) -> str:
         f"state = load_file({file!r})  # <layer>.weight, .weight_scale, .comfy_quant per layer"])
 
 
-__all__ = ["export_comfy", "read_comfy", "load_comfy", "linear_bytes", "plan_file", "layer_format", "LAYOUTS",
+__all__ = ["export_comfy", "read_comfy", "load_comfy", "linear_bytes", "requirement", "plan_file", "layer_format", "LAYOUTS",
            "TARGETS", "FORMAT", "comfy_snippet"]

@@ -30,7 +30,7 @@ from .._errors import InputError
 from .._progress import tqdm
 from ..backends import full_precision, get_backend
 from ..backends.gguf import TYPES, GGUFConfig, imatrix_of, quantize_rows
-from ..models.inventory import components_of, inventory
+from ..models.inventory import component_named, components_of, inventory
 from ..plans.recipe import Plan, Recipe
 from .names import flux_layout
 
@@ -96,11 +96,7 @@ def plan_file(pipe: Any, recipe: Recipe, component: str = "transformer", names: 
     layers the file cannot hold, and fused BFL tensors whose layers differ in type."""
     if names not in NAMES:
         raise InputError(f"--names {names!r}: choose one of {', '.join(NAMES)}")
-    comps = components_of(pipe)
-    if component not in comps:
-        raise InputError(f"no component {component!r} to export; this pipeline has "
-                         f"{sorted(comps)}")
-    module = comps[component]
+    module = component_named(pipe, component, "export")
     inv = inventory(pipe)
     plan: Plan = recipe.resolve(inv)
     fp = full_precision()

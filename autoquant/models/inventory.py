@@ -68,6 +68,18 @@ def components_of(target: Any) -> dict[str, nn.Module]:
     return {name: mod for name, mod in comps.items() if isinstance(mod, nn.Module)}
 
 
+def component_named(target: Any, name: str, purpose: str = "") -> nn.Module:
+    """The component ``name`` of a pipeline; InputError naming the ones it has otherwise
+    (``purpose``: what it is wanted for, for the message)."""
+    comps = components_of(target)
+    if name not in comps:
+        from .._errors import InputError
+
+        raise InputError(f"no component {name!r}{f' to {purpose}' if purpose else ''}; this "
+                         f"pipeline has {sorted(comps)}")
+    return comps[name]
+
+
 def _qualified(component: str, path: str) -> str:
     return f"{component}.{path}" if component else path
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .._errors import InputError
 from ..backends import get_backend, methods
-from ..models.inventory import components_of
+from ..models.inventory import component_named, components_of
 
 
 def lora_config(**kwargs: Any):
@@ -82,13 +82,10 @@ def load_lora_weights(pipe: Any, source: Any, adapter_name: str | None = None,
         from peft import set_peft_model_state_dict
     except ImportError:
         raise InputError("LoRA needs peft: pip install 'autoquant[lora]'") from None
-    comps = components_of(pipe)
-    if component not in comps:
-        raise InputError(f"no component {component!r}; this pipeline has {sorted(comps)}")
+    module = component_named(pipe, component)
     if not hasattr(type(pipe), "lora_state_dict"):
         raise InputError(f"{type(pipe).__name__} has no LoRA loader (diffusers' "
                          f"lora_state_dict)")
-    module = comps[component]
     state, alphas, metadata = type(pipe).lora_state_dict(source, return_alphas=True,
                                                          return_lora_metadata=True, **kwargs)
     prefix = f"{component}."
