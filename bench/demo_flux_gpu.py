@@ -28,6 +28,9 @@ CONFIGS = {
     "torchao fp8_dynamic (per row)": {"method": "torchao", "type": "fp8_dynamic"},
     "torchao fp8_dynamic_tensor": {"method": "torchao", "type": "fp8_dynamic_tensor"},
     "torchao fp8 (weight-only)": {"method": "torchao", "type": "fp8"},
+    "torchao fp8_int4 (int4 weights x fp8 activations)": {"method": "torchao",
+                                                          "type": "fp8_int4"},
+    "torchao fp8_int4_plain": {"method": "torchao", "type": "fp8_int4_plain"},
     "torchao int8_dynamic": {"method": "torchao", "type": "int8_dynamic"},
     "torchao int8 (weight-only)": {"method": "torchao", "type": "int8"},
     "hqq 4-bit g64": {"method": "hqq", "bits": 4, "group_size": 64},
@@ -104,6 +107,41 @@ def _images(pipe, e, device, dtype):
     return torch.cat(out)
 
 
+def transferred(recipe_layers: dict, names: set) -> dict:
+    """A Flux-dev plan tied by block position (``bench/flux_latency.py``'s ``by_position``:
+    ``re:`` entries per position of each block kind, exact names for the rest, all under
+    ``transformer.``) as a recipe for demo-flux's transformer, the same architecture with fewer,
+    narrower blocks: each position's config on every block of its kind, the other layers by
+    name (Flux-dev's guidance embedder, which demo-flux lacks, dropped)."""
+    layers = {}
+    for key, cfg in recipe_layers.items():
+        if key.startswith("re:"):
+            layers["re:" + key[3:].removeprefix("transformer\\.")] = cfg
+        elif key.removeprefix("transformer.") in names:
+            layers[key.removeprefix("transformer.")] = cfg
+    return {"format": "autoquant-recipe/1", "layers": layers}
+
+
+def _plans(args) -> dict:
+    """``{label: recipe}``: each uniform config, then the fastest plans of --plans."""
+    out = {label: {"format": "autoquant-recipe/1", "default": cfg}
+           for label, cfg in CONFIGS.items() if args.configs is None or label in args.configs}
+    if args.plans:
+        import json
+
+        from diffusers import FluxTransformer2DModel
+
+        from autoquant.models.zoo.flux import FLUX_DIR
+
+        names = {n for n, m in FluxTransformer2DModel.from_pretrained(
+            FLUX_DIR / "transformer").named_modules() if isinstance(m, torch.nn.Linear)}
+        fastest = json.loads(Path(args.plans).read_text())["fastest"]["compile"]
+        for budget, row in fastest.items():
+            if "recipe" in row:
+                out[f"fastest at {budget} (Flux-dev plan)"] = transferred(row["recipe"], names)
+    return out
+
+
 def run(args) -> None:
     import autoquant
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
@@ -113,12 +151,11 @@ def run(args) -> None:
     pipe = _pipe(device, dtype)
     reference = _images(pipe, e, device, dtype)
     rows = []
-    for label, cfg in CONFIGS.items():
+    for label, recipe in _plans(args).items():
         pipe = _pipe(device, dtype)
         try:
-            autoquant.apply_recipe(pipe.transformer, autoquant.Recipe.from_dict(
-                {"format": "autoquant-recipe/1", "default": cfg}), device=device,
-                progress=False)
+            autoquant.apply_recipe(pipe.transformer, autoquant.Recipe.from_dict(recipe),
+                                   device=device, progress=False)
         except Exception as err:  # noqa: BLE001 -- a config this machine cannot run: recorded
             rows.append({"config": label, "skipped": f"{type(err).__name__}: {err}"[:300]})
             print(f"{label}: skipped ({type(err).__name__}: {str(err)[:160]})", flush=True)
@@ -126,7 +163,7 @@ def run(args) -> None:
         images = _images(pipe, e, device, dtype)
         mse = ((images - reference) ** 2).flatten(1).mean(1).clamp(min=1e-20)
         psnr = (10 * torch.log10(1 / mse))
-        row = {"config": label, "psnr": float(psnr.mean()), "psnr_worst": float(psnr.min()),
+        row = {"config": label, "recipe": recipe, "psnr": float(psnr.mean()), "psnr_worst": float(psnr.min()),
                "ssim": float(ssim(images, reference, data_range=1.0))}
         rows.append(row)
         print(f"{label}: PSNR {row['psnr']:.2f} dB (worst {row['psnr_worst']:.2f}), SSIM "
@@ -145,6 +182,10 @@ def main() -> None:
     p.add_argument("--embeds", default="out/demo_flux_embeds.pt")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", default="bench/results/demo_flux_gpu_quality.json")
+    p.add_argument("--configs", type=lambda t: t.split(","), default=None,
+                   help="comma-separated labels of CONFIGS to run (default: all)")
+    p.add_argument("--plans", default=None,
+                   help="bench/flux_latency.py --part compile's JSON: its fastest plans too")
     args = ap.parse_args()
     embed(args) if args.part == "embed" else run(args)
 

@@ -46,6 +46,7 @@ SPACE = {"format": "autoquant-space/1", "components": ["transformer"], "candidat
     {"method": "bnb", "bits": 4, "type": "nf4"}, {"method": "torchao", "type": "int8"},
     {"method": "torchao", "type": "int8_dynamic"}, {"method": "torchao", "type": "fp8_dynamic"},
     {"method": "torchao", "type": "fp8"}, {"method": "higgs", "bits": 4, "p": 2, "group_size": 64},
+    {"method": "torchao", "type": "fp8_int4"}, {"method": "torchao", "type": "fp8_int4_plain"},
     {"method": "none"}],
     "tie": ["re:(transformer\\.(?:single_)?transformer_blocks\\.\\d+\\.attn)\\.to_[qkv]",
             "re:(transformer\\.transformer_blocks\\.\\d+\\.attn)\\.add_[qkv]_proj"],
@@ -213,6 +214,7 @@ class Bench:
             # a compiled step compiles one graph per distinct block: say how many before it runs
             out[name] = {"budget_bytes": nbytes, "predicted_s": search.plan_latency(choice),
                          "block_variants": block_variants(plan),
+                         "recipe": by_position(plan),
                          "configs": dict(Counter(c.label for c in plan.values())),
                          "per_layer_type": dict(per_type)}
             print(f"fastest at {name}: predicted {out[name]['predicted_s'] * 1e3:.1f} ms, "
@@ -230,6 +232,21 @@ class Bench:
                   f"{out[name]['configs']}", flush=True)
             search.cache.restore()
         self.out.setdefault("fastest", {})[mode] = out
+
+
+def by_position(plan: dict) -> dict:
+    """A plan tied by block position (``BY_POSITION``) as recipe layers: one ``re:`` entry per
+    position of each block kind, exact names for the other layers."""
+    import re
+
+    out = {}
+    for name, cfg in sorted(plan.items()):
+        m = re.fullmatch(r"(transformer\.(?:single_)?transformer_blocks)\.\d+\.(.+)", name)
+        key = (f"re:{re.escape(m.group(1))}\\.\\d+\\.{re.escape(m.group(2))}" if m
+               else name)
+        if out.setdefault(key, cfg.to_dict()) != cfg.to_dict():
+            raise ValueError(f"{name}: the plan is not tied by position")
+    return out
 
 
 def block_variants(plan: dict) -> int:
@@ -277,8 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled-configs", default=",".join(COMPILED),
                     help="compile: the configs of the compile-mode space (labels)")
     ap.add_argument("--fastest", default="50%,hqq4",
-                    help="compile: the fastest plans to measure (50%%: at half bf16's bytes; "
-                         "hqq4: at --hqq4-bytes); the bf16 regional step is timed only with 50%%")
+                    help="compile: the fastest plans to measure (N%%: at N%% of bf16's bytes; "
+                         "hqq4: at --hqq4-bytes)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a narrow Flux (checking the script)")
     ap.add_argument("--json", default=None)
@@ -315,7 +332,7 @@ def main(argv=None) -> int:
         # bf16 compiled as deployed (block by block) -- and, last, once whole: what regional
         # compilation changes in step time and compile time
         wanted = args.fastest.split(",")
-        if "50%" in wanted:
+        if wanted:
             fp, cs = b.step("compile")
             b.out["bf16_compile"] = {"regional": {"step_s": fp, "compile_s": cs}}
             print(f"bf16 compiled block by block: {fp * 1e3:.1f} ms (compiled in {cs:.0f} s)",
@@ -331,7 +348,8 @@ def main(argv=None) -> int:
         for k, v in b.out["uniform"]["compile"].items():
             print(f"{k} compiled: {v['step_s'] * 1e3:.1f} ms", flush=True)
         write_json(args.json, b.out)
-        budgets = {"50% of bf16": 0.5 * b.fp_bytes} if "50%" in wanted else {}
+        budgets = {f"{w} of bf16": float(w[:-1]) / 100 * b.fp_bytes
+                   for w in wanted if w.endswith("%")}
         if args.hqq4_bytes and "hqq4" in wanted:
             budgets["hqq4 bytes"] = args.hqq4_bytes
         b.fastest("compile", budgets)

@@ -8,8 +8,9 @@ and ``torch.compile`` mode, in one process so that every ratio shares a GPU.
 Plans (each Linear of the transformer that takes the config): ``bf16``; ``fp8_row``
 (torchao fp8_dynamic: activations per token, weights per channel); ``fp8_tensor``
 (fp8_dynamic_tensor); ``int8_dyn``, ``int8_wo``; ``fp8_50`` (fp8_row with the three layers
-that tip it over 50% of bf16's bytes in nf4, the earlier run's fastest 50% plan); ``hqq4``,
-``nf4``.
+that tip it over 50% of bf16's bytes in nf4, the earlier run's fastest 50% plan); ``fp8_int4``,
+``fp8_int4_plain`` (int4 weights x fp8 activations, mslk's kernels; x_embedder in nf4);
+``hqq4``, ``nf4``.
 Compiled block by block, as ``autoquant apply --compile`` does.
 """
 
@@ -43,6 +44,11 @@ PLANS = {
                       "layers": {"norm_out.linear": NF4,
                                  "re:time_text_embed\\.(timestep|guidance)_embedder\\.linear_2":
                                  NF4}},
+    # int4 weights x fp8 activations; x_embedder (64 inputs, under the group of 128) in nf4
+    "fp8_int4": {"default": {"method": "torchao", "type": "fp8_int4"},
+                 "layers": {"x_embedder": NF4}},
+    "fp8_int4_plain": {"default": {"method": "torchao", "type": "fp8_int4_plain"},
+                       "layers": {"x_embedder": NF4}},
     "int8_dyn": {"default": {"method": "torchao", "type": "int8_dynamic"}},
     "int8_wo": {"default": {"method": "torchao", "type": "int8"}},
     "hqq4": {"default": {"method": "hqq", "bits": 4, "group_size": 64}},

@@ -24,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, write_json  # noqa: E402
 
 SHAPES = [(3072, 12288), (12288, 3072)]  # (in, out): an MLP's two layers
+# --shapes flux: every distinct shape of Flux-dev's transformer that a 4-bit group of 128 takes
+FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 9216), (15360, 3072),
+               (3072, 18432), (3072, 64), (4096, 3072), (256, 3072), (768, 3072)]
 
 
 def _time(fn, x, iters=30):
@@ -56,18 +59,31 @@ def makers():
     from autoquant.backends.torchao import TorchaoConfig
 
     ta = get_backend("torchao")
+    on_gpu = lambda t: (lambda lin: ta.quantize(lin, TorchaoConfig(type=t),  # noqa: E731
+                                                torch.device("cuda")))
     out = {
         "bf16": lambda lin: lin,
+        # torchao's default kernel preference (AUTO: mslk's kernels where mslk is installed)
         "fp8_dyn_row": lambda lin: _torchao(lin, tq.Float8DynamicActivationFloat8WeightConfig(
             granularity=tq.PerRow(), set_inductor_config=False)),
         "fp8_dyn_tensor": lambda lin: _torchao(lin, tq.Float8DynamicActivationFloat8WeightConfig(
             granularity=tq.PerTensor(), set_inductor_config=False)),
+        "fp8_dynamic (autoquant)": on_gpu("fp8_dynamic"),
         "int8_wo (autoquant)": lambda lin: ta.quantize(lin, TorchaoConfig(type="int8"),
                                                        torch.device("cuda")),
         "int8_dyn (autoquant)": lambda lin: ta.quantize(lin, TorchaoConfig(type="int8_dynamic"),
                                                         torch.device("cuda")),
         "int_mm w8a8 (written out)": _int_mm_layer,
         "_weight_int8pack_mm": _int8pack_layer,
+        # int4 weights x fp8 activations (mslk's CUTLASS mixed-input GEMMs; needs mslk-cuda)
+        "fp8_int4 preshuffled (torchao)": lambda lin: _torchao(
+            lin, tq.Float8DynamicActivationInt4WeightConfig(int4_packing_format="preshuffled")),
+        "fp8_int4 plain (torchao)": lambda lin: _torchao(
+            lin, tq.Float8DynamicActivationInt4WeightConfig(int4_packing_format="plain")),
+        "fp8_int4 (autoquant)": on_gpu("fp8_int4"),
+        "fp8_int4_plain (autoquant)": on_gpu("fp8_int4_plain"),
+        "bf16 x int4 preshuffled (mslk)": lambda lin: _torchao(lin, tq.Int4WeightOnlyConfig(
+            group_size=128, int4_packing_format="preshuffled", set_inductor_config=False)),
     }
     try:
         import gemlite  # noqa: F401
@@ -143,16 +159,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="bench/results/kernel_probe_h100.json")
     ap.add_argument("--rows", default="4096,1")
+    ap.add_argument("--shapes", default="mlp", choices=["mlp", "flux"])
+    ap.add_argument("--kernels", default=None,
+                    help="comma-separated kernel names (default: all); bf16 is always run")
     args = ap.parse_args()
     torch.manual_seed(0)
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
-    for k, n in SHAPES:
+    from autoquant.backends.measure import measured_bytes
+
+    wanted = None if args.kernels is None else {"bf16", *args.kernels.split(",")}
+    for k, n in (SHAPES if args.shapes == "mlp" else FLUX_SHAPES):
         lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         with torch.no_grad():
             lin.weight.normal_(0, 0.02)
             lin.bias.zero_()
         for name, make in makers().items():
+            if wanted is not None and name not in wanted:
+                continue
             try:
                 layer = make(lin)
             except Exception as e:  # noqa: BLE001 -- a kernel this machine lacks: recorded
@@ -163,7 +187,8 @@ def main() -> None:
                 continue
             for rows in rows_list:
                 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-                row = {"shape": [k, n], "rows": rows, "kernel": name}
+                row = {"shape": [k, n], "rows": rows, "kernel": name,
+                       "bytes": measured_bytes(layer) if isinstance(layer, nn.Module) else None}
                 with torch.no_grad():
                     ref = lin(x).float()
                     for mode in ("eager", "compiled"):

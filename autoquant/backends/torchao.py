@@ -8,6 +8,11 @@ Types (``{method: torchao, type: ..., bits: ..., group_size: ...}``) and what th
   capability >= 8.9.
 - ``fp8_dynamic_tensor`` (bits 8): fp8_dynamic with one scale per tensor, for the weight and for
   each call's activations (cuBLAS' tensor-wise fp8 GEMM instead of the row-wise kernel).
+- ``fp8_int4`` (bits 4): int4 weights x fp8 activations (``Float8DynamicActivationInt4WeightConfig``,
+  mslk's preshuffled layout and its CUTLASS mixed-input GEMM ``f8i4bf16_shuffled``): the weight
+  is scaled to fp8 per output row, then to 4 bits per group of 128 along ``in``; the device holds
+  two codes per byte + an fp8 group scale repeated 8 times (the kernel's layout) + an fp32 scale
+  per row; activations are quantized per token at run time. Needs ``mslk-cuda`` and a Hopper GPU.
 - ``intx`` (bits 1..8): codes stored **unpacked, one int8 per weight**, on every device
   (IntxUnpackedToInt8Tensor), + a scale (layer dtype) and an int8 zero point per group. It cuts
   error, not bytes, below 8 bits: the byte formula says so, and the search sees it.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 
 import torch
@@ -30,12 +36,20 @@ from ._base import (DTYPE_BYTES, QUANTIZATION_CONFIG, Backend, QuantConfig, chec
                     check_int, float_and_group_reason)
 
 COMFY = "comfy"  # the ComfyUI checkpoint format (autoquant.export.comfy)
-TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "fp8_dynamic_tensor", "int4", "intx")
+TYPES = ("int8", "int8_dynamic", "fp8", "fp8_dynamic", "fp8_dynamic_tensor", "fp8_int4",
+         "fp8_int4_plain", "int4", "intx")
+#: int4 weights x fp8 activations through mslk's kernels (preshuffled / plain layout)
+FP8_INT4 = ("fp8_int4", "fp8_int4_plain")
 #: the types that quantize activations in fp8 at run time (GPU of compute capability >= 8.9)
 FP8_DYNAMIC = ("fp8_dynamic", "fp8_dynamic_tensor")
 _TEMPLATES: dict = {}
 _GROUPED = ("int4", "intx")
+_CUDA_ONLY = (*FP8_DYNAMIC, *FP8_INT4, "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+#: fp8_int4's group along in_features: fixed by mslk's kernels (torchao hard-codes it too)
+FP8_INT4_GROUP = 128
+#: the GPUs mslk's f8i4bf16 kernels are built for (CUTLASS sm90a: Hopper)
+FP8_INT4_CAPABILITY = (9, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +64,8 @@ class TorchaoConfig(QuantConfig):
     def __post_init__(self):
         check_choice("type", self.type, TYPES, method="torchao")
         fixed = {"int8": 8, "int8_dynamic": 8, "fp8": 8, "fp8_dynamic": 8,
-                 "fp8_dynamic_tensor": 8, "int4": 4}.get(self.type)
+                 "fp8_dynamic_tensor": 8, "fp8_int4": 4, "fp8_int4_plain": 4,
+                 "int4": 4}.get(self.type)
         if self.bits is None:
             if fixed is None:
                 raise ConfigError("torchao: type intx needs bits (1..8)")
@@ -64,7 +79,9 @@ class TorchaoConfig(QuantConfig):
             check_int("group_size", self.group_size, allowed, minimum=1,
                       method=f"torchao {self.type}")
         elif self.group_size is not None:
-            raise ConfigError(f"torchao {self.type}: group_size does not apply (per-row scales)")
+            why = (f"fixed at {FP8_INT4_GROUP} by mslk's kernels" if self.type in FP8_INT4
+                   else "per-row scales")
+            raise ConfigError(f"torchao {self.type}: group_size does not apply ({why})")
 
     @property
     def label(self) -> str:
@@ -87,10 +104,22 @@ def _torchao_config(cfg: TorchaoConfig):
         return tq.Int8DynamicActivationInt8WeightConfig(**quiet)
     if cfg.type == "fp8":
         return tq.Float8WeightOnlyConfig(**quiet)
+    # kernel_preference TORCH: with mslk installed, torchao's AUTO moves per-row fp8 to mslk's
+    # activation quantizer and GEMM, which compiled ran a Flux-dev step at 167 ms on an H100
+    # against 114 ms through torch._scaled_mm with Inductor's fused quantization (and bf16's
+    # 132): installing mslk for fp8_int4 must not slow fp8_dynamic down.
+    from torchao.quantization.quantize_.common import KernelPreference
+
+    torch_kernels = {"kernel_preference": KernelPreference.TORCH}
     if cfg.type == "fp8_dynamic":
-        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow(), **quiet)
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow(), **quiet,
+                                                            **torch_kernels)
     if cfg.type == "fp8_dynamic_tensor":
-        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerTensor(), **quiet)
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerTensor(), **quiet,
+                                                            **torch_kernels)
+    if cfg.type in FP8_INT4:
+        return tq.Float8DynamicActivationInt4WeightConfig(
+            int4_packing_format="preshuffled" if cfg.type == "fp8_int4" else "plain")
     if cfg.type == "int4":
         return tq.Int4WeightOnlyConfig(group_size=cfg.group_size,
                                        int4_packing_format="tile_packed_to_4d", **quiet)
@@ -156,9 +185,69 @@ class Int8WeightOnlyLinear(TorchaoLinear):
         return (y + self.bias if self.bias is not None else y).to(x.dtype)
 
 
+#: mslk's bound on an activation row's absolute maximum (``quantize_fp8_row``'s default eps)
+_FP8_ROW_EPS = 1.0 / 512.0
+_FP8_MAX = 448.0  # float8 e4m3's largest finite value
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [rows, in]`` to float8 e4m3 with an fp32 scale per row: mslk's ``quantize_fp8_row``
+    (scale = max(|row|, 1/512) / 448, codes = clamp(x / scale)) written in PyTorch ops, so that
+    Inductor fuses it into the kernel that produced ``x``."""
+    scale = x.abs().amax(dim=-1).float().clamp(min=_FP8_ROW_EPS) / _FP8_MAX
+    q = (x.float() / scale[:, None]).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class Fp8Int4Linear(TorchaoLinear):
+    """An ``fp8_int4`` / ``fp8_int4_plain`` layer: activations to fp8 per row in PyTorch ops
+    (:func:`fp8_rows`), then mslk's GEMM on torchao's weight. torchao's own layer quantizes the
+    activations with mslk's Triton kernel launched from Python: compiled, that kernel is a wall
+    Inductor cannot fuse across, and each of a Flux step's ~500 launches costs CPU time (a
+    Flux-dev step compiled took 167 ms on an H100, bf16 132 ms)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, flat = self.weight, x.reshape(-1, x.shape[-1])
+        xq, x_scale = fp8_rows(flat)
+        if getattr(w, "row_scale", None) is not None:  # preshuffled
+            y = torch.ops.mslk.f8i4bf16_shuffled(xq, w.qdata, x_scale, w.row_scale,
+                                                 w.group_scale)
+        else:
+            y = torch.ops.mslk.f8i4bf16_rowwise(xq, w.qdata, x_scale, w.scale, w.zero_point)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return (y + self.bias if self.bias is not None else y).to(x.dtype)
+
+
+@functools.cache
+def bf16_preshuffled_class() -> type:
+    """torchao's ``Int4PreshuffledTensor`` that says it is bfloat16, the dtype its layer takes
+    and returns. torchao's own takes its dtype from its fp8 group scales: diffusers' ``model.
+    dtype`` (the first floating parameter: Flux's timestep embedder) then read float8, and
+    FluxPipeline failed casting its inputs to it ("Promotion for Float8 Types is not
+    supported"); peft would make LoRA weights in fp8. A subclass inherits torchao's op tables,
+    and every op that rebuilds the tensor rebuilds this class."""
+    from torchao.quantization import Int4PreshuffledTensor
+
+    class Bf16Int4PreshuffledTensor(Int4PreshuffledTensor):
+        def __new__(cls, qdata, group_scale, block_size, shape, group_zero=None,
+                    row_scale=None):
+            return torch.Tensor._make_wrapper_subclass(cls, shape, device=qdata.device,
+                                                       dtype=torch.bfloat16,
+                                                       requires_grad=False)
+
+    Bf16Int4PreshuffledTensor.__module__ = __name__
+    return Bf16Int4PreshuffledTensor
+
+
+def _load_mslk_ops() -> None:
+    """Registers mslk's GEMM ops and their shape functions (what torch.compile traces)."""
+    import mslk.gemm  # noqa: F401
+
+
 def _linear_class(cfg: TorchaoConfig) -> type[nn.Linear]:
-    return {"int8_dynamic": RowPaddedLinear, "int8": Int8WeightOnlyLinear}.get(cfg.type,
-                                                                               TorchaoLinear)
+    return {"int8_dynamic": RowPaddedLinear, "int8": Int8WeightOnlyLinear,
+            "fp8_int4": Fp8Int4Linear, "fp8_int4_plain": Fp8Int4Linear}.get(cfg.type,
+                                                                           TorchaoLinear)
 
 
 class TorchaoBackend(Backend):
@@ -176,16 +265,21 @@ class TorchaoBackend(Backend):
         reason = super().unavailable_reason(cfg, device)
         if reason:
             return reason
-        if cfg.type in (*FP8_DYNAMIC, "int4"):
+        if cfg.type in FP8_INT4 and importlib.util.find_spec("mslk") is None:
+            return (f"{cfg.label} needs mslk's kernels, which are not installed: "
+                    "pip install mslk-cuda (built for your torch's CUDA)")
+        if cfg.type in _CUDA_ONLY:
             if device.type != "cuda":
                 return f"{cfg.label} needs a CUDA GPU (its kernels are GPU-only), not {device.type}"
             if not torch.cuda.is_available():
                 return f"{cfg.label} needs a CUDA GPU and none is visible"
-            if cfg.type in FP8_DYNAMIC:
-                cap = torch.cuda.get_device_capability(device)
-                if cap < (8, 9):
-                    return (f"{cfg.label} needs compute capability >= 8.9 (Ada/Hopper); "
-                            f"this GPU has {cap[0]}.{cap[1]}")
+            cap = torch.cuda.get_device_capability(device)
+            if cfg.type in FP8_DYNAMIC and cap < (8, 9):
+                return (f"{cfg.label} needs compute capability >= 8.9 (Ada/Hopper); "
+                        f"this GPU has {cap[0]}.{cap[1]}")
+            if cfg.type in FP8_INT4 and cap != FP8_INT4_CAPABILITY:
+                return (f"{cfg.label}: mslk's int4 x fp8 kernels are built for Hopper "
+                        f"(compute capability 9.0); this GPU has {cap[0]}.{cap[1]}")
         if cfg.type == "int8_dynamic" and device.type == "cpu" and not _cpu_int8_gemm_exact():
             return (f"{cfg.label}: this CPU's int8 matrix multiply (oneDNN without VNNI) "
                     "saturates its 16-bit sums, >10% error per layer; use type: int8")
@@ -201,6 +295,12 @@ class TorchaoBackend(Backend):
             return f"int4 (tinygemm) needs bfloat16 weights, not {dtype}"
         if cfg.type in FP8_DYNAMIC and (in_features % 16 or out_features % 16):
             return f"{cfg.type} (scaled_mm) needs in_features and out_features divisible by 16"
+        if cfg.type in FP8_INT4:
+            if dtype != torch.bfloat16:
+                return f"{cfg.type} (mslk's f8i4bf16) computes in bfloat16, not {dtype}"
+            if in_features % FP8_INT4_GROUP or out_features % 16:
+                return (f"{cfg.type} needs in_features divisible by its group "
+                        f"({FP8_INT4_GROUP}) and out_features by 16 (mslk's kernels' tiles)")
         return None
 
     def nbytes(self, cfg, out_features, in_features, bias, dtype):
@@ -212,6 +312,13 @@ class TorchaoBackend(Backend):
             return total + n + out_features * 4  # codes + fp32 scale per row
         if cfg.type == "fp8_dynamic_tensor":
             return total + n + 4  # codes + one fp32 scale
+        if cfg.type == "fp8_int4":
+            # two codes per byte + an fp8 scale per group, stored 8 times over (mslk's
+            # preshuffled scale layout, [in / 128, 8, out]) + an fp32 scale per row
+            return total + n // 2 + (in_features // FP8_INT4_GROUP) * 8 * out_features \
+                + out_features * 4
+        if cfg.type == "fp8_int4_plain":  # two codes per byte + bf16 scale and zero per group
+            return total + n // 2 + (in_features // FP8_INT4_GROUP) * out_features * 2 * 2
         groups = n // cfg.group_size
         if cfg.type == "int4":
             # tinygemm pads in_features to a multiple of 1024 and out_features to one of 8
@@ -230,11 +337,21 @@ class TorchaoBackend(Backend):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         layer.requires_grad_(False)
+        if cfg.type in FP8_INT4:
+            _load_mslk_ops()
         quantize_(layer, _torchao_config(cfg), device=device)
+        if cfg.type == "fp8_int4":
+            w = layer.weight
+            layer.weight = nn.Parameter(bf16_preshuffled_class()(
+                w.qdata, w.group_scale, list(w.block_size), list(w.shape), None, w.row_scale),
+                requires_grad=False)
         return layer
 
     def export_state(self, module):
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        if isinstance(module.weight, bf16_preshuffled_class()):
+            return _preshuffled_state(module)
 
         # torchao's flattener names inner tensors "<prefix>._<name>_<field>": keys need a prefix
         state = {"layer.weight": module.weight.detach()}
@@ -249,7 +366,7 @@ class TorchaoBackend(Backend):
         Its metadata is the only metadata a saved layer may carry."""
         key = (cfg, out_features, in_features, bias, dtype)
         if key not in _TEMPLATES:
-            device = torch.device("cuda" if cfg.type in ("int4", *FP8_DYNAMIC) else "cpu")
+            device = torch.device("cuda" if cfg.type in _CUDA_ONLY else "cpu")
             lin = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
             with torch.no_grad():
                 lin.weight.fill_(0.5)
@@ -268,7 +385,12 @@ class TorchaoBackend(Backend):
                                           {})
         want = self._template(cfg, out_features, in_features, bias, dtype)[1]["torchao"]
         try:
-            same = json.loads(meta["torchao"]) == json.loads(want)
+            got = json.loads(meta["torchao"])
+            if not isinstance(got, dict):
+                raise ValueError
+            if cfg.type in FP8_DYNAMIC:
+                got = _torch_kernels(got)
+            same = _parsed(got) == _parsed(json.loads(want))
         except ValueError:
             same = False
         if not same:
@@ -280,8 +402,16 @@ class TorchaoBackend(Backend):
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
         metadata = json.loads(meta["torchao"])
-        state, _ = unflatten_tensor_state_dict({k: v.to(device) for k, v in tensors.items()},
-                                               metadata)
+        if cfg.type in FP8_DYNAMIC:
+            metadata = _torch_kernels(metadata)
+        if cfg.type in FP8_INT4:
+            _load_mslk_ops()
+        if cfg.type == "fp8_int4":  # (state_problems has matched the metadata to the template's)
+            state = _preshuffled_from_state({k: v.to(device) for k, v in tensors.items()},
+                                            metadata[_PRESHUFFLED])
+        else:
+            state, _ = unflatten_tensor_state_dict({k: v.to(device) for k, v in tensors.items()},
+                                                   metadata)
         layer = _linear_class(cfg)(in_features, out_features, bias=bias, device="meta",
                                    dtype=dtype)
         layer.weight = nn.Parameter(state["layer.weight"], requires_grad=False)
@@ -294,7 +424,9 @@ class TorchaoBackend(Backend):
         # tensor subclass from the same torchao config; safetensors holds every one of them
         # (torchao's allow-list: Int8Tensor, Float8Tensor, Int4TilePackedTo4dTensor,
         # IntxUnpackedToInt8Tensor)
-        out = {**super().formats(cfg), "diffusers": QUANTIZATION_CONFIG}
+        out = super().formats(cfg)
+        if cfg.type != "fp8_int4":  # torchao's safetensors support refuses preshuffled int4
+            out["diffusers"] = QUANTIZATION_CONFIG
         if cfg.type in ("int8", "int8_dynamic"):
             # ComfyUI's int8_tensorwise takes a scale per output row: torchao's very codes and
             # scales (its zero point is always 0: symmetric), dequantized as q * scale
@@ -338,9 +470,66 @@ class TorchaoBackend(Backend):
 
     def configs(self):
         return ([TorchaoConfig(type=t) for t in ("int8", "int8_dynamic", "fp8", "fp8_dynamic",
-                                                  "fp8_dynamic_tensor")]
+                                                  "fp8_dynamic_tensor", *FP8_INT4)]
                 + [TorchaoConfig(type="int4", group_size=64)]
                 + [TorchaoConfig(type="intx", bits=b, group_size=64) for b in range(1, 9)])
+
+
+def _torch_kernels(metadata: dict) -> dict:
+    """torchao's flattening metadata (``{tensor name: JSON string}``) with an fp8 weight's
+    kernel preference AUTO made TORCH, as this backend's fp8_dynamic configs now make them:
+    folders saved before (the same codes and scales, made without mslk) load, and run torch's
+    kernels."""
+    def walk(v):
+        if isinstance(v, dict):
+            if v.get("_type") == "KernelPreference" and v.get("_data") == "AUTO":
+                return {**v, "_data": "TORCH"}
+            return {k: walk(x) for k, x in v.items()}
+        return [walk(x) for x in v] if isinstance(v, list) else v
+
+    out = {}
+    for name, value in metadata.items():
+        try:
+            inner = json.loads(value) if name != "tensor_names" else None
+        except (TypeError, ValueError):
+            inner = None
+        out[name] = json.dumps(walk(inner)) if isinstance(inner, dict) else value
+    return out
+
+
+def _parsed(metadata: dict) -> dict:
+    """The metadata with its JSON strings parsed (to compare content, not spelling)."""
+    def load(v):
+        try:
+            return json.loads(v)
+        except (TypeError, ValueError):
+            return v
+    return {k: load(v) for k, v in metadata.items()}
+
+
+_PRESHUFFLED = "Int4PreshuffledTensor"
+_PRESHUFFLED_FIELDS = ("qdata", "group_scale", "row_scale")
+
+
+def _preshuffled_state(module):
+    """A preshuffled int4 x fp8 weight's tensors and attributes, as they are on the device.
+    torchao's safetensors flattener allows only the tensor classes diffusers can reload, and
+    this is not one of them; the layout is mslk's, so it is written as it is held."""
+    w = module.weight
+    tensors = {f"layer.weight.{f}": getattr(w, f).detach() for f in _PRESHUFFLED_FIELDS}
+    if module.bias is not None:
+        tensors["layer.bias"] = module.bias.detach()
+    attrs = {"block_size": list(w.block_size), "shape": list(w.shape)}
+    return tensors, {"torchao": json.dumps({_PRESHUFFLED: attrs}, sort_keys=True)}
+
+
+def _preshuffled_from_state(tensors, attrs):
+    weight = bf16_preshuffled_class()(
+        qdata=tensors["layer.weight.qdata"], group_scale=tensors["layer.weight.group_scale"],
+        block_size=list(attrs["block_size"]), shape=list(attrs["shape"]), group_zero=None,
+        row_scale=tensors["layer.weight.row_scale"])
+    return {"layer.weight": weight, **({"layer.bias": tensors["layer.bias"]}
+                                       if "layer.bias" in tensors else {})}
 
 
 @functools.cache

@@ -1,0 +1,129 @@
+"""GPU half of ``torchao fp8_int4`` and of the fp8 configs' kernel choice (``pytest -m gpu``,
+through the device tool; fp8_int4 needs mslk-cuda and a Hopper GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from autoquant.backends import get_backend
+
+BACKEND = get_backend("torchao")
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_mslk = pytest.mark.skipif(not HOPPER or importlib.util.find_spec("mslk") is None,
+                                reason="fp8_int4 needs mslk-cuda and a Hopper GPU")
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or
+                               torch.cuda.get_device_capability() < (8, 9),
+                               reason="fp8 needs sm >= 8.9")
+
+
+def _linear(n=384, k=512, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, dtype=torch.bfloat16).requires_grad_(False)
+    lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.02)
+    lin.bias.copy_(torch.randn(n, generator=gen) * 0.01)
+    return lin.cuda()
+
+
+@pytest.mark.gpu
+@needs_mslk
+def test_gpu_fp8_rows_is_bit_identical_to_mslks_triton_quantizer():
+    from mslk.quantize.triton.fp8_quantize import quantize_fp8_row
+
+    from autoquant.backends.torchao import fp8_rows
+
+    x = torch.randn(4096, 3072, device="cuda", dtype=torch.bfloat16) * 3
+    x[5] = 0
+    q, s = fp8_rows(x)
+    mq, ms = quantize_fp8_row(x)
+    assert torch.equal(s, ms.float())
+    assert torch.equal(q.view(torch.uint8), mq.view(torch.uint8))
+    qc, sc = torch.compile(fp8_rows)(x)  # fused by Inductor: the same codes
+    assert torch.equal(sc, s) and torch.equal(qc.view(torch.uint8), q.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@needs_mslk
+@pytest.mark.parametrize("t,packing", [("fp8_int4", "preshuffled"), ("fp8_int4_plain", "plain")])
+def test_gpu_fp8_int4_layer_computes_torchaos_own(t, packing):
+    """autoquant's layer holds torchao's very weight (same quantizer, same codes) and computes
+    what torchao's layer does, with the activation quantizer written in PyTorch ops."""
+    import torchao.quantization as tq
+    from torchao.quantization import quantize_
+
+    from autoquant.backends.torchao import TorchaoConfig
+
+    lin = _linear()
+    ours = BACKEND.quantize(lin, TorchaoConfig(type=t), torch.device("cuda"))
+    theirs = nn.Linear(512, 384, dtype=torch.bfloat16, device="cuda").requires_grad_(False)
+    theirs.load_state_dict(lin.state_dict())
+    quantize_(theirs, tq.Float8DynamicActivationInt4WeightConfig(int4_packing_format=packing))
+    assert torch.equal(ours.weight.qdata, theirs.weight.qdata)
+    assert ours.weight.dtype == torch.bfloat16
+    x = torch.randn(77, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(ours(x[:1]), theirs(x[:1]))
+
+
+@pytest.mark.gpu
+@needs_mslk
+def test_gpu_a_flux_transformer_in_fp8_int4_still_says_bfloat16_and_runs():
+    """diffusers reads model.dtype from the first floating parameter (Flux: the timestep
+    embedder) and FluxPipeline casts its inputs to it."""
+    from diffusers import FluxTransformer2DModel
+
+    import autoquant
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1,
+                                   num_single_layers=1, attention_head_dim=128,
+                                   num_attention_heads=2, joint_attention_dim=256,
+                                   pooled_projection_dim=256, axes_dims_rope=(16, 56, 56))
+    model = model.to("cuda", torch.bfloat16).requires_grad_(False)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    kw = dict(hidden_states=torch.randn(1, 64, 64, **bf),
+              encoder_hidden_states=torch.randn(1, 8, 256, **bf),
+              pooled_projections=torch.randn(1, 256, **bf),
+              timestep=torch.full((1,), 0.5, **bf), img_ids=torch.zeros(64, 3, device="cuda"),
+              txt_ids=torch.zeros(8, 3, device="cuda"))
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0].float()
+    summary = autoquant.apply_recipe(model, autoquant.Recipe.from_dict(
+        {"format": "autoquant-recipe/1", "default": {"method": "torchao", "type": "fp8_int4"}}),
+        device="cuda", progress=False)
+    assert summary.layers_quantized > 0 and model.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(**kw, return_dict=False)[0].float()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.5
+
+
+@pytest.mark.gpu
+@needs_fp8
+def test_gpu_fp8_dynamic_runs_torchs_kernels_and_loads_folders_saved_before_the_pin():
+    """With mslk installed torchao's AUTO would pick mslk's kernels (slower compiled in a Flux
+    step); a layer saved with AUTO (autoquant before the pin) still loads, as TORCH."""
+    from torchao.quantization.quantize_.common import KernelPreference
+
+    from autoquant.backends.torchao import TorchaoConfig
+
+    cfg = TorchaoConfig(type="fp8_dynamic")
+    q = BACKEND.quantize(_linear(), cfg, torch.device("cuda"))
+    assert q.weight.kernel_preference == KernelPreference.TORCH
+    tensors, meta = BACKEND.export_state(q)
+    outer = json.loads(meta["torchao"])
+    assert '"TORCH"' in outer["layer.weight"]
+    outer["layer.weight"] = outer["layer.weight"].replace('"TORCH"', '"AUTO"')
+    old = {"torchao": json.dumps(outer)}
+    args = (cfg, 384, 512, True, torch.bfloat16)
+    assert BACKEND.state_problems(*args, tensors, old) == []
+    back = BACKEND.import_state(*args, tensors, old, torch.device("cuda"))
+    assert back.weight.kernel_preference == KernelPreference.TORCH
+    x = torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
