@@ -14,6 +14,13 @@ the blocks of a kind (``BY_POSITION``), so a plan compiles two block graphs. ``c
 second GPU beside ``compile``): bf16 and ``--slow-configs`` uniform plans compiled, bf16 compiled
 whole with ``--whole-too``.
 
+The fastest plans at 30/40/50% of bf16's bytes and at hqq4's, with int4 x fp8 in the space (mslk-cuda
+installed; each plan's recipe, tied by block position, goes into the JSON for
+``bench/demo_flux_gpu.py run --plans``):
+
+    python bench/flux_latency.py --part compile --hqq4-bytes 6698977408 --fastest 30%,40%,50%,hqq4 \
+        --compiled-configs none,torchao-fp8_dynamic,torchao-fp8_int4,torchao-fp8_int4_plain,bnb4-nf4,hqq4-g64
+
     CUDA_VISIBLE_DEVICES=0 python bench/flux_latency.py --part compile --hqq4-bytes 6698977408 &
     CUDA_VISIBLE_DEVICES=1 python bench/flux_latency.py --part compile-slow --whole-too \
         --slow-configs hqq4-g64,torchao-int8,torchao-int8_dynamic,hqq8-g64,higgs4-p2-g64
