@@ -628,6 +628,12 @@ def _recipe_cases(add) -> None:
     add("recipe", "fp8-dynamic-on-cpu", recipe_api(
         r + f"layers: {{{Q0}: {{method: torchao, type: fp8_dynamic}}}}\n",
         "BackendUnavailableError", "needs a CUDA GPU"))
+    add("recipe", "fp8-int4-on-a-float32-layer", recipe_api(
+        r + f"layers: {{{Q0}: {{method: torchao, type: fp8_int4}}}}\n",
+        "RecipeError", "computes in bfloat16"))
+    add("recipe", "fp8-int4-group-size", recipe_api(
+        r + f"layers: {{{Q0}: {{method: torchao, type: fp8_int4, group_size: 64}}}}\n",
+        "RecipeError", "fixed at 128 by mslk"))
     add("recipe", "missing-file", api("RecipeError", "no recipe file at",
                                       lambda ctx: ctx.autoquant.load_recipe(ctx.tmp / "nope.yaml"),
                                       touches_pipe=False))
