@@ -122,24 +122,27 @@ def transferred(recipe_layers: dict, names: set) -> dict:
     return {"format": "autoquant-recipe/1", "layers": layers}
 
 
+def fastest_recipes(path: str, label: str = "Flux-dev plan") -> dict:
+    """``{"fastest at <budget> (<label>)": demo-flux recipe}`` from ``bench/flux_latency.py
+    --part compile``'s JSON (the plans it measured, carried over by :func:`transferred`)."""
+    import json
+
+    from diffusers import FluxTransformer2DModel
+
+    from autoquant.models.zoo.flux import FLUX_DIR
+
+    names = {n for n, m in FluxTransformer2DModel.from_pretrained(
+        FLUX_DIR / "transformer").named_modules() if isinstance(m, torch.nn.Linear)}
+    fastest = json.loads(Path(path).read_text())["fastest"]["compile"]
+    return {f"fastest at {budget} ({label})": transferred(row["recipe"], names)
+            for budget, row in fastest.items() if "recipe" in row}
+
+
 def _plans(args) -> dict:
     """``{label: recipe}``: each uniform config, then the fastest plans of --plans."""
     out = {label: {"format": "autoquant-recipe/1", "default": cfg}
            for label, cfg in CONFIGS.items() if args.configs is None or label in args.configs}
-    if args.plans:
-        import json
-
-        from diffusers import FluxTransformer2DModel
-
-        from autoquant.models.zoo.flux import FLUX_DIR
-
-        names = {n for n, m in FluxTransformer2DModel.from_pretrained(
-            FLUX_DIR / "transformer").named_modules() if isinstance(m, torch.nn.Linear)}
-        fastest = json.loads(Path(args.plans).read_text())["fastest"]["compile"]
-        for budget, row in fastest.items():
-            if "recipe" in row:
-                out[f"fastest at {budget} (Flux-dev plan)"] = transferred(row["recipe"], names)
-    return out
+    return {**out, **(fastest_recipes(args.plans) if args.plans else {})}
 
 
 def run(args) -> None:
@@ -163,7 +166,8 @@ def run(args) -> None:
         images = _images(pipe, e, device, dtype)
         mse = ((images - reference) ** 2).flatten(1).mean(1).clamp(min=1e-20)
         psnr = (10 * torch.log10(1 / mse))
-        row = {"config": label, "recipe": recipe, "psnr": float(psnr.mean()), "psnr_worst": float(psnr.min()),
+        row = {"config": label, "recipe": recipe, "psnr": float(psnr.mean()),
+               "psnr_worst": float(psnr.min()),
                "ssim": float(ssim(images, reference, data_range=1.0))}
         rows.append(row)
         print(f"{label}: PSNR {row['psnr']:.2f} dB (worst {row['psnr_worst']:.2f}), SSIM "

@@ -21,12 +21,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, write_json  # noqa: E402
-from demo_flux_gpu import _images, _pipe, transferred  # noqa: E402
+from demo_flux_gpu import _images, _pipe, fastest_recipes  # noqa: E402
 
-from autoquant.backends.torchao import fp8_rows  # noqa: E402
-
-GROUP = 128
-
+import autoquant  # noqa: E402
+from autoquant.backends.torchao import FP8_INT4_GROUP as GROUP, fp8_rows  # noqa: E402
 
 def int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mslk's ``int4_row_quantize``: symmetric 4-bit per group of 128 along ``in`` (scale =
@@ -79,28 +77,14 @@ class Emulated(nn.Module):
 
 
 def emulate(model: nn.Module, recipe: dict) -> int:
-    """Swap in emulated layers as ``recipe`` (default / exact names / ``re:``) says."""
-    import re
-
-    done = 0
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Linear):
-            continue
-        cfg = recipe.get("layers", {}).get(name)
-        if cfg is None:
-            cfg = next((c for k, c in recipe.get("layers", {}).items()
-                        if k.startswith("re:") and re.fullmatch(k[3:], name)),
-                       recipe.get("default"))
-        if cfg is None:
-            continue
-        kind = cfg["type"]
-        if kind in ("fp8_int4", "fp8_int4_plain") and (mod.in_features % GROUP
-                                                        or mod.out_features % 16):
-            continue  # what the backend refuses (x_embedder: 64 inputs)
+    """Swap in emulated layers where ``recipe`` puts a config (resolved as ``apply_recipe``
+    resolves it: exact names, then ``re:``, then the default where the layer takes it)."""
+    plan = autoquant.Recipe.from_dict(recipe).resolve(autoquant.inventory(model))
+    for name, cfg in plan.configs.items():
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, Emulated(mod, kind))
-        done += 1
-    return done
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, leaf, Emulated(getattr(owner, leaf), cfg.type))
+    return len(plan.configs)
 
 
 def main() -> None:
@@ -119,20 +103,11 @@ def main() -> None:
     reference = _images(_pipe(device, dtype), e, device, dtype)
     print(f"bf16 reference: {len(reference)} images in {time.perf_counter() - t0:.0f} s",
           flush=True)
-    plans = {f"{t} (emulated)": {"default": {"method": "torchao", "type": t}}
+    plans = {f"{t} (emulated)": {"format": "autoquant-recipe/1",
+                                 "default": {"method": "torchao", "type": t}}
              for t in ("fp8_dynamic", "fp8_int4", "fp8_int4_plain")}
     if args.plans:
-        import json
-
-        from diffusers import FluxTransformer2DModel
-
-        from autoquant.models.zoo.flux import FLUX_DIR
-
-        names = {n for n, m in FluxTransformer2DModel.from_pretrained(
-            FLUX_DIR / "transformer").named_modules() if isinstance(m, nn.Linear)}
-        fastest = json.loads(Path(args.plans).read_text())["fastest"]["compile"]
-        for budget, row in fastest.items():
-            plans[f"fastest at {budget} (emulated)"] = transferred(row["recipe"], names)
+        plans.update(fastest_recipes(args.plans, "emulated"))
     rows = []
     for label, recipe in plans.items():
         pipe = _pipe(device, dtype)

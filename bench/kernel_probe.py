@@ -23,6 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, write_json  # noqa: E402
 
+from autoquant.backends.measure import measured_bytes  # noqa: E402
+
 SHAPES = [(3072, 12288), (12288, 3072)]  # (in, out): an MLP's two layers
 # --shapes flux: every distinct shape of Flux-dev's transformer that a 4-bit group of 128 takes
 FLUX_SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 9216), (15360, 3072),
@@ -69,10 +71,8 @@ def makers():
         "fp8_dyn_tensor": lambda lin: _torchao(lin, tq.Float8DynamicActivationFloat8WeightConfig(
             granularity=tq.PerTensor(), set_inductor_config=False)),
         "fp8_dynamic (autoquant)": on_gpu("fp8_dynamic"),
-        "int8_wo (autoquant)": lambda lin: ta.quantize(lin, TorchaoConfig(type="int8"),
-                                                       torch.device("cuda")),
-        "int8_dyn (autoquant)": lambda lin: ta.quantize(lin, TorchaoConfig(type="int8_dynamic"),
-                                                        torch.device("cuda")),
+        "int8_wo (autoquant)": on_gpu("int8"),
+        "int8_dyn (autoquant)": on_gpu("int8_dynamic"),
         "int_mm w8a8 (written out)": _int_mm_layer,
         "_weight_int8pack_mm": _int8pack_layer,
         # int4 weights x fp8 activations (mslk's CUTLASS mixed-input GEMMs; needs mslk-cuda)
@@ -166,8 +166,6 @@ def main() -> None:
     torch.manual_seed(0)
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
-    from autoquant.backends.measure import measured_bytes
-
     wanted = None if args.kernels is None else {"bf16", *args.kernels.split(",")}
     for k, n in (SHAPES if args.shapes == "mlp" else FLUX_SHAPES):
         lin = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16).requires_grad_(False)

@@ -106,7 +106,7 @@ def _torchao_config(cfg: TorchaoConfig):
         return tq.Float8WeightOnlyConfig(**quiet)
     # kernel_preference TORCH: with mslk installed, torchao's AUTO moves per-row fp8 to mslk's
     # activation quantizer and GEMM, which compiled ran a Flux-dev step at 167 ms on an H100
-    # against 114 ms through torch._scaled_mm with Inductor's fused quantization (and bf16's
+    # against 102.5 ms through torch._scaled_mm with Inductor's fused quantization (and bf16's
     # 132): installing mslk for fp8_int4 must not slow fp8_dynamic down.
     from torchao.quantization.quantize_.common import KernelPreference
 
