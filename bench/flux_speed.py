@@ -3,7 +3,14 @@ architecture (random bf16 weights, 1024 px: 4,096 image + 512 text tokens, batch
 and ``torch.compile`` mode, in one process so that every ratio shares a GPU.
 
     python bench/flux_speed.py [--plans bf16,fp8_row,...] [--modes default,reduce-overhead]
+                               [--attention native,_native_cudnn] [--profile]
                                [--json bench/results/flux_speed_h100.json]
+
+``--attention``: diffusers' attention backends to time each plan under
+(``model.set_attention_backend``; ``native`` is SDPA's own choice, FlashAttention-2 on Hopper;
+``_native_cudnn`` pins SDPA's cuDNN kernel; ``sage1``: SageAttention 1 from PyPI, Triton, through
+diffusers' Triton sage slot). ``--profile``: one compiled step per row under
+``torch.profiler``, its GPU time split into GEMMs, attention, fused (Triton) kernels and the rest.
 
 Plans (each Linear of the transformer that takes the config): ``bf16``; ``fp8_row``
 (torchao fp8_dynamic: activations per token, weights per channel); ``fp8_tensor``
@@ -81,10 +88,85 @@ def timed(fn, kw, n=10) -> float:
     return sorted(times)[len(times) // 2] / 1e3
 
 
+#: kernel-name fragments -> the part of a step they are (first match wins)
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention", "_attn")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "scaled_mm", "f8i4", "sm90_", "cublas",
+              "matmul")),
+    ("fused (triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, parts in KERNEL_KINDS:
+        if any(p in low for p in parts):
+            return kind
+    return "other"
+
+
+def profiled(fn, kw) -> dict:
+    """One step's GPU time by kind of kernel (ms) and the ten costliest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(**kw)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(**kw)
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    per_kernel: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = ev.time_range.elapsed_us() / 1e3
+        kinds[kernel_kind(ev.name)] = kinds.get(kernel_kind(ev.name), 0.0) + ms
+        per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+    return {"by_kind_ms": {k: round(v, 3) for k, v in sorted(kinds.items())},
+            "total_ms": round(sum(kinds.values()), 3),
+            "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
+
+
+#: the SageAttention 1 stand-in's slot in diffusers' registry (diffusers' own sage backends
+#: want the CUDA build, sageattention >= 2.1.1, which PyPI does not have)
+SAGE1_SLOT = "_sage_qk_int8_pv_fp16_triton"
+
+
+def _register_sage1() -> None:
+    """Bench only: diffusers' Triton sage slot runs the PyPI ``sageattention`` 1.0.6 (Triton;
+    Q, K int8 per block, P and V fp16), whose ``sageattn`` takes the same arguments."""
+    import diffusers.models.attention_dispatch as dispatch
+    from sageattention import sageattn
+
+    name = dispatch.AttentionBackendName(SAGE1_SLOT)
+
+    def sage1(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False, return_lse=False, _parallel_config=None):
+        if attn_mask is not None or return_lse:
+            raise ValueError("sage1: no mask, no lse")
+        return sageattn(query, key, value, tensor_layout="NHD", is_causal=is_causal,
+                        sm_scale=scale)
+
+    dispatch._AttentionBackendRegistry._backends[name] = sage1
+    dispatch._AttentionBackendRegistry._constraints[name] = []
+    dispatch._CAN_USE_SAGE_ATTN = True
+
+
+def set_attention(model, backend: str) -> None:
+    if backend == "sage1":
+        _register_sage1()
+        backend = SAGE1_SLOT
+    model.set_attention_backend(backend)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plans", default=",".join(PLANS))
     ap.add_argument("--modes", default="eager,default,reduce-overhead")
+    ap.add_argument("--attention", default="native",
+                    help="diffusers attention backends, comma-separated (native, _native_cudnn, ...)")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", default="bench/results/flux_speed_h100.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -107,33 +189,42 @@ def main() -> None:
                 out["rows"].append({"plan": name, "skipped": f"{type(e).__name__}: {e}"[:300]})
                 continue
         build_s = time.perf_counter() - t0
-        row = {"plan": name, "bytes": measured_bytes(model), "vs_bf16_bytes":
-               measured_bytes(model) / fp_bytes, "build_s": build_s}
-        with torch.no_grad():
-            for mode in args.modes.split(","):
-                try:
-                    if mode == "eager":
-                        row["eager_s"] = timed(model, kw)
-                    else:
-                        torch._dynamo.reset()
-                        with compiled(model, mode=mode) as fn:
-                            t0 = time.perf_counter()
-                            fn(**kw)
-                            torch.cuda.synchronize()
-                            row[f"{mode}_compile_s"] = time.perf_counter() - t0
-                            row[f"{mode}_s"] = timed(fn, kw)
-                except Exception as e:  # noqa: BLE001
-                    row[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                print(f"{name} {mode}: " + (f"{row[f'{mode}_s'] * 1e3:.1f} ms" if
-                      f"{mode}_s" in row else row.get(f"{mode}_error", "")[:200]), flush=True)
-        if name == "bf16":
-            base = row
-        if base is not None:
-            for mode in args.modes.split(","):
-                if f"{mode}_s" in row and "default_s" in base:
-                    row[f"{mode}_vs_bf16_compiled"] = row[f"{mode}_s"] / base["default_s"]
-        out["rows"].append(row)
-        write_json(args.json, out)
+        for attention in args.attention.split(","):
+            set_attention(model, attention)
+            label = name if attention == "native" else f"{name}+{attention.strip('_')}"
+            row = {"plan": label, "attention": attention, "bytes": measured_bytes(model),
+                   "vs_bf16_bytes": measured_bytes(model) / fp_bytes, "build_s": build_s}
+            with torch.no_grad():
+                for mode in args.modes.split(","):
+                    try:
+                        if mode == "eager":
+                            row["eager_s"] = timed(model, kw)
+                        else:
+                            torch._dynamo.reset()
+                            with compiled(model, mode=mode) as fn:
+                                t0 = time.perf_counter()
+                                fn(**kw)
+                                torch.cuda.synchronize()
+                                row[f"{mode}_compile_s"] = time.perf_counter() - t0
+                                row[f"{mode}_s"] = timed(fn, kw)
+                                if args.profile and mode == "default":
+                                    row["profile"] = profiled(fn, kw)
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    print(f"{label} {mode}: " + (f"{row[f'{mode}_s'] * 1e3:.1f} ms" if
+                          f"{mode}_s" in row else row.get(f"{mode}_error", "")[:200]),
+                          flush=True)
+                    if "profile" in row and mode == "default":
+                        print(f"  {label} profile: {row['profile']['by_kind_ms']}", flush=True)
+            if name == "bf16" and attention == "native":
+                base = row
+            if base is not None:
+                for mode in args.modes.split(","):
+                    if f"{mode}_s" in row and "default_s" in base:
+                        row[f"{mode}_vs_bf16_compiled"] = row[f"{mode}_s"] / base["default_s"]
+            out["rows"].append(row)
+            write_json(args.json, out)
+        set_attention(model, "native")
         if spec is not None:
             autoquant.revert(model)
         torch._dynamo.reset()
@@ -142,12 +233,12 @@ def main() -> None:
     print()
     for row in out["rows"]:
         if "skipped" in row:
-            print(f"{row['plan']:>14}: skipped")
+            print(f"{row['plan']:>22}: skipped")
             continue
         cells = [f"{m} {row[m + '_s'] * 1e3:7.1f} ms" + (
             f" ({row[m + '_vs_bf16_compiled']:.2f}x)" if m + "_vs_bf16_compiled" in row else "")
             for m in args.modes.split(",") if m + "_s" in row]
-        print(f"{row['plan']:>14}: {row['vs_bf16_bytes']:.3f} of bf16's bytes; "
+        print(f"{row['plan']:>22}: {row['vs_bf16_bytes']:.3f} of bf16's bytes; "
               + "; ".join(cells))
     write_json(args.json, out)
 
