@@ -31,7 +31,7 @@ _EXPORTS = {
     "BackendError": "._errors", "ConfigError": "._errors", "RecipeError": "._errors",
     "SpaceError": "._errors", "NonFiniteError": "._errors",
     "ApplySummary": ".plans.apply", "apply_recipe": ".plans.apply", "revert": ".plans.apply",
-    "compile_pipeline": ".runtime.compile",
+    "compile_pipeline": ".runtime.compile", "set_attention": ".runtime.attention",
     "Clip": ".scoring.clip", "load_clip": ".scoring.clip",
     "EvalResult": ".scoring.evaluator", "Evaluator": ".scoring.evaluator",
     "EvalSettings": ".generation.settings", "noise_seed": ".generation.settings",

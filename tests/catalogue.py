@@ -1123,6 +1123,12 @@ def _late_cases(add) -> None:
         lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
                      "--prompt", "x", "--out", str(ctx.path("image"))],
         "without an extension"))
+    add("argument", "attention-unknown", cli(
+        lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
+                     "--attention", "fast"], "choose one of native, cudnn"))
+    add("argument", "attention-cudnn-on-cpu", cli(
+        lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
+                     "--attention", "cudnn"], "runs on CUDA: pass --device cuda"))
     add("argument", "save-onto-a-file", cli(
         lambda ctx: ["apply", "--model", TINY, "--recipe", str(ctx.write("r.yaml", RECIPE)),
                      "--save", str(ctx.write("taken", "mine"))], "a file is in the way"))

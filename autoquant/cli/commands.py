@@ -137,6 +137,10 @@ def cmd_apply(args) -> int:
     recipe = load_recipe(args.recipe)  # validated before any model is loaded
     if args.compile_mode != "default" and not args.compile:
         raise InputError("--compile-mode applies with --compile")
+    if args.attention:
+        from ..runtime.attention import backend_value
+
+        backend_value(args.attention, args.device)
     if args.save:
         writable_folder(args.save, "--save")
     if args.prompt:
@@ -145,6 +149,11 @@ def cmd_apply(args) -> int:
     pipe = _load(args)
     summary = apply_recipe(pipe, recipe, device=args.device, progress=not args.json)
     result = {"summary": summary.to_dict()}
+    if args.attention:  # before --compile, which traces the kernel chosen
+        from ..runtime.attention import set_attention
+
+        set_attention(pipe, args.attention)
+        result["attention"] = args.attention
     if args.compile:
         from ..runtime.compile import compile_pipeline
 

@@ -174,6 +174,10 @@ def _apply(sub) -> argparse.ArgumentParser:
                             "max-autotune"],
                    help="with --compile: torch.compile's mode (reduce-overhead / max-autotune "
                         "record CUDA graphs; max-autotune* tune kernels while compiling)")
+    p.add_argument("--attention", default=None, metavar="BACKEND",
+                   help="the denoiser's attention kernel, through diffusers' dispatcher: native "
+                        "(SDPA's choice), cudnn (faster on Hopper), flash, efficient, math, flex, "
+                        "or a diffusers AttentionBackendName")
     p.add_argument("--prompt", default=None, help="generate one image with this prompt")
     p.add_argument("--out", default="autoquant.png", type=_image_file,
                    help="where the image goes (.png, .jpg, .webp ...)")
