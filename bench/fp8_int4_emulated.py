@@ -44,6 +44,15 @@ def fp8_int4_weight(w: torch.Tensor) -> torch.Tensor:
     return (q * scale.to(torch.float8_e4m3fn).float()).reshape(w.shape) * row_scale[:, None]
 
 
+def fp8_int4_weight_fp8_product(w: torch.Tensor) -> torch.Tensor:
+    """The preshuffled path as a mixed-input fp8 GEMM would run it: each 4-bit code times its
+    fp8 group scale rounded to e4m3 (the tensor core's operand type) before the GEMM."""
+    wq, row_scale = fp8_rows(w)
+    q, scale = int4_groups(wq.float())
+    w8 = (q * scale.to(torch.float8_e4m3fn).float()).to(torch.float8_e4m3fn).float()
+    return w8.reshape(w.shape) * row_scale[:, None]
+
+
 def fp8_int4_plain_weight(w: torch.Tensor) -> torch.Tensor:
     """The plain path (``Int4Tensor.from_hp`` for fp8 activations): 4 bits per group straight
     from the weight, scales in the weight's dtype."""
@@ -92,8 +101,13 @@ def main() -> None:
     ap.add_argument("--embeds", default="out/demo_flux_embeds.pt")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--plans", default=None)
+    ap.add_argument("--types", default="fp8_dynamic,fp8_int4,fp8_int4_plain")
+    ap.add_argument("--product", choices=("float", "fp8"), default="float",
+                    help="fp8_int4's code x group scale: exact (float) or rounded to e4m3 (fp8)")
     ap.add_argument("--json", default="bench/results/fp8_int4_emulated_cpu.json")
     args = ap.parse_args()
+    if args.product == "fp8":
+        WEIGHTS["fp8_int4"] = fp8_int4_weight_fp8_product
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     device, dtype = torch.device("cpu"), torch.bfloat16
@@ -105,7 +119,7 @@ def main() -> None:
           flush=True)
     plans = {f"{t} (emulated)": {"format": "autoquant-recipe/1",
                                  "default": {"method": "torchao", "type": t}}
-             for t in ("fp8_dynamic", "fp8_int4", "fp8_int4_plain")}
+             for t in args.types.split(",") if t}
     if args.plans:
         plans.update(fastest_recipes(args.plans, "emulated"))
     rows = []

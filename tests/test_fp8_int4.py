@@ -116,7 +116,7 @@ def test_a_preshuffled_layer_saves_its_tensors_as_held_and_loads_them_back():
 
 def test_fp8_rows_is_mslks_row_quantizer():
     """scale = max(|row|, 1/512) / 448, codes = clamp(x / scale, +-448) in e4m3 -- mslk's
-    quantize_fp8_row (its Triton kernel; the GPU test compares the two bit for bit)."""
+    quantize_fp8_row (its Triton kernel; the GPU test compares the two: equal to float rounding)."""
     x = torch.randn(6, 256, dtype=torch.bfloat16)
     x[1] = 0  # the 1/512 floor
     x[2] *= 1e-4

@@ -29,9 +29,19 @@ def _linear(n=384, k=512, seed=0):
     return lin.cuda()
 
 
+def _same_fp8_rows(q, s, mq, ms):
+    """Two per-row fp8 quantizations of one tensor agree to float rounding: scales within two
+    float32 ulps (mslk divides with ``div_rn``; PyTorch's eager division by a constant multiplies
+    by its reciprocal, Triton's ``/`` is approximate), and the codes that round the other way
+    (under 1%) one e4m3 step apart."""
+    torch.testing.assert_close(s, ms.float(), rtol=2.5e-7, atol=0)
+    step = (q.view(torch.uint8).int() - mq.view(torch.uint8).int()).abs()
+    assert step.max() <= 1 and (step > 0).float().mean() < 0.01
+
+
 @pytest.mark.gpu
 @needs_mslk
-def test_gpu_fp8_rows_is_bit_identical_to_mslks_triton_quantizer():
+def test_gpu_fp8_rows_matches_mslks_triton_quantizer():
     from mslk.quantize.triton.fp8_quantize import quantize_fp8_row
 
     from autoquant.backends.torchao import fp8_rows
@@ -40,10 +50,17 @@ def test_gpu_fp8_rows_is_bit_identical_to_mslks_triton_quantizer():
     x[5] = 0
     q, s = fp8_rows(x)
     mq, ms = quantize_fp8_row(x)
-    assert torch.equal(s, ms.float())
-    assert torch.equal(q.view(torch.uint8), mq.view(torch.uint8))
-    qc, sc = torch.compile(fp8_rows)(x)  # fused by Inductor: the same codes
-    assert torch.equal(sc, s) and torch.equal(qc.view(torch.uint8), q.view(torch.uint8))
+    _same_fp8_rows(q, s, mq, ms)
+    assert torch.equal(q[5].float(), torch.zeros(3072, device="cuda"))
+    qc, sc = torch.compile(fp8_rows)(x)  # fused by Inductor
+    _same_fp8_rows(qc, sc, mq, ms)
+
+
+def _close_outputs(ours, theirs):
+    """One layer's outputs from the same weight, whose activations were quantized by two
+    quantizers that agree to float rounding: 100x closer than the layer is to bf16 (11%)."""
+    diff = (ours.float() - theirs.float()).norm() / theirs.float().norm()
+    assert diff < 1e-3, diff
 
 
 @pytest.mark.gpu
@@ -51,7 +68,8 @@ def test_gpu_fp8_rows_is_bit_identical_to_mslks_triton_quantizer():
 @pytest.mark.parametrize("t,packing", [("fp8_int4", "preshuffled"), ("fp8_int4_plain", "plain")])
 def test_gpu_fp8_int4_layer_computes_torchaos_own(t, packing):
     """autoquant's layer holds torchao's very weight (same quantizer, same codes) and computes
-    what torchao's layer does, with the activation quantizer written in PyTorch ops."""
+    what torchao's layer does, with the activation quantizer written in PyTorch ops (whose
+    scales differ from mslk's Triton kernel's in the last bit: see :func:`_same_fp8_rows`)."""
     import torchao.quantization as tq
     from torchao.quantization import quantize_
 
@@ -66,8 +84,8 @@ def test_gpu_fp8_int4_layer_computes_torchaos_own(t, packing):
     assert ours.weight.dtype == torch.bfloat16
     x = torch.randn(77, 512, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        assert torch.equal(ours(x), theirs(x))
-        assert torch.equal(ours(x[:1]), theirs(x[:1]))
+        _close_outputs(ours(x), theirs(x))
+        _close_outputs(ours(x[:1]), theirs(x[:1]))
 
 
 @pytest.mark.gpu

@@ -68,6 +68,21 @@ def components_of(target: Any) -> dict[str, nn.Module]:
     return {name: mod for name, mod in comps.items() if isinstance(mod, nn.Module)}
 
 
+def chosen_components(target: Any, components: list[str] | None, purpose: str
+                      ) -> dict[str, nn.Module]:
+    """``components`` of a pipeline (default: its denoiser, else every component), each name
+    checked: InputError naming the ones it has, for ``purpose`` ("to compile", ...)."""
+    from .._errors import InputError
+
+    comps = components_of(target)
+    names = components or [c for c in DENOISERS if c in comps][:1] or list(comps)
+    missing = [c for c in names if c not in comps]
+    if missing:
+        raise InputError(f"no component(s) {missing} {purpose}; this pipeline has "
+                         f"{sorted(comps)}")
+    return {name: comps[name] for name in names}
+
+
 def component_named(target: Any, name: str, purpose: str = "") -> nn.Module:
     """The component ``name`` of a pipeline; InputError naming the ones it has otherwise
     (``purpose``: what it is wanted for, for the message)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._errors import InputError
-from ..models.inventory import DENOISERS, components_of
+from ..models.inventory import chosen_components
 
 #: autoquant's names -> diffusers' ``AttentionBackendName`` values (PyTorch's own kernels only:
 #: the others need packages PyPI does not have for every GPU -- pass diffusers' name for them)
@@ -54,15 +54,9 @@ def set_attention(target: Any, backend: str, components: list[str] | None = None
     """Run the attention of ``components`` (default: the denoiser) of a pipeline or model through
     ``backend`` (a key of :data:`ATTENTION_BACKENDS`, or a diffusers ``AttentionBackendName``
     value). Validated before anything changes; returns the components set."""
-    comps = components_of(target)
-    names = components or [c for c in DENOISERS if c in comps][:1] or list(comps)
-    missing = [c for c in names if c not in comps]
-    if missing:
-        raise InputError(f"no component(s) {missing} to set attention on; this pipeline has "
-                         f"{sorted(comps)}")
+    comps = chosen_components(target, components, "to set attention on")
     value = backend_value(backend)
-    for name in names:
-        module = comps[name]
+    for name, module in comps.items():
         if not hasattr(module, "set_attention_backend") or not _processors(module):
             raise InputError(f"{name} ({type(module).__name__}) does not route its attention "
                              "through diffusers' dispatcher; --attention applies to Flux, SD3, "
@@ -72,9 +66,9 @@ def set_attention(target: Any, backend: str, components: list[str] | None = None
             if device.type != "cuda":
                 raise InputError(f"attention backend {backend!r} runs on CUDA; {name} is on "
                                  f"{device}: pass --device cuda (or choose native)")
-    for name in names:
+    for name, module in comps.items():
         try:
-            comps[name].set_attention_backend(value)
+            module.set_attention_backend(value)
         except (RuntimeError, ValueError) as err:  # diffusers: a package it needs is missing
             raise InputError(f"attention backend {backend!r}: {err}") from err
-    return names
+    return list(comps)

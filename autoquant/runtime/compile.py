@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._errors import InputError
-from ..models.inventory import DENOISERS, components_of
+from ..models.inventory import chosen_components
 
 #: regional only where the blocks hold this share of the weights: a UNet declares its attention
 #: blocks, but its convolutions would stay eager -- it compiles whole
@@ -107,13 +107,8 @@ def compile_pipeline(target: Any, components: list[str] | None = None,
     (``nn.Module.compile``, in place; block by block where the model declares repeated blocks,
     as diffusers' ``compile_repeated_blocks``). Every backend's layers compile in one graph
     unless the Methods table marks it eager-only; the first call compiles (seconds to minutes)."""
-    comps = components_of(target)
-    names = components or [c for c in DENOISERS if c in comps][:1] or list(comps)
-    missing = [c for c in names if c not in comps]
-    if missing:
-        raise InputError(f"no component(s) {missing} to compile; this pipeline has "
-                         f"{sorted(comps)}")
+    comps = chosen_components(target, components, "to compile")
     _mode(mode)  # a bad mode fails before anything compiles
-    for name in names:
-        compile_module(comps[name], mode=mode)
-    return names
+    for module in comps.values():
+        compile_module(module, mode=mode)
+    return list(comps)
