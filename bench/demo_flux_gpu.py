@@ -147,12 +147,16 @@ def _plans(args) -> dict:
 
 def run(args) -> None:
     import autoquant
+    from autoquant.scoring.clip import load_clip
+    from autoquant.scoring.metrics import clip_features
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     device, dtype = torch.device(args.device), torch.bfloat16
     e = torch.load(args.embeds)
     pipe = _pipe(device, dtype)
     reference = _images(pipe, e, device, dtype)
+    clip = load_clip("demo", device)  # the demo's own CLIP, as bench/demo_flux.py scores
+    ref_feats = clip_features(clip, reference.to(device))
     rows = []
     for label, recipe in _plans(args).items():
         pipe = _pipe(device, dtype)
@@ -168,10 +172,12 @@ def run(args) -> None:
         psnr = (10 * torch.log10(1 / mse))
         row = {"config": label, "recipe": recipe, "psnr": float(psnr.mean()),
                "psnr_worst": float(psnr.min()),
-               "ssim": float(ssim(images, reference, data_range=1.0))}
+               "ssim": float(ssim(images, reference, data_range=1.0)),
+               "clip_fidelity": float((clip_features(clip, images.to(device)) * ref_feats)
+                                      .sum(-1).mean())}
         rows.append(row)
         print(f"{label}: PSNR {row['psnr']:.2f} dB (worst {row['psnr_worst']:.2f}), SSIM "
-              f"{row['ssim']:.4f}", flush=True)
+              f"{row['ssim']:.4f}, CLIP fidelity {row['clip_fidelity']:.4f}", flush=True)
     write_json(args.json, {"environment": environment(device), "prompts": e["prompts"],
                            "reference": "demo-flux in bf16 on this GPU", "rows": rows})
 

@@ -53,6 +53,22 @@ def fp8_int4_weight_fp8_product(w: torch.Tensor) -> torch.Tensor:
     return w8.reshape(w.shape) * row_scale[:, None]
 
 
+def fp8_int4_weight_fp8_aware(w: torch.Tensor) -> torch.Tensor:
+    """What the preshuffled kernel computes (code x fp8 group scale rounded to e4m3) with each
+    code chosen for the value the kernel will use: the nearest of the 16 products to the weight,
+    instead of round(weight / scale). An experiment: autoquant's quantizer does not do this."""
+    wq, row_scale = fp8_rows(w)
+    n, k = w.shape
+    _, scale = int4_groups(wq.float())
+    s8 = scale.to(torch.float8_e4m3fn).float()                     # [n, groups, 1]
+    codes = torch.arange(-8, 8, dtype=torch.float32)
+    table = (codes * s8).to(torch.float8_e4m3fn).float()           # [n, groups, 16]
+    target = (w.float() / row_scale[:, None]).reshape(n, k // GROUP, GROUP, 1)
+    pick = (target - table[:, :, None, :]).abs().argmin(-1)        # [n, groups, 128]
+    w8 = torch.gather(table, 2, pick)
+    return w8.reshape(w.shape) * row_scale[:, None]
+
+
 def fp8_int4_plain_weight(w: torch.Tensor) -> torch.Tensor:
     """The plain path (``Int4Tensor.from_hp`` for fp8 activations): 4 bits per group straight
     from the weight, scales in the weight's dtype."""
@@ -102,12 +118,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--plans", default=None)
     ap.add_argument("--types", default="fp8_dynamic,fp8_int4,fp8_int4_plain")
-    ap.add_argument("--product", choices=("float", "fp8"), default="float",
-                    help="fp8_int4's code x group scale: exact (float) or rounded to e4m3 (fp8)")
+    ap.add_argument("--product", choices=("float", "fp8", "fp8-aware"), default="float",
+                    help="fp8_int4's code x group scale: exact (float), rounded to e4m3 (fp8), "
+                         "or rounded with codes chosen for the rounded products (fp8-aware)")
     ap.add_argument("--json", default="bench/results/fp8_int4_emulated_cpu.json")
     args = ap.parse_args()
-    if args.product == "fp8":
-        WEIGHTS["fp8_int4"] = fp8_int4_weight_fp8_product
+    if args.product != "float":
+        WEIGHTS["fp8_int4"] = {"fp8": fp8_int4_weight_fp8_product,
+                               "fp8-aware": fp8_int4_weight_fp8_aware}[args.product]
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     device, dtype = torch.device("cpu"), torch.bfloat16
