@@ -9,5 +9,5 @@ timeout 70 python -m pytest -q -m gpu tests/test_fp8_int4_gpu.py -p no:cacheprov
 timeout 150 python bench/demo_flux_gpu.py run --configs \
   "torchao fp8_dynamic (per row),torchao fp8_int4 (int4 weights x fp8 activations),torchao fp8_int4_plain,hqq 4-bit g64,bnb nf4" \
   --plans bench/results/flux_latency_fastest_h100.json --json "$R/demo_flux_gpu_clip.json" 2>&1 | grep -v "Warning\|warn" | tail -10
-timeout 250 python bench/flux_speed.py --plans bf16,fp8_row,fp8_int4 --modes default,max-autotune-no-cudagraphs \
+timeout 220 python bench/flux_speed.py --plans bf16,fp8_row,fp8_int4 --modes default,max-autotune-no-cudagraphs \
   --profile --json "$R/flux_speed_autotune.json" 2>&1 | grep -v "Warning\|warn\|Attention backends" | tail -24
