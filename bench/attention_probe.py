@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, write_json  # noqa: E402
+from flux_speed import timed  # noqa: E402  (CUDA-event median)
 
 BLOCKS_PER_STEP = 57
 
@@ -57,21 +58,6 @@ KERNELS = {
 }
 
 
-def timed(fn, args, n=20) -> float:
-    for _ in range(3):
-        fn(*args)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn(*args)
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2] / 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4608)
@@ -98,7 +84,7 @@ def main() -> None:
             with torch.no_grad():
                 o = fn(q, k, v)
                 row["error"] = float((o.float() - ref).norm() / ref.norm())
-                row["s"] = timed(fn, (q, k, v))
+                row["s"] = timed(lambda: fn(q, k, v), {}, n=20)
             row["tflops"] = flop / row["s"] / 1e12
             row["per_step_ms"] = row["s"] * BLOCKS_PER_STEP * 1e3
         except Exception as e:  # noqa: BLE001 -- a kernel this GPU cannot run: recorded
