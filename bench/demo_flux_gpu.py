@@ -16,6 +16,7 @@ Linear of the denoiser that takes it; the model's own held-out settings, seed 0)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,12 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, write_json  # noqa: E402
 
+#: fp8_int4 with mslk's own codes, round(w / scale) (torchao's quantizer; autoquant's before it
+#: chose codes for the kernel's rounded products): the comparison, in the same call
+MSLK_CODES = "torchao fp8_int4 with mslk's round-to-nearest codes"
+
 CONFIGS = {
     "torchao fp8_dynamic (per row)": {"method": "torchao", "type": "fp8_dynamic"},
     "torchao fp8_dynamic_tensor": {"method": "torchao", "type": "fp8_dynamic_tensor"},
     "torchao fp8 (weight-only)": {"method": "torchao", "type": "fp8"},
     "torchao fp8_int4 (int4 weights x fp8 activations)": {"method": "torchao",
                                                           "type": "fp8_int4"},
+    MSLK_CODES: {"method": "torchao", "type": "fp8_int4"},
     "torchao fp8_int4_plain": {"method": "torchao", "type": "fp8_int4_plain"},
     "torchao int8_dynamic": {"method": "torchao", "type": "int8_dynamic"},
     "torchao int8 (weight-only)": {"method": "torchao", "type": "int8"},
@@ -145,6 +151,24 @@ def _plans(args) -> dict:
     return {**out, **(fastest_recipes(args.plans) if args.plans else {})}
 
 
+@contextlib.contextmanager
+def _mslk_codes():
+    """autoquant's fp8_int4 quantizer swapped for mslk's ``quantize_int4_preshuffle`` (torchao's)."""
+    from unittest import mock
+
+    from autoquant.backends import torchao as backend
+
+    def mslk_preshuffled(w):
+        from mslk.quantize.shuffle import quantize_int4_preshuffle
+
+        qdata, (group_scale, row_scale) = quantize_int4_preshuffle(w, dtype="fp8")
+        return backend.bf16_preshuffled_class()(qdata, group_scale, [1, backend.FP8_INT4_GROUP],
+                                                list(w.shape), None, row_scale)
+
+    with mock.patch.object(backend, "_fp8_aware_preshuffled", mslk_preshuffled):
+        yield
+
+
 def run(args) -> None:
     import autoquant
     from autoquant.scoring.clip import load_clip
@@ -161,8 +185,9 @@ def run(args) -> None:
     for label, recipe in _plans(args).items():
         pipe = _pipe(device, dtype)
         try:
-            autoquant.apply_recipe(pipe.transformer, autoquant.Recipe.from_dict(recipe),
-                                   device=device, progress=False)
+            with _mslk_codes() if label == MSLK_CODES else contextlib.nullcontext():
+                autoquant.apply_recipe(pipe.transformer, autoquant.Recipe.from_dict(recipe),
+                                       device=device, progress=False)
         except Exception as err:  # noqa: BLE001 -- a config this machine cannot run: recorded
             rows.append({"config": label, "skipped": f"{type(err).__name__}: {err}"[:300]})
             print(f"{label}: skipped ({type(err).__name__}: {str(err)[:160]})", flush=True)

@@ -24,7 +24,7 @@ from _common import environment, write_json  # noqa: E402
 from demo_flux_gpu import _images, _pipe, fastest_recipes  # noqa: E402
 
 import autoquant  # noqa: E402
-from autoquant.backends.torchao import FP8_INT4_GROUP as GROUP, fp8_rows  # noqa: E402
+from autoquant.backends.torchao import FP8_INT4_GROUP as GROUP, fp8_aware_int4_codes, fp8_rows  # noqa: E402,E501
 
 def int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mslk's ``int4_row_quantize``: symmetric 4-bit per group of 128 along ``in`` (scale =
@@ -55,18 +55,15 @@ def fp8_int4_weight_fp8_product(w: torch.Tensor) -> torch.Tensor:
 
 def fp8_int4_weight_fp8_aware(w: torch.Tensor) -> torch.Tensor:
     """What the preshuffled kernel computes (code x fp8 group scale rounded to e4m3) with each
-    code chosen for the value the kernel will use: the nearest of the 16 products to the weight,
-    instead of round(weight / scale). An experiment: autoquant's quantizer does not do this."""
+    code chosen for the value the kernel will use, as autoquant's fp8_int4 quantizer chooses
+    them (:func:`autoquant.backends.torchao.fp8_aware_int4_codes`)."""
     wq, row_scale = fp8_rows(w)
     n, k = w.shape
     _, scale = int4_groups(wq.float())
-    s8 = scale.to(torch.float8_e4m3fn).float()                     # [n, groups, 1]
-    codes = torch.arange(-8, 8, dtype=torch.float32)
-    table = (codes * s8).to(torch.float8_e4m3fn).float()           # [n, groups, 16]
-    target = (w.float() / row_scale[:, None]).reshape(n, k // GROUP, GROUP, 1)
-    pick = (target - table[:, :, None, :]).abs().argmin(-1)        # [n, groups, 128]
-    w8 = torch.gather(table, 2, pick)
-    return w8.reshape(w.shape) * row_scale[:, None]
+    s8 = scale.reshape(n, k // GROUP).to(torch.float8_e4m3fn)
+    codes = fp8_aware_int4_codes(w.float() / row_scale[:, None], s8)
+    w8 = (codes.float() * s8.float().repeat_interleave(GROUP, 1)).to(torch.float8_e4m3fn)
+    return w8.float() * row_scale[:, None]
 
 
 def fp8_int4_plain_weight(w: torch.Tensor) -> torch.Tensor:

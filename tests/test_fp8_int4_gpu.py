@@ -66,10 +66,12 @@ def _close_outputs(ours, theirs):
 @pytest.mark.gpu
 @needs_mslk
 @pytest.mark.parametrize("t,packing", [("fp8_int4", "preshuffled"), ("fp8_int4_plain", "plain")])
-def test_gpu_fp8_int4_layer_computes_torchaos_own(t, packing):
-    """autoquant's layer holds torchao's very weight (same quantizer, same codes) and computes
-    what torchao's layer does, with the activation quantizer written in PyTorch ops (whose
-    scales differ from mslk's Triton kernel's in the last bit: see :func:`_same_fp8_rows`)."""
+def test_gpu_fp8_int4_layer_against_torchaos_own(t, packing):
+    """The plain layout: autoquant's layer holds torchao's very weight (same quantizer, same
+    codes) and computes what torchao's layer does, with the activation quantizer written in
+    PyTorch ops (whose scales differ from mslk's Triton kernel's in the last bit: see
+    :func:`_same_fp8_rows`). The preshuffled one: torchao's scales, codes chosen for the
+    kernel's rounded products, and so a smaller error than torchao's layer."""
     import torchao.quantization as tq
     from torchao.quantization import quantize_
 
@@ -80,12 +82,54 @@ def test_gpu_fp8_int4_layer_computes_torchaos_own(t, packing):
     theirs = nn.Linear(512, 384, dtype=torch.bfloat16, device="cuda").requires_grad_(False)
     theirs.load_state_dict(lin.state_dict())
     quantize_(theirs, tq.Float8DynamicActivationInt4WeightConfig(int4_packing_format=packing))
-    assert torch.equal(ours.weight.qdata, theirs.weight.qdata)
     assert ours.weight.dtype == torch.bfloat16
     x = torch.randn(77, 512, device="cuda", dtype=torch.bfloat16)
+    if t == "fp8_int4_plain":
+        assert torch.equal(ours.weight.qdata, theirs.weight.qdata)
+        with torch.no_grad():
+            _close_outputs(ours(x), theirs(x))
+            _close_outputs(ours(x[:1]), theirs(x[:1]))
+        return
+    # preshuffled: torchao's scales, codes chosen for the kernel's rounded products
+    assert torch.equal(ours.weight.row_scale, theirs.weight.row_scale)
+    assert torch.equal(ours.weight.group_scale.view(torch.uint8),
+                       theirs.weight.group_scale.view(torch.uint8))
+    assert not torch.equal(ours.weight.qdata, theirs.weight.qdata)
     with torch.no_grad():
-        _close_outputs(ours(x), theirs(x))
-        _close_outputs(ours(x[:1]), theirs(x[:1]))
+        ref = lin(x).float()
+        err = [((m(x).float() - ref).norm() / ref.norm()).item() for m in (ours, theirs)]
+    assert err[0] < err[1], err
+
+
+@pytest.mark.gpu
+@needs_mslk
+def test_gpu_the_preshuffled_kernel_multiplies_the_rounded_products_the_codes_were_chosen_for():
+    """What :func:`fp8_aware_int4_codes` assumes of mslk's ``f8i4bf16_shuffled``: it computes
+    x_fp8 @ (e4m3(code x group scale) x row scale)^T, the products rounded to e4m3."""
+    from mslk.quantize.shuffle import int4_row_quantize
+    from mslk.quantize.triton.fp8_quantize import quantize_fp8_row
+
+    from autoquant.backends.torchao import (FP8_INT4_GROUP, TorchaoConfig, fp8_aware_int4_codes,
+                                            fp8_rows)
+
+    lin = _linear(n=256, k=1024)
+    ours = BACKEND.quantize(lin, TorchaoConfig(type="fp8_int4"), torch.device("cuda"))
+    w = lin.weight
+    wq, row_scale = quantize_fp8_row(w)
+    gs = int4_row_quantize(wq, FP8_INT4_GROUP)[1].to(torch.float8_e4m3fn).t()  # [n, groups]
+    codes = fp8_aware_int4_codes(w.float() / row_scale[:, None], gs)
+    s = gs.float().repeat_interleave(FP8_INT4_GROUP, dim=1)
+    products = (codes.float() * s).to(torch.float8_e4m3fn).float()
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    xq, xs = fp8_rows(x)
+    want = ((xq.float() * xs[:, None]) @ (products * row_scale[:, None]).t() + lin.bias.float())
+    unrounded = ((xq.float() * xs[:, None]) @ (codes.float() * s * row_scale[:, None]).t()
+                 + lin.bias.float())
+    with torch.no_grad():
+        got = ours(x).float()
+    close = ((got - want).norm() / want.norm()).item()
+    assert close < 5e-3, close  # bf16 output rounding
+    assert close < ((got - unrounded).norm() / unrounded.norm()).item()
 
 
 @pytest.mark.gpu

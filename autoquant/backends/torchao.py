@@ -13,6 +13,8 @@ Types (``{method: torchao, type: ..., bits: ..., group_size: ...}``) and what th
   is scaled to fp8 per output row, then to 4 bits per group of 128 along ``in``; the device holds
   two codes per byte + an fp8 group scale repeated 8 times (the kernel's layout) + an fp32 scale
   per row; activations are quantized per token at run time. Needs ``mslk-cuda`` and a Hopper GPU.
+  The scales are mslk's (torchao's); each code is chosen for the product the kernel multiplies,
+  e4m3(code x group scale), instead of round(weight / scale) (:func:`fp8_aware_int4_codes`).
 - ``intx`` (bits 1..8): codes stored **unpacked, one int8 per weight**, on every device
   (IntxUnpackedToInt8Tensor), + a scale (layer dtype) and an int8 zero point per group. It cuts
   error, not bytes, below 8 bits: the byte formula says so, and the search sees it.
@@ -220,6 +222,44 @@ class Fp8Int4Linear(TorchaoLinear):
         return (y + self.bias if self.bias is not None else y).to(x.dtype)
 
 
+def fp8_aware_int4_codes(target: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes ``[n, k]`` (int8 in [-8, 7]) that mslk's preshuffled fp8 x int4 GEMM turns
+    into the values nearest ``target`` (``[n, k]``, the weight over its fp8 row scale), given the
+    e4m3 group scales ``[n, k / 128]``.
+
+    The kernel (CUTLASS's lookup-table path for fp8 x int4) does not multiply code x scale: its
+    table holds e4m3(scale x -c) for c = 1..8, negated for the positive codes, so each product is
+    rounded to e4m3's 3 mantissa bits before the GEMM. mslk's quantizer picks round(w / scale),
+    which after that rounding is often not the nearest of the 16 values: on demo-flux it cost
+    2.6 dB against the unrounded arithmetic (BENCHMARKS section 5). e4m3 rounding is monotonic,
+    so each group's 16 values are sorted and the nearest is one of the two around the target."""
+    n, k = target.shape
+    groups = k // FP8_INT4_GROUP
+    codes = torch.arange(-8, 8, device=target.device, dtype=torch.float32)
+    table = (codes * group_scale.float().reshape(n * groups, 1)).to(torch.float8_e4m3fn).float()
+    t = target.float().reshape(n * groups, FP8_INT4_GROUP).contiguous()
+    hi = torch.searchsorted(table, t).clamp(max=15)
+    lo = (hi - 1).clamp(min=0)
+    nearer_lo = (t - table.gather(1, lo)).abs() <= (table.gather(1, hi) - t).abs()
+    return (torch.where(nearer_lo, lo, hi) - 8).to(torch.int8).reshape(n, k)
+
+
+def _fp8_aware_preshuffled(w: torch.Tensor):
+    """``w [n, k]`` on a Hopper GPU as mslk's preshuffled int4 x fp8 weight: mslk's fp8 row
+    scales and e4m3 group scales (``quantize_int4_preshuffle``'s, so torchao's), codes from
+    :func:`fp8_aware_int4_codes`, packed and shuffled by mslk's own ops."""
+    from mslk.quantize.shuffle import int4_row_quantize, pack_int4
+    from mslk.quantize.triton.fp8_quantize import quantize_fp8_row
+
+    wq, row_scale = quantize_fp8_row(w)
+    _, group_scale = int4_row_quantize(wq, FP8_INT4_GROUP)  # float32 [k / 128, n]
+    group_scale = group_scale.to(torch.float8_e4m3fn)
+    codes = fp8_aware_int4_codes(w.float() / row_scale[:, None], group_scale.t())
+    qdata, shuffled = torch.ops.mslk.preshuffle_i4(pack_int4(codes), group_scale)
+    return bf16_preshuffled_class()(qdata, shuffled, [1, FP8_INT4_GROUP], list(w.shape), None,
+                                    row_scale)
+
+
 @functools.cache
 def bf16_preshuffled_class() -> type:
     """torchao's ``Int4PreshuffledTensor`` that says it is bfloat16, the dtype its layer takes
@@ -341,12 +381,12 @@ class TorchaoBackend(Backend):
         layer.requires_grad_(False)
         if cfg.type in FP8_INT4:
             _load_mslk_ops()
-        quantize_(layer, _torchao_config(cfg), device=device)
         if cfg.type == "fp8_int4":
-            w = layer.weight
-            layer.weight = nn.Parameter(bf16_preshuffled_class()(
-                w.qdata, w.group_scale, list(w.block_size), list(w.shape), None, w.row_scale),
-                requires_grad=False)
+            with torch.no_grad():
+                layer.weight = nn.Parameter(_fp8_aware_preshuffled(layer.weight.detach()),
+                                            requires_grad=False)
+            return layer
+        quantize_(layer, _torchao_config(cfg), device=device)
         return layer
 
     def export_state(self, module):
