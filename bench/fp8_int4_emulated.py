@@ -24,7 +24,8 @@ from _common import environment, write_json  # noqa: E402
 from demo_flux_gpu import _images, _pipe, fastest_recipes  # noqa: E402
 
 import autoquant  # noqa: E402
-from autoquant.backends.torchao import FP8_INT4_GROUP as GROUP, fp8_aware_int4_codes, fp8_rows  # noqa: E402,E501
+from autoquant.backends.torchao import (FP8_INT4_GROUP as GROUP, fp8_aware_int4_codes,  # noqa: E402
+                                        fp8_int4_kernel_values, fp8_rows)
 
 def int4_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mslk's ``int4_row_quantize``: symmetric 4-bit per group of 128 along ``in`` (scale =
@@ -62,8 +63,7 @@ def fp8_int4_weight_fp8_aware(w: torch.Tensor) -> torch.Tensor:
     _, scale = int4_groups(wq.float())
     s8 = scale.reshape(n, k // GROUP).to(torch.float8_e4m3fn)
     codes = fp8_aware_int4_codes(w.float() / row_scale[:, None], s8)
-    w8 = (codes.float() * s8.float().repeat_interleave(GROUP, 1)).to(torch.float8_e4m3fn)
-    return w8.float() * row_scale[:, None]
+    return fp8_int4_kernel_values(codes, s8) * row_scale[:, None]
 
 
 def fp8_int4_plain_weight(w: torch.Tensor) -> torch.Tensor:

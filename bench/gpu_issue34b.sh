@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 34, second GPU call: the fp8_int4 GPU tests after their tolerance fix and the fp8-aware
 # codes (and the contract suite's fp8_int4 cases); demo-flux again with CLIP fidelity (the demo's
-# CLIP) beside PSNR, fp8_int4's new codes beside mslk's in the same call; then bf16 / fp8 / fp8_int4 steps under
-# max-autotune (Inductor's GEMM templates tuned against cuBLAS) beside the default mode, profiled.
+# CLIP) beside PSNR, fp8_int4's new codes beside mslk's in the same call; then bf16 / fp8 /
+# fp8_int4 steps under max-autotune (Inductor's GEMM templates tuned against cuBLAS) beside the default mode, profiled.
 set -u
 R=${OUT:-out/gpu34}; mkdir -p "$R"
 nvidia-smi --query-gpu=name --format=csv,noheader

@@ -15,6 +15,7 @@ from autoquant.backends import config_from_dict, get_backend
 from autoquant.backends.measure import measured_bytes
 from autoquant.backends.torchao import (FP8_INT4_GROUP, Fp8Int4Linear, TorchaoConfig,
                                         _preshuffled_from_state, fp8_aware_int4_codes,
+                                        fp8_int4_kernel_values,
                                         _torch_kernels, bf16_preshuffled_class, fp8_rows)
 
 BACKEND = get_backend("torchao")
@@ -151,13 +152,6 @@ def test_fp8_metadata_from_before_the_kernel_pin_reads_as_torch_kernels():
         {"_data": {"kernel_preference": kp("MSLK")}})}
 
 
-def _kernel_values(codes, group_scale):
-    """What mslk's preshuffled kernel multiplies for each code: e4m3(code x e4m3 group scale)."""
-    n, k = codes.shape
-    s = group_scale.float().repeat_interleave(FP8_INT4_GROUP, dim=1)
-    return (codes.float() * s).to(torch.float8_e4m3fn).float().reshape(n, k)
-
-
 def test_fp8_aware_codes_are_the_nearest_of_the_kernels_16_values():
     gen = torch.Generator().manual_seed(0)
     n, k = 16, 2 * FP8_INT4_GROUP
@@ -169,17 +163,17 @@ def test_fp8_aware_codes_are_the_nearest_of_the_kernels_16_values():
     codes = fp8_aware_int4_codes(target, scale)
     assert codes.dtype == torch.int8 and codes.min() >= -8 and codes.max() <= 7
     # brute force over all 16 codes
-    every = torch.stack([_kernel_values(torch.full((n, k), c, dtype=torch.int8), scale)
+    every = torch.stack([fp8_int4_kernel_values(torch.full((n, k), c, dtype=torch.int8), scale)
                          for c in range(-8, 8)])
     best = (every - target).abs().amin(0)
-    ours = (_kernel_values(codes, scale) - target).abs()
+    ours = (fp8_int4_kernel_values(codes, scale) - target).abs()
     torch.testing.assert_close(ours, best, rtol=0, atol=0)
     assert codes[1, 5] == 7
     # mslk's round(target / scale) gives a larger error once the products are rounded (on
     # demo-flux's weights 14% more squared error than these codes)
     rounded = (target / scale.float().repeat_interleave(FP8_INT4_GROUP, 1)).nan_to_num(0)
     rounded = rounded.round().clamp(-8, 7).to(torch.int8)
-    theirs = (_kernel_values(rounded, scale) - target).abs()
+    theirs = (fp8_int4_kernel_values(rounded, scale) - target).abs()
     assert (ours <= theirs).all()
     assert ours.pow(2).sum() < theirs.pow(2).sum()
     assert (codes != rounded).float().mean() > 0.01

@@ -110,7 +110,7 @@ def test_gpu_the_preshuffled_kernel_multiplies_the_rounded_products_the_codes_we
     from mslk.quantize.triton.fp8_quantize import quantize_fp8_row
 
     from autoquant.backends.torchao import (FP8_INT4_GROUP, TorchaoConfig, fp8_aware_int4_codes,
-                                            fp8_rows)
+                                            fp8_int4_kernel_values, fp8_rows)
 
     lin = _linear(n=256, k=1024)
     ours = BACKEND.quantize(lin, TorchaoConfig(type="fp8_int4"), torch.device("cuda"))
@@ -119,7 +119,7 @@ def test_gpu_the_preshuffled_kernel_multiplies_the_rounded_products_the_codes_we
     gs = int4_row_quantize(wq, FP8_INT4_GROUP)[1].to(torch.float8_e4m3fn).t()  # [n, groups]
     codes = fp8_aware_int4_codes(w.float() / row_scale[:, None], gs)
     s = gs.float().repeat_interleave(FP8_INT4_GROUP, dim=1)
-    products = (codes.float() * s).to(torch.float8_e4m3fn).float()
+    products = fp8_int4_kernel_values(codes, gs)
     x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
     xq, xs = fp8_rows(x)
     want = ((xq.float() * xs[:, None]) @ (products * row_scale[:, None]).t() + lin.bias.float())

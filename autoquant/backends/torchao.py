@@ -222,6 +222,13 @@ class Fp8Int4Linear(TorchaoLinear):
         return (y + self.bias if self.bias is not None else y).to(x.dtype)
 
 
+def fp8_int4_kernel_values(codes: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
+    """What mslk's preshuffled kernel multiplies for ``codes [n, k]`` with e4m3 group scales
+    ``[n, k / 128]``: e4m3(code x group scale), as float32 (see :func:`fp8_aware_int4_codes`)."""
+    scale = group_scale.float().repeat_interleave(FP8_INT4_GROUP, dim=-1)
+    return (codes.float() * scale).to(torch.float8_e4m3fn).float()
+
+
 def fp8_aware_int4_codes(target: torch.Tensor, group_scale: torch.Tensor) -> torch.Tensor:
     """The 4-bit codes ``[n, k]`` (int8 in [-8, 7]) that mslk's preshuffled fp8 x int4 GEMM turns
     into the values nearest ``target`` (``[n, k]``, the weight over its fp8 row scale), given the
@@ -382,9 +389,8 @@ class TorchaoBackend(Backend):
         if cfg.type in FP8_INT4:
             _load_mslk_ops()
         if cfg.type == "fp8_int4":
-            with torch.no_grad():
-                layer.weight = nn.Parameter(_fp8_aware_preshuffled(layer.weight.detach()),
-                                            requires_grad=False)
+            layer.weight = nn.Parameter(_fp8_aware_preshuffled(layer.weight.detach()),
+                                        requires_grad=False)
             return layer
         quantize_(layer, _torchao_config(cfg), device=device)
         return layer
